@@ -1,0 +1,9 @@
+#pragma once
+#include <CLI/CLI.hpp>
+
+namespace sy::apps {
+
+/// Registers the model subcommands (logits, generate, make-model, inspect) on `app`.
+void add_model_commands(CLI::App& app);
+
+}  // namespace sy::apps

@@ -1,0 +1,22 @@
+# Decides SY_WITH_CUDA before project(). Included from the top-level CMakeLists.txt.
+set(SY_CUDA_LANGUAGE "")
+set(SY_WITH_CUDA OFF)
+if(NOT SWITCHYARD_CUDA STREQUAL "OFF")
+  find_program(SY_NVCC nvcc HINTS /usr/local/cuda/bin)
+  if(SY_NVCC)
+    set(SY_WITH_CUDA ON)
+  elseif(SWITCHYARD_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "SWITCHYARD_CUDA=ON but nvcc was not found (looked in PATH and /usr/local/cuda/bin)")
+  endif()
+endif()
+if(SY_WITH_CUDA)
+  set(CMAKE_CUDA_COMPILER "${SY_NVCC}")
+  if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+    set(CMAKE_CUDA_ARCHITECTURES 90)  # H100 / H200; "native" fails on machines without a GPU
+  endif()
+  # CMake 3.25 knows no C++20 flag for nvcc.
+  set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+  set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+  set(CMAKE_CUDA_RUNTIME_LIBRARY Shared)
+  set(SY_CUDA_LANGUAGE CUDA)
+endif()
