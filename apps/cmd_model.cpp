@@ -199,6 +199,14 @@ void add_make_model(CLI::App& app) {
   });
 }
 
+std::string human(double n) {
+  char buf[32];
+  if (n >= 1e9) std::snprintf(buf, sizeof buf, "%.2f B", n / 1e9);
+  else if (n >= 1e6) std::snprintf(buf, sizeof buf, "%.2f M", n / 1e6);
+  else std::snprintf(buf, sizeof buf, "%.1f K", n / 1e3);
+  return buf;
+}
+
 void add_inspect(CLI::App& app) {
   auto* cmd = app.add_subcommand("inspect", "Describe a model folder: family, sizes, parameters, bytes per token");
   auto dir = std::make_shared<std::string>();
@@ -234,8 +242,8 @@ void add_inspect(CLI::App& app) {
     std::printf("experts          %d routed, top-%d, FFN %lld%s\n", c.gating.num_experts, c.gating.top_k,
                 static_cast<long long>(c.moe_intermediate_size),
                 c.shared_expert_intermediate_size ? (", shared FFN " + std::to_string(c.shared_expert_intermediate_size)).c_str() : "");
-    std::printf("parameters       %.3f B total, %.3f B active per token\n", static_cast<double>(total) / 1e9,
-                static_cast<double>(active) / 1e9);
+    std::printf("parameters       %s total, %s active per token\n", human(static_cast<double>(total)).c_str(),
+                human(static_cast<double>(active)).c_str());
     std::printf("weights          %.3f GB (%.3f GB in routed experts, %.2f bytes/param)\n",
                 static_cast<double>(ckpt->total_bytes()) / 1e9, static_cast<double>(expert_bytes) / 1e9, bytes_per_param);
     std::printf("bytes per token  %.3f MB of weights read (active parameters at the checkpoint's precision)\n",

@@ -22,12 +22,19 @@ find_package(CLI11 REQUIRED)
 find_package(spdlog REQUIRED)
 find_package(benchmark REQUIRED)
 
-set(BLA_VENDOR OpenBLAS)
-find_package(BLAS REQUIRED)
-find_path(OPENBLAS_INCLUDE_DIR cblas.h PATH_SUFFIXES openblas openblas-pthread REQUIRED)
+# OpenBLAS's OpenMP build (libopenblas-openmp-dev), found by path: the kernels parallelise with
+# OpenMP around BLAS calls, and the pthread build's own spinning workers would fight them for the
+# cores (measured: 3x slower on 2 cores). Debian's alternatives may point libopenblas.so.0 at the
+# pthread build, so the binaries carry an RPATH to this folder.
+find_library(OPENBLAS_LIBRARY openblas
+  PATHS /usr/lib/${CMAKE_LIBRARY_ARCHITECTURE}/openblas-openmp NO_DEFAULT_PATH REQUIRED)
+get_filename_component(OPENBLAS_LIBRARY_DIR "${OPENBLAS_LIBRARY}" DIRECTORY)
+find_path(OPENBLAS_INCLUDE_DIR cblas.h PATH_SUFFIXES ${CMAKE_LIBRARY_ARCHITECTURE}/openblas-openmp openblas REQUIRED)
 add_library(sy_blas INTERFACE)
-target_link_libraries(sy_blas INTERFACE ${BLAS_LIBRARIES})
+target_link_libraries(sy_blas INTERFACE "${OPENBLAS_LIBRARY}")
 target_include_directories(sy_blas INTERFACE ${OPENBLAS_INCLUDE_DIR})
+list(APPEND CMAKE_BUILD_RPATH "${OPENBLAS_LIBRARY_DIR}")
+list(APPEND CMAKE_INSTALL_RPATH "${OPENBLAS_LIBRARY_DIR}")
 
 find_package(OpenMP REQUIRED)
 

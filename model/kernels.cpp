@@ -119,15 +119,16 @@ void stream_block(const float* x, int64_t ldx, int tb, const matrix& w, int64_t 
 
 void linear_stream(const float* x, int64_t t, const matrix& w, const float* bias, float* y) {
   const int64_t n = w.rows(), k = w.cols();
-  // Rows per task: large enough to amortise scheduling, small enough to balance two cores.
-  const int64_t chunk = std::max<int64_t>(16, n / (8 * std::max(1, omp_get_max_threads())));
-  const int64_t tasks = (n + chunk - 1) / chunk;
+  // Row groups small enough that their weights stay in L2 while every token block passes over
+  // them, so the weights come from memory once whatever t is.
+  const int64_t group = std::max<int64_t>(2, std::min<int64_t>(64, (int64_t{256} << 10) / std::max<int64_t>(1, k * static_cast<int64_t>(dtype_size(w.type())))) & ~int64_t{1});
+  const int64_t tasks = (n + group - 1) / group;
   const bool parallel = n * k * t >= (1 << 16);
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t c = 0; c < tasks; ++c) {
-    int64_t n0 = c * chunk, n1 = std::min(n, n0 + chunk);
+    const int64_t n0 = c * group, n1 = std::min(n, n0 + group);
     for (int64_t t0 = 0; t0 < t; t0 += 8) {
-      int tb = static_cast<int>(std::min<int64_t>(8, t - t0));
+      const int tb = static_cast<int>(std::min<int64_t>(8, t - t0));
       if (w.type() == dtype::bf16)
         stream_block<true>(x + t0 * k, k, tb, w, n0, n1, y + t0 * n, n, bias);
       else
@@ -147,26 +148,154 @@ void widen_bf16(const uint16_t* s, float* d, int64_t n) {
   for (int64_t i = 0; i < n; ++i) d[i] = bf16_to_f32(s[i]);
 }
 
+/// Panels of output rows split over the OpenMP threads; each thread runs sgemm on its panel (OpenBLAS
+/// runs single-threaded inside a parallel region; bf16 weights are widened into a thread-local,
+/// cache-sized buffer first).
 void linear_gemm(const float* x, int64_t t, const matrix& w, const float* bias, float* y) {
   const int64_t n = w.rows(), k = w.cols();
-  if (w.type() == dtype::f32) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(t), static_cast<int>(n), static_cast<int>(k),
-                1.0f, x, static_cast<int>(k), w.f32(), static_cast<int>(k), 0.0f, y, static_cast<int>(n));
-  } else {
-    // Widen a panel of rows to f32 (~2 MiB, cache resident) and multiply it; the widening is
-    // amortised over the t tokens that reuse the panel.
-    const int64_t panel = std::max<int64_t>(64, std::min<int64_t>(n, (int64_t{1} << 19) / std::max<int64_t>(k, 1)));
+  const int threads = omp_get_max_threads();
+  // ~1 MiB of f32 weights per panel, a multiple of 16 rows, and enough panels for every thread.
+  int64_t panel = std::max<int64_t>(16, ((int64_t{1} << 18) / std::max<int64_t>(k, 1)) & ~int64_t{15});
+  panel = std::min(panel, std::max<int64_t>(16, ((n + threads - 1) / threads + 15) & ~int64_t{15}));
+  const int64_t tasks = (n + panel - 1) / panel;
+#pragma omp parallel for schedule(dynamic) if (tasks > 1 && t * n * k >= (1 << 20))
+  for (int64_t p = 0; p < tasks; ++p) {
+    const int64_t n0 = p * panel, rows = std::min(panel, n - n0);
+    const float* wp;
     thread_local std::vector<float> buf;
-    buf.resize(static_cast<size_t>(panel * k));
-    for (int64_t n0 = 0; n0 < n; n0 += panel) {
-      const int64_t rows = std::min(panel, n - n0);
-      const uint16_t* src = w.bf16() + n0 * k;
-      float* dst = buf.data();
-#pragma omp parallel for schedule(static) if (rows * k >= (1 << 16))
-      for (int64_t r = 0; r < rows; ++r) widen_bf16(src + r * k, dst + r * k, k);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(t), static_cast<int>(rows),
-                  static_cast<int>(k), 1.0f, x, static_cast<int>(k), dst, static_cast<int>(k), 0.0f, y + n0,
-                  static_cast<int>(n));
+    if (w.type() == dtype::f32) {
+      wp = w.f32() + n0 * k;
+    } else {
+      buf.resize(static_cast<size_t>(rows * k));
+      widen_bf16(w.bf16() + n0 * k, buf.data(), rows * k);
+      wp = buf.data();
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(t), static_cast<int>(rows),
+                static_cast<int>(k), 1.0f, x, static_cast<int>(k), wp, static_cast<int>(k), 0.0f, y + n0,
+                static_cast<int>(n));
+  }
+  if (bias)
+    for (int64_t i = 0; i < t; ++i)
+      for (int64_t j = 0; j < n; ++j) y[i * n + j] += bias[j];
+}
+
+// ---- packed bf16 GEMM: tiles of MR tokens × 16 outputs, 2·MR accumulators in registers ----
+
+template <int MR>
+__attribute__((target("avx2,fma"))) void packed_tile(const float* x, int64_t ldx, const uint16_t* w, int64_t kc,
+                                                   float* y, int64_t ldy, bool accumulate, int64_t ncols) {
+  // Named accumulators: GCC keeps an array of __m256 on the stack and stores it every iteration.
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
+         a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+  const float* x0 = x;
+  const float* x1 = x + ldx;
+  const float* x2 = x + 2 * ldx;
+  const float* x3 = x + 3 * ldx;
+  const float* x4 = x + 4 * ldx;
+  const float* x5 = x + 5 * ldx;
+  for (int64_t k = 0; k < kc; ++k) {
+    // The block's next k-chunk follows this one in memory: fetch it while this tile computes.
+    _mm_prefetch(reinterpret_cast<const char*>(w + (k + 256) * 16), _MM_HINT_T0);
+    const __m256 w0 = load8<true>(w, k * 16), w1 = load8<true>(w, k * 16 + 8);
+    __m256 b = _mm256_broadcast_ss(x0 + k);
+    a00 = _mm256_fmadd_ps(w0, b, a00);
+    a01 = _mm256_fmadd_ps(w1, b, a01);
+    if constexpr (MR > 1) {
+      b = _mm256_broadcast_ss(x1 + k);
+      a10 = _mm256_fmadd_ps(w0, b, a10);
+      a11 = _mm256_fmadd_ps(w1, b, a11);
+    }
+    if constexpr (MR > 2) {
+      b = _mm256_broadcast_ss(x2 + k);
+      a20 = _mm256_fmadd_ps(w0, b, a20);
+      a21 = _mm256_fmadd_ps(w1, b, a21);
+    }
+    if constexpr (MR > 3) {
+      b = _mm256_broadcast_ss(x3 + k);
+      a30 = _mm256_fmadd_ps(w0, b, a30);
+      a31 = _mm256_fmadd_ps(w1, b, a31);
+    }
+    if constexpr (MR > 4) {
+      b = _mm256_broadcast_ss(x4 + k);
+      a40 = _mm256_fmadd_ps(w0, b, a40);
+      a41 = _mm256_fmadd_ps(w1, b, a41);
+    }
+    if constexpr (MR > 5) {
+      b = _mm256_broadcast_ss(x5 + k);
+      a50 = _mm256_fmadd_ps(w0, b, a50);
+      a51 = _mm256_fmadd_ps(w1, b, a51);
+    }
+  }
+  alignas(32) float out[6][16];
+  _mm256_store_ps(out[0], a00);
+  _mm256_store_ps(out[0] + 8, a01);
+  _mm256_store_ps(out[1], a10);
+  _mm256_store_ps(out[1] + 8, a11);
+  _mm256_store_ps(out[2], a20);
+  _mm256_store_ps(out[2] + 8, a21);
+  _mm256_store_ps(out[3], a30);
+  _mm256_store_ps(out[3] + 8, a31);
+  _mm256_store_ps(out[4], a40);
+  _mm256_store_ps(out[4] + 8, a41);
+  _mm256_store_ps(out[5], a50);
+  _mm256_store_ps(out[5] + 8, a51);
+  for (int t = 0; t < MR; ++t) {
+    float* yr = y + t * ldy;
+    if (accumulate)
+      for (int64_t j = 0; j < ncols; ++j) yr[j] += out[t][j];
+    else
+      for (int64_t j = 0; j < ncols; ++j) yr[j] = out[t][j];
+  }
+}
+
+void packed_tile_generic(const float* x, int64_t ldx, int mr, const uint16_t* w, int64_t kc, float* y, int64_t ldy,
+                         bool accumulate, int64_t ncols) {
+  for (int t = 0; t < mr; ++t)
+    for (int64_t j = 0; j < ncols; ++j) {
+      float s = accumulate ? y[t * ldy + j] : 0.0f;
+      for (int64_t k = 0; k < kc; ++k) s += bf16_to_f32(w[k * 16 + j]) * x[t * ldx + k];
+      y[t * ldy + j] = s;
+    }
+}
+
+void packed_tile_any(const float* x, int64_t ldx, int mr, const uint16_t* w, int64_t kc, float* y, int64_t ldy,
+                     bool accumulate, int64_t ncols) {
+  if (!have_avx2_fma()) return packed_tile_generic(x, ldx, mr, w, kc, y, ldy, accumulate, ncols);
+  switch (mr) {
+    case 1: return packed_tile<1>(x, ldx, w, kc, y, ldy, accumulate, ncols);
+    case 2: return packed_tile<2>(x, ldx, w, kc, y, ldy, accumulate, ncols);
+    case 3: return packed_tile<3>(x, ldx, w, kc, y, ldy, accumulate, ncols);
+    case 4: return packed_tile<4>(x, ldx, w, kc, y, ldy, accumulate, ncols);
+    case 5: return packed_tile<5>(x, ldx, w, kc, y, ldy, accumulate, ncols);
+    default: return packed_tile<6>(x, ldx, w, kc, y, ldy, accumulate, ncols);
+  }
+}
+
+/// y = x · Wᵀ for a packed bf16 W. Threads split the output columns in groups of 4 blocks (64
+/// outputs); inside a group the loop runs over k-chunks, then 6-token tiles, then the blocks, so a
+/// tile's inputs stay in L1 while four weight blocks stream past them, and every weight is read
+/// from memory once whatever the token count.
+void linear_packed(const float* x, int64_t t, const matrix& w, const float* bias, float* y) {
+  constexpr int64_t nb = matrix::pack_width, group = 4, kc_max = 256, mr = 6;
+  const int64_t n = w.rows(), k = w.cols();
+  const int64_t blocks = (n + nb - 1) / nb, groups = (blocks + group - 1) / group;
+  const uint16_t* wp = w.bf16();
+  const bool parallel = t * n * k >= (1 << 16) && groups > 1;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t b0 = g * group, b1 = std::min(blocks, b0 + group);
+    for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
+      const int64_t kc = std::min(kc_max, k - k0);
+      // Tiles as even as possible (32 tokens: 6,6,5,5,5,5 rather than 6,6,6,6,6,2).
+      const int64_t tiles = (t + mr - 1) / mr, base = t / tiles, extra = t % tiles;
+      for (int64_t i = 0, t0 = 0; i < tiles; ++i) {
+        const int rows = static_cast<int>(base + (i < extra ? 1 : 0));
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t col = b * nb, ncols = std::min(nb, n - col);
+          packed_tile_any(x + t0 * k + k0, k, rows, wp + (b * k + k0) * nb, kc, y + t0 * n + col, n, k0 > 0, ncols);
+        }
+        t0 += rows;
+      }
     }
   }
   if (bias)
@@ -180,6 +309,7 @@ int64_t linear_stream_threshold() { return 16; }
 
 void linear(const float* x, int64_t t, const matrix& w, const float* bias, float* y) {
   if (t <= 0 || w.rows() == 0) return;
+  if (w.packed()) return linear_packed(x, t, w, bias, y);
   if (t <= linear_stream_threshold()) return linear_stream(x, t, w, bias, y);
   linear_gemm(x, t, w, bias, y);
 }
@@ -206,19 +336,60 @@ void softmax(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= inv;
 }
 
+namespace {
+
+/// exp(x) for 8 floats: range reduction x = n·ln2 + r with |r| ≤ ln2/2, a degree-7 polynomial for
+/// e^r (relative error about 1e-7 over the range), and n added to the exponent bits.
+__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+__attribute__((target("avx2,fma"))) void swiglu_avx2(const float* g, const float* u, float* o, int64_t f) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= f; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+  }
+  for (; i < f; ++i) o[i] = silu(g[i]) * u[i];
+}
+
+}  // namespace
+
 void swiglu(const float* gate_up, int64_t rows, int64_t f, float* out) {
+  const bool fast = have_avx2_fma();
   for (int64_t r = 0; r < rows; ++r) {
     const float* g = gate_up + r * 2 * f;
     const float* u = g + f;
     float* o = out + r * f;
-    for (int64_t i = 0; i < f; ++i) o[i] = silu(g[i]) * u[i];
+    if (fast) {
+      swiglu_avx2(g, u, o, f);
+    } else {
+      for (int64_t i = 0; i < f; ++i) o[i] = silu(g[i]) * u[i];
+    }
   }
 }
 
 void set_kernel_threads(int n) {
   if (n <= 0) n = omp_get_num_procs();
+  // OpenBLAS is its OpenMP build: it shares this pool, and runs single-threaded when called
+  // inside one of our parallel regions, so the two never fight over the cores.
   omp_set_num_threads(n);
-  openblas_set_num_threads(n);
 }
 
 }  // namespace sy::model

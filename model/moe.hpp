@@ -21,6 +21,8 @@ struct expert_weights {
   [[nodiscard]] int64_t hidden() const { return down.rows(); }
   [[nodiscard]] int64_t ffn() const { return down.cols(); }
   [[nodiscard]] size_t bytes() const { return gate_up.bytes() + down.bytes(); }
+  /// Re-lays bf16 weights out in the packed GEMM layout (no-op for f32 or packed weights).
+  void pack();
 };
 
 /// The token rows one expert receives in one step, in ascending token order.

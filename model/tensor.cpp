@@ -193,7 +193,33 @@ matrix matrix::from_f32(dtype storage, std::span<const float> src, int64_t rows,
   return from(storage, dtype::f32, src.data(), rows, cols);
 }
 
+matrix matrix::packed_from(const matrix& m) {
+  const int64_t w = pack_width, blocks = (m.rows() + w - 1) / w, k = m.cols();
+  matrix p;
+  p.type_ = dtype::bf16;
+  p.packed_ = true;
+  p.rows_ = m.rows();
+  p.cols_ = k;
+  p.buf_ = aligned_buffer(static_cast<size_t>(blocks * w * k) * 2);
+  uint16_t* out = p.bf16();
+  std::vector<float> row(static_cast<size_t>(k));
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t lane = 0; lane < w; ++lane) {
+      const int64_t r = b * w + lane;
+      if (r < m.rows()) m.row_f32(r, row.data());
+      for (int64_t c = 0; c < k; ++c)
+        out[(b * k + c) * w + lane] = r < m.rows() ? f32_to_bf16(row[static_cast<size_t>(c)]) : 0;
+    }
+  return p;
+}
+
 void matrix::row_f32(int64_t r, float* out) const {
+  if (packed_) {
+    const int64_t w = pack_width, b = r / w, lane = r % w;
+    const uint16_t* s = bf16();
+    for (int64_t c = 0; c < cols_; ++c) out[c] = bf16_to_f32(s[(b * cols_ + c) * w + lane]);
+    return;
+  }
   if (type_ == dtype::f32) {
     std::memcpy(out, f32() + r * cols_, static_cast<size_t>(cols_) * 4);
   } else {

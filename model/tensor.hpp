@@ -67,6 +67,12 @@ class matrix {
   matrix() = default;
   matrix(dtype type, int64_t rows, int64_t cols);
 
+  /// A bf16 copy of `m` in the GEMM-friendly packed layout: column blocks of 16 output rows, each
+  /// stored k-major ([rows/16][cols][16], zero-padded). Kernels read it without widening or
+  /// repacking; `row_f32` and `to_f32` still give the logical row-major values.
+  static matrix packed_from(const matrix& m);
+  static constexpr int64_t pack_width = 16;
+
   /// Copies `src` (any float dtype, rows×cols elements) into a matrix stored as `storage`.
   static matrix from(dtype storage, dtype src_type, const void* src, int64_t rows, int64_t cols);
   static matrix from_f32(dtype storage, std::span<const float> src, int64_t rows, int64_t cols);
@@ -75,7 +81,9 @@ class matrix {
   [[nodiscard]] int64_t rows() const { return rows_; }
   [[nodiscard]] int64_t cols() const { return cols_; }
   [[nodiscard]] bool empty() const { return rows_ == 0; }
-  [[nodiscard]] size_t bytes() const { return static_cast<size_t>(rows_ * cols_) * dtype_size(type_); }
+  [[nodiscard]] bool packed() const { return packed_; }
+  /// Bytes of storage (what a kernel reads to use the whole matrix).
+  [[nodiscard]] size_t bytes() const { return buf_.size(); }
   [[nodiscard]] const float* f32() const { return reinterpret_cast<const float*>(buf_.data()); }
   [[nodiscard]] float* f32() { return reinterpret_cast<float*>(buf_.data()); }
   [[nodiscard]] const uint16_t* bf16() const { return reinterpret_cast<const uint16_t*>(buf_.data()); }
@@ -90,6 +98,7 @@ class matrix {
 
  private:
   dtype type_ = dtype::f32;
+  bool packed_ = false;
   int64_t rows_ = 0;
   int64_t cols_ = 0;
   aligned_buffer buf_;

@@ -61,6 +61,7 @@ class loader {
     auto d = mat(down, h, f, st);
     if (!d) return d.error();
     w.down = std::move(*d);
+    w.pack();
     return w;
   }
 
@@ -83,6 +84,7 @@ class loader {
     w.gate_up = matrix::from(storage_for(**gu), (*gu)->type, (*gu)->data + static_cast<size_t>(e * 2 * f * h) * es, 2 * f, h);
     w.down = matrix::from(storage_for(**dn), (*dn)->type, (*dn)->data + static_cast<size_t>(e * h * f) * es, h, f);
     bytes_ += w.bytes();
+    w.pack();
     return w;
   }
 

@@ -19,11 +19,17 @@ std::vector<float> random_vec(size_t n, uint32_t seed, float scale = 1.0f) {
 }  // namespace
 
 TEST_CASE("linear: streaming and GEMM paths equal a naive product, f32 and bf16 weights", "[kernels]") {
-  const int64_t n = 37, k = 67;  // odd sizes exercise the vector tails
+  const int64_t n = 37, k = 300;  // odd row count and k > one 256-wide chunk exercise the tails
   auto wv = random_vec(static_cast<size_t>(n * k), 1);
   auto bias = random_vec(static_cast<size_t>(n), 2);
-  for (dtype st : {dtype::f32, dtype::bf16}) {
+  for (int variant = 0; variant < 3; ++variant) {
+    const dtype st = variant == 0 ? dtype::f32 : dtype::bf16;
     matrix w = matrix::from_f32(st, wv, n, k);
+    if (variant == 2) {
+      w = matrix::packed_from(w);
+      CHECK(w.packed());
+      CHECK(w.to_f32() == matrix::from_f32(dtype::bf16, wv, n, k).to_f32());
+    }
     auto wf = w.to_f32();  // what the kernel should see (bf16-rounded for bf16)
     for (int64_t t : {1, 2, 5, 8, 9, 16, 17, 64}) {
       auto x = random_vec(static_cast<size_t>(t * k), 3 + static_cast<uint32_t>(t));
@@ -35,7 +41,7 @@ TEST_CASE("linear: streaming and GEMM paths equal a naive product, f32 and bf16 
           ref[static_cast<size_t>(i * n + j)] = static_cast<float>(s);
         }
       linear(x.data(), t, w, bias.data(), y.data());
-      INFO("dtype " << dtype_name(st) << ", tokens " << t);
+      INFO("dtype " << dtype_name(st) << (w.packed() ? " packed" : "") << ", tokens " << t);
       CHECK(sy::test::rel_error(y, ref) < 1e-5);
     }
   }
@@ -116,4 +122,18 @@ TEST_CASE("rope: linear scaling divides the frequencies", "[kernels]") {
   b.factor = 4;
   rope_table ra(a, 8), rb(b, 8);
   for (size_t i = 0; i < 4; ++i) CHECK(rb.inv_freq()[i] == Approx(ra.inv_freq()[i] / 4));
+}
+
+TEST_CASE("swiglu: the vectorised path equals silu(g)·u", "[kernels]") {
+  const int64_t f = 203;  // a scalar tail too
+  auto gu = random_vec(static_cast<size_t>(2 * f), 11, 30.0f);  // reaches deep into both tails of exp
+  gu[0] = -100.0f;
+  gu[1] = 100.0f;
+  std::vector<float> out(static_cast<size_t>(f));
+  swiglu(gu.data(), 1, f, out.data());
+  for (int64_t i = 0; i < f; ++i) {
+    const double g = gu[static_cast<size_t>(i)], u = gu[static_cast<size_t>(f + i)];
+    const double want = g / (1 + std::exp(-g)) * u;
+    CHECK(out[static_cast<size_t>(i)] == Approx(want).epsilon(1e-6).margin(1e-30));
+  }
 }
