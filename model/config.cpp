@@ -248,14 +248,18 @@ caf::expected<model_config> parse_config(const std::string& text, const std::str
   c.num_heads = static_cast<int>(r.integer({"num_attention_heads"}, std::nullopt, 1, 4096));
   c.num_kv_heads = static_cast<int>(r.integer({"num_key_value_heads"}, c.num_heads, 1, 4096));
   c.max_position_embeddings = r.integer({"max_position_embeddings"}, 4096, 1);
-  c.rms_norm_eps = r.number({"rms_norm_eps"}, 1e-6);
+  // transformers' defaults when the key is absent: Mixtral and OLMoE 1e-5, the others 1e-6.
+  const bool eps5 = c.family == family_id::mixtral || c.family == family_id::olmoe;
+  c.rms_norm_eps = r.number({"rms_norm_eps"}, eps5 ? 1e-5 : 1e-6);
   c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
   c.intermediate_size = r.integer({"intermediate_size"}, std::nullopt, 1);
   if (auto e = r.error()) return e;
   if (c.num_heads % c.num_kv_heads != 0)
     return r.bad("num_key_value_heads", "(" + std::to_string(c.num_kv_heads) + ") must divide num_attention_heads (" +
                                             std::to_string(c.num_heads) + ")");
-  c.head_dim = r.integer({"head_dim"}, c.hidden_size / c.num_heads, 1);
+  // OLMoE always splits hidden_size evenly over the heads (its q_norm is hidden_size wide).
+  c.head_dim = c.family == family_id::olmoe ? c.hidden_size / c.num_heads
+                                            : r.integer({"head_dim"}, c.hidden_size / c.num_heads, 1);
   if (!r.has("head_dim") && c.hidden_size % c.num_heads != 0)
     return r.bad("hidden_size", "is not a multiple of num_attention_heads and no head_dim is given");
 

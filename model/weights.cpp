@@ -216,7 +216,9 @@ caf::expected<std::unique_ptr<model_weights>> load_model(const model_config& c, 
     auto fn = ld.vec("model.norm.weight", h);
     if (!fn) return fn.error();
     w->final_norm = std::move(*fn);
-    if (!c.tie_word_embeddings || ckpt.find("lm_head.weight")) {
+    // Tied: the output matrix is the embedding, as transformers ties them, even where the file
+    // also carries an lm_head.weight.
+    if (!c.tie_word_embeddings) {
       auto head = ld.mat("lm_head.weight", c.vocab_size, h);
       if (!head) return head.error();
       w->lm_head = std::move(*head);
