@@ -28,6 +28,7 @@ std::unique_ptr<m::model_weights> load_or_fail(const std::string& dir) {
   progress_printer progress("loading weights");
   m::load_options opts;
   opts.progress = std::ref(progress);
+  opts.notice = [](const std::string& msg) { spdlog::info("{}", msg); };
   auto w = m::load_model(dir, opts);
   if (!w) fail(m::describe(w.error()));
   spdlog::info("loaded {} ({} layers, {} experts, top-{})", dir, (*w)->config.num_layers,
@@ -173,7 +174,7 @@ void add_make_model(CLI::App& app) {
   auto family = std::make_shared<std::string>("mixtral");
   auto dtype = std::make_shared<std::string>("bf16");
   auto out = std::make_shared<std::string>();
-  cmd->add_option("--family", *family, "mixtral | qwen2_moe | qwen3_moe | olmoe")->required();
+  cmd->add_option("--family", *family, "mixtral | qwen2_moe | qwen3_moe | olmoe | deepseek_v2 | deepseek_v3")->required();
   cmd->add_option("--hidden", o->hidden, "Hidden size")->check(CLI::PositiveNumber);
   cmd->add_option("--ffn", o->ffn, "Routed expert FFN width")->check(CLI::PositiveNumber);
   cmd->add_option("--dense-ffn", o->dense_ffn, "Dense MLP width (0 = 4 × ffn)");
@@ -184,14 +185,21 @@ void add_make_model(CLI::App& app) {
   cmd->add_option("--heads", o->heads, "Attention heads (0 = hidden / 64)");
   cmd->add_option("--kv-heads", o->kv_heads, "Key/value heads (0 = heads / 4)");
   cmd->add_option("--vocab", o->vocab, "Vocabulary size")->check(CLI::PositiveNumber);
-  cmd->add_option("--dtype", *dtype, "bf16 | f32")->check(CLI::IsMember({"bf16", "f32"}));
+  cmd->add_option("--dtype", *dtype, "bf16 | f32 | fp8 (DeepSeek: e4m3 with 128x128 block scales)")
+      ->check(CLI::IsMember({"bf16", "f32", "fp8"}));
+  cmd->add_option("--groups", o->groups, "DeepSeek: expert groups (n_group)");
+  cmd->add_option("--topk-groups", o->topk_groups, "DeepSeek: groups kept per token (topk_group)");
+  cmd->add_option("--first-dense", o->first_dense, "DeepSeek: dense layers before the MoE ones (-1 = 1)");
+  cmd->add_option("--shared-experts", o->shared_experts, "DeepSeek: shared experts (-1 = V3 1, V2 2)");
+  cmd->add_option("--q-lora-rank", o->q_lora_rank, "DeepSeek: q LoRA rank (0 = none, -1 = V3 hidden/4, V2 none)");
+  cmd->add_option("--kv-lora-rank", o->kv_lora_rank, "DeepSeek: kv LoRA rank (0 = max(16, hidden/8))");
   cmd->add_option("--seed", o->seed, "Weight seed");
   cmd->add_option("--out", *out, "Output folder")->required();
   cmd->callback([=] {
     auto f = m::family_from_name(*family);
-    if (!f) fail("--family: unknown family '" + *family + "' (mixtral, qwen2_moe, qwen3_moe, olmoe)");
+    if (!f) fail("--family: unknown family '" + *family + "' (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3)");
     o->family = *f;
-    o->weight_dtype = *dtype == "f32" ? m::dtype::f32 : m::dtype::bf16;
+    o->weight_dtype = *dtype == "f32" ? m::dtype::f32 : *dtype == "fp8" ? m::dtype::f8_e4m3 : m::dtype::bf16;
     progress_printer progress("writing weights");
     o->progress = std::ref(progress);
     if (auto e = m::make_model(*out, *o)) fail(m::describe(e));

@@ -336,10 +336,13 @@ caf::expected<model_config> parse_config(const std::string& text, const std::str
       c.head_dim = c.qk_rope_head_dim;  // the rotary part is what RoPE sees
       c.qkv_bias = false;
       c.o_bias = false;
-      c.rope.interleave = r.boolean("rope_interleave", true);
+      // V3 files may say rope_interleave (default true); V2's modeling always interleaves.
+      c.rope.interleave = v3 ? r.boolean("rope_interleave", true) : true;
       c.num_nextn_predict_layers = static_cast<int>(r.integer({"num_nextn_predict_layers"}, 0, 0, 64));
       g.norm_topk_prob = r.boolean("norm_topk_prob", false);
       g.routed_scaling_factor = r.number({"routed_scaling_factor"}, 1.0);
+      g.norm_eps = 1e-20;
+      g.scale_only_unnormalised = !v3;
       g.n_group = static_cast<int>(r.integer({"n_group"}, 1, 1, 1 << 16));
       g.topk_group = static_cast<int>(r.integer({"topk_group"}, 1, 1, 1 << 16));
       auto scoring = r.string("scoring_func", std::string(v3 ? "sigmoid" : "softmax"));

@@ -46,6 +46,9 @@ struct gating_config {
   int n_group = 1;
   int topk_group = 1;
   bool has_score_bias = false;  ///< DeepSeek-V3's e_score_correction_bias
+  double norm_eps = 0.0;        ///< added to the sum when renormalising (DeepSeek: 1e-20)
+  /// DeepSeek-V2's rule: renormalise (when norm_topk_prob and top_k > 1) or scale, never both.
+  bool scale_only_unnormalised = false;
 };
 
 struct model_config {

@@ -77,11 +77,12 @@ routing route_from_logits(const gating_config& cfg, const float* logits, int64_t
       w[i] = scores[static_cast<size_t>(ex[i])];
       sum += w[i];
     }
-    if (cfg.norm_topk_prob) {
-      const double denom = sum + (cfg.scoring == scoring_func::sigmoid ? 1e-20 : 0.0);
+    const bool normalise = cfg.norm_topk_prob && !(cfg.scale_only_unnormalised && k == 1);
+    if (normalise) {
+      const double denom = sum + cfg.norm_eps;
       for (int i = 0; i < k; ++i) w[i] = static_cast<float>(w[i] / denom);
     }
-    if (cfg.routed_scaling_factor != 1.0)
+    if (cfg.routed_scaling_factor != 1.0 && !(normalise && cfg.scale_only_unnormalised))
       for (int i = 0; i < k; ++i) w[i] = static_cast<float>(w[i] * cfg.routed_scaling_factor);
   }
   return r;

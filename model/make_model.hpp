@@ -20,7 +20,17 @@ struct make_model_options {
   int heads = 0;             ///< 0 = hidden / 64 (at least 1)
   int kv_heads = 0;          ///< 0 = heads / 4 (at least 1)
   int64_t vocab = 1024;
-  dtype weight_dtype = dtype::bf16;  ///< bf16, f32 (or f8_e4m3 for DeepSeek)
+  // DeepSeek (MLA and routing); 0 / -1 pick the family's default.
+  int64_t q_lora_rank = -1;   ///< -1: V3 hidden/4, V2 none (V2-Lite style); 0: none
+  int64_t kv_lora_rank = 0;   ///< 0: max(16, hidden/8)
+  int64_t qk_nope_dim = 0;    ///< 0: 32
+  int64_t qk_rope_dim = 0;    ///< 0: 16
+  int64_t v_head_dim = 0;     ///< 0: 32
+  int groups = 1;             ///< n_group
+  int topk_groups = 1;        ///< topk_group
+  int first_dense = -1;       ///< first_k_dense_replace; -1: 1 for DeepSeek
+  int shared_experts = -1;    ///< n_shared_experts; -1: V3 1, V2 2
+  dtype weight_dtype = dtype::bf16;  ///< bf16, f32, or f8_e4m3 (DeepSeek: 128×128 block scales)
   uint64_t seed = 0;
   int64_t shard_bytes = int64_t{2} << 30;
   progress_fn progress;

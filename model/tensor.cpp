@@ -109,20 +109,23 @@ float f8e4m3_to_f32(uint8_t v) {
 
 uint8_t f32_to_f8e4m3(float f) {
   if (std::isnan(f)) return 0x7f;
-  uint8_t sign = std::signbit(f) ? 0x80 : 0;
-  float a = std::fabs(f);
+  const uint8_t sign = std::signbit(f) ? 0x80 : 0;
+  const float a = std::fabs(f);
   if (a >= 448.0f) return sign | 0x7e;  // saturate to the largest finite value
-  // Pick the nearest representable value by search over the 127 magnitudes (ties to even code).
-  uint8_t best = 0;
-  float best_err = a;
-  for (uint8_t c = 1; c < 0x7f; ++c) {
-    float err = std::fabs(f8e4m3_to_f32(c) - a);
-    if (err < best_err || (err == best_err && (c & 1) == 0)) {
-      best = c;
-      best_err = err;
-    }
+  if (a < 0.015625f) {                 // below 2^-6: subnormals, steps of 2^-9
+    const int m = static_cast<int>(std::nearbyint(a * 512.0f));  // ties to even
+    return sign | static_cast<uint8_t>(m);                      // m == 8 is exactly the code of 2^-6
   }
-  return sign | best;
+  int ex;
+  const float fr = std::frexp(a, &ex);  // a = fr · 2^ex, fr in [0.5, 1)
+  int e = ex - 1;
+  int m = static_cast<int>(std::nearbyint((fr * 2.0f - 1.0f) * 8.0f));
+  if (m == 8) {
+    m = 0;
+    ++e;
+  }
+  if (e > 8 || (e == 8 && m == 7)) return sign | 0x7e;
+  return sign | static_cast<uint8_t>(((e + 7) << 3) | m);
 }
 
 bool convert_to_f32(dtype t, const void* src, float* dst, size_t n) {

@@ -2,7 +2,9 @@
 
 #include "model/family.hpp"
 
+#include <cstdlib>
 #include <cstring>
+#include <set>
 
 namespace sy::model {
 
@@ -209,6 +211,23 @@ caf::expected<std::unique_ptr<model_weights>> load_model(const model_config& c, 
     if (opts.progress) opts.progress(ld.bytes(), total);
   };
   const int64_t h = c.hidden_size;
+  if (opts.notice) {
+    // Layers past num_hidden_layers (DeepSeek's multi-token-prediction modules) are not served.
+    size_t skipped = 0;
+    std::set<int> layers;
+    for (const auto& name : ckpt.names()) {
+      if (!name.starts_with("model.layers.")) continue;
+      const int l = std::atoi(name.c_str() + 13);
+      if (l >= c.num_layers) {
+        ++skipped;
+        layers.insert(l);
+      }
+    }
+    if (skipped)
+      opts.notice("skipping " + std::to_string(skipped) + " tensors of " + std::to_string(layers.size()) +
+                  " layer(s) past num_hidden_layers (multi-token prediction, from model.layers." +
+                  std::to_string(*layers.begin()) + "): not used for serving");
+  }
   if (opts.dense) {
     auto emb = ld.mat("model.embed_tokens.weight", c.vocab_size, h);
     if (!emb) return emb.error();

@@ -58,6 +58,8 @@ struct load_options {
   /// Storage type of large matrices: nullopt = bf16 when the checkpoint stores bf16 or fp8, else f32.
   std::optional<dtype> weight_dtype;
   progress_fn progress;
+  /// One-line notices worth a log line (e.g. skipped multi-token-prediction layers).
+  std::function<void(const std::string&)> notice;
 };
 
 /// Loads what `opts` asks for. Every error names the folder or file and the tensor or key.

@@ -81,3 +81,22 @@ TEST_CASE("gating: ties go to the lower expert id, rows are independent", "[gati
   auto r = route_from_logits(g, logits.data(), 2);
   CHECK(r.experts == std::vector<int32_t>{0, 2});
 }
+
+TEST_CASE("gating: DeepSeek-V2 renormalises or scales, never both; V3 does both", "[gating]") {
+  gating_config g;
+  g.num_experts = 4;
+  g.top_k = 2;
+  g.routed_scaling_factor = 16.0;
+  g.norm_eps = 1e-20;
+  std::vector<float> logits{std::log(1.0f), std::log(2.0f), std::log(3.0f), std::log(4.0f)};
+  g.scale_only_unnormalised = true;  // V2
+  g.norm_topk_prob = false;
+  auto r = route_from_logits(g, logits.data(), 1);
+  CHECK(r.weights[0] == Approx(0.4 * 16));
+  g.norm_topk_prob = true;
+  r = route_from_logits(g, logits.data(), 1);
+  CHECK(r.weights[0] == Approx(4.0 / 7));  // renormalised, not scaled
+  g.scale_only_unnormalised = false;  // V3's rule
+  r = route_from_logits(g, logits.data(), 1);
+  CHECK(r.weights[0] == Approx(4.0 / 7 * 16));
+}

@@ -137,3 +137,21 @@ TEST_CASE("swiglu: the vectorised path equals silu(g)·u", "[kernels]") {
     CHECK(out[static_cast<size_t>(i)] == Approx(want).epsilon(1e-6).margin(1e-30));
   }
 }
+
+TEST_CASE("fp8 e4m3: every finite code round-trips, rounding is to nearest, overflow saturates", "[kernels]") {
+  for (int c = 0; c < 256; ++c) {
+    if ((c & 0x7f) == 0x7f) {
+      CHECK(std::isnan(f8e4m3_to_f32(static_cast<uint8_t>(c))));
+      continue;
+    }
+    const float v = f8e4m3_to_f32(static_cast<uint8_t>(c));
+    if (c == 0x80) continue;  // -0 encodes as +0's sign-flipped twin; both decode to zero
+    CHECK(f32_to_f8e4m3(v) == c);
+  }
+  CHECK(f8e4m3_to_f32(0x7e) == 448.0f);
+  CHECK(f32_to_f8e4m3(1e6f) == 0x7e);
+  CHECK(f32_to_f8e4m3(-1e6f) == 0xfe);
+  CHECK(f8e4m3_to_f32(0x01) == std::ldexp(1.0f, -9));  // smallest subnormal
+  CHECK(f8e4m3_to_f32(f32_to_f8e4m3(1.0f + 1.0f / 16)) == 1.0f);         // halfway between 1 and 1.125: to even
+  CHECK(f8e4m3_to_f32(f32_to_f8e4m3(1.0f + 3.0f / 16)) == 1.25f);        // halfway between 1.125 and 1.25: to even
+}

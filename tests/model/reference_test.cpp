@@ -113,6 +113,14 @@ TEST_CASE("reference: Qwen3-MoE (per-head q/k norm, 16 experts top-4) matches tr
   check_against_reference("qwen3moe_e16k4");
 }
 
+TEST_CASE("reference: DeepSeek-V3 (MLA with q LoRA, dense first layer, sigmoid group-limited routing, shared expert) matches transformers", "[reference][deepseek]") {
+  check_against_reference("deepseekv3_e16k4");
+}
+
+TEST_CASE("reference: DeepSeek-V3 with YaRN rope scaling matches transformers", "[reference][deepseek]") {
+  check_against_reference("deepseekv3_yarn_e16k4");
+}
+
 TEST_CASE("reference: a bf16 copy of the weights stays close to the f32 reference", "[reference]") {
   const auto dir = sy::test::fixture("mixtral_e8k2");
   load_options o;
