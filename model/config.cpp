@@ -171,7 +171,7 @@ caf::error parse_rope(reader& r, const json& root, const std::string& source, mo
         p.integer({"original_max_position_embeddings"}, c.max_position_embeddings, 1);
     c.rope.beta_fast = p.number({"beta_fast"}, 32.0);
     c.rope.beta_slow = p.number({"beta_slow"}, 1.0);
-    c.rope.mscale = p.number({"mscale"}, 1.0);
+    c.rope.mscale = p.number({"mscale"}, 0.0);
     c.rope.mscale_all_dim = p.number({"mscale_all_dim"}, 0.0);
   } else {
     return make_error(model_errc::unsupported,
@@ -188,6 +188,7 @@ caf::error parse_rope(reader& r, const json& root, const std::string& source, mo
 double rope_config::attention_factor() const {
   if (type != "yarn") return 1.0;
   auto get_mscale = [](double scale, double m) { return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; };
+  // transformers: the ratio only when both are given, else get_mscale(factor).
   if (mscale != 0 && mscale_all_dim != 0) return get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim);
   return get_mscale(factor, 1.0);
 }
@@ -326,9 +327,13 @@ caf::expected<model_config> parse_config(const std::string& text, const std::str
       const bool v3 = c.family == family_id::deepseek_v3;
       c.attention = attention_kind::mla;
       c.moe_intermediate_size = r.integer({"moe_intermediate_size"}, std::nullopt, 1);
-      auto n_shared = r.integer({"n_shared_experts"}, 0, 0, 1024);
+      // Defaults for absent keys are transformers' (DeepseekV2Config / DeepseekV3Config); an explicit
+      // null q_lora_rank means no q LoRA (V2-Lite).
+      auto n_shared = r.integer({"n_shared_experts"}, v3 ? 1 : 2, 0, 1024);
       c.shared_expert_intermediate_size = n_shared * c.moe_intermediate_size;
-      c.q_lora_rank = r.integer({"q_lora_rank"}, 0, 0);
+      c.q_lora_rank = root.contains("q_lora_rank") ? r.integer({"q_lora_rank"}, 0, 0) : 1536;
+      if (r.boolean("attention_bias", false))
+        return make_error(model_errc::unsupported, source + ": key 'attention_bias' is true; biased MLA projections are not supported");
       c.kv_lora_rank = r.integer({"kv_lora_rank"}, std::nullopt, 1);
       c.qk_nope_head_dim = r.integer({"qk_nope_head_dim"}, std::nullopt, 0);
       c.qk_rope_head_dim = r.integer({"qk_rope_head_dim"}, std::nullopt, 0);
@@ -339,12 +344,12 @@ caf::expected<model_config> parse_config(const std::string& text, const std::str
       // V3 files may say rope_interleave (default true); V2's modeling always interleaves.
       c.rope.interleave = v3 ? r.boolean("rope_interleave", true) : true;
       c.num_nextn_predict_layers = static_cast<int>(r.integer({"num_nextn_predict_layers"}, 0, 0, 64));
-      g.norm_topk_prob = r.boolean("norm_topk_prob", false);
-      g.routed_scaling_factor = r.number({"routed_scaling_factor"}, 1.0);
+      g.norm_topk_prob = r.boolean("norm_topk_prob", v3);
+      g.routed_scaling_factor = r.number({"routed_scaling_factor"}, v3 ? 2.5 : 1.0);
       g.norm_eps = 1e-20;
       g.scale_only_unnormalised = !v3;
-      g.n_group = static_cast<int>(r.integer({"n_group"}, 1, 1, 1 << 16));
-      g.topk_group = static_cast<int>(r.integer({"topk_group"}, 1, 1, 1 << 16));
+      g.n_group = static_cast<int>(r.integer({"n_group"}, v3 ? 8 : 1, 1, 1 << 16));
+      g.topk_group = static_cast<int>(r.integer({"topk_group"}, v3 ? 4 : 1, 1, 1 << 16));
       auto scoring = r.string("scoring_func", std::string(v3 ? "sigmoid" : "softmax"));
       if (scoring == "softmax") {
         g.scoring = scoring_func::softmax;
@@ -368,7 +373,7 @@ caf::expected<model_config> parse_config(const std::string& text, const std::str
       if (g.num_experts % g.n_group != 0)
         return r.bad("n_group", "(" + std::to_string(g.n_group) + ") must divide the number of experts");
       if (g.topk_group > g.n_group) return r.bad("topk_group", "exceeds n_group");
-      auto first_dense = r.integer({"first_k_dense_replace"}, 0, 0);
+      auto first_dense = r.integer({"first_k_dense_replace"}, v3 ? 3 : 0, 0);
       auto freq = r.integer({"moe_layer_freq"}, 1, 1);
       for (int l = 0; l < c.num_layers; ++l) c.moe_layer[static_cast<size_t>(l)] = l >= first_dense && l % freq == 0;
       if (r.has("quantization_config")) {

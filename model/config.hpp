@@ -29,8 +29,8 @@ struct rope_config {
   int64_t original_max_position = 0;
   double beta_fast = 32.0;
   double beta_slow = 1.0;
-  double mscale = 1.0;
-  double mscale_all_dim = 0.0;
+  double mscale = 0.0;          ///< 0 = absent
+  double mscale_all_dim = 0.0;  ///< 0 = absent
   bool interleave = false;  ///< DeepSeek's rope_interleave: pairs (2i, 2i+1) instead of halves
   /// Attention scaling factor applied to cos/sin (YaRN's 0.1·ln(factor)+1 and friends).
   [[nodiscard]] double attention_factor() const;

@@ -325,17 +325,6 @@ void rmsnorm(const float* x, const float* w, int64_t rows, int64_t dim, double e
   }
 }
 
-void softmax(float* x, int64_t n) {
-  float m = *std::max_element(x, x + n);
-  double s = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = std::exp(x[i] - m);
-    s += x[i];
-  }
-  const float inv = static_cast<float>(1.0 / s);
-  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
-}
-
 namespace {
 
 /// exp(x) for 8 floats: range reduction x = n·ln2 + r with |r| ≤ ln2/2, a degree-7 polynomial for
@@ -357,6 +346,43 @@ __attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
+
+/// x[i] = exp(x[i] - m); returns the sum.
+__attribute__((target("avx2,fma"))) double exp_shift_avx2(float* x, int64_t n, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
+    _mm256_storeu_ps(x + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  double s = hsum(acc);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - m);
+    s += x[i];
+  }
+  return s;
+}
+
+}  // namespace
+
+void softmax(float* x, int64_t n) {
+  float m = *std::max_element(x, x + n);
+  double s = 0;
+  if (have_avx2_fma()) {
+    s = exp_shift_avx2(x, n, m);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] = std::exp(x[i] - m);
+      s += x[i];
+    }
+  }
+  const float inv = static_cast<float>(1.0 / s);
+  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+}
+
+namespace {
 
 __attribute__((target("avx2,fma"))) void swiglu_avx2(const float* g, const float* u, float* o, int64_t f) {
   int64_t i = 0;
