@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 namespace sy::model {
 
@@ -275,29 +276,43 @@ void packed_tile_any(const float* x, int64_t ldx, int mr, const uint16_t* w, int
 /// outputs); inside a group the loop runs over k-chunks, then 6-token tiles, then the blocks, so a
 /// tile's inputs stay in L1 while four weight blocks stream past them, and every weight is read
 /// from memory once whatever the token count.
-void linear_packed(const float* x, int64_t t, const matrix& w, const float* bias, float* y) {
-  constexpr int64_t nb = matrix::pack_width, group = 4, kc_max = 256, mr = 6;
+constexpr int64_t packed_group = 4;  // blocks of 16 outputs per unit of parallel work
+
+int64_t packed_groups(const matrix& w) {
+  const int64_t blocks = (w.rows() + matrix::pack_width - 1) / matrix::pack_width;
+  return (blocks + packed_group - 1) / packed_group;
+}
+
+/// Output columns of group g (64 of them): the loop runs over k-chunks, then token tiles, then the
+/// group's blocks, so a tile's inputs stay in L1 while four weight blocks stream past them.
+void linear_packed_group(const float* x, int64_t t, const matrix& w, float* y, int64_t g) {
+  constexpr int64_t nb = matrix::pack_width, kc_max = 256, mr = 6;
   const int64_t n = w.rows(), k = w.cols();
-  const int64_t blocks = (n + nb - 1) / nb, groups = (blocks + group - 1) / group;
+  const int64_t blocks = (n + nb - 1) / nb;
   const uint16_t* wp = w.bf16();
-  const bool parallel = t * n * k >= (1 << 16) && groups > 1;
-#pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t b0 = g * group, b1 = std::min(blocks, b0 + group);
-    for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
-      const int64_t kc = std::min(kc_max, k - k0);
-      // Tiles as even as possible (32 tokens: 6,6,5,5,5,5 rather than 6,6,6,6,6,2).
-      const int64_t tiles = (t + mr - 1) / mr, base = t / tiles, extra = t % tiles;
-      for (int64_t i = 0, t0 = 0; i < tiles; ++i) {
-        const int rows = static_cast<int>(base + (i < extra ? 1 : 0));
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t col = b * nb, ncols = std::min(nb, n - col);
-          packed_tile_any(x + t0 * k + k0, k, rows, wp + (b * k + k0) * nb, kc, y + t0 * n + col, n, k0 > 0, ncols);
-        }
-        t0 += rows;
+  const int64_t b0 = g * packed_group, b1 = std::min(blocks, b0 + packed_group);
+  // Tiles as even as possible (32 tokens: 6,6,5,5,5,5 rather than 6,6,6,6,6,2).
+  const int64_t tiles = (t + mr - 1) / mr, base = t / tiles, extra = t % tiles;
+  for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
+    const int64_t kc = std::min(kc_max, k - k0);
+    for (int64_t i = 0, t0 = 0; i < tiles; ++i) {
+      const int rows = static_cast<int>(base + (i < extra ? 1 : 0));
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t col = b * nb, ncols = std::min(nb, n - col);
+        packed_tile_any(x + t0 * k + k0, k, rows, wp + (b * k + k0) * nb, kc, y + t0 * n + col, n, k0 > 0, ncols);
       }
+      t0 += rows;
     }
   }
+}
+
+/// y = x · Wᵀ for a packed bf16 W; threads share out the column groups. Every weight is read from
+/// memory once whatever the token count.
+void linear_packed(const float* x, int64_t t, const matrix& w, const float* bias, float* y) {
+  const int64_t n = w.rows(), k = w.cols(), groups = packed_groups(w);
+  const bool parallel = t * n * k >= (1 << 16) && groups > 1;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t g = 0; g < groups; ++g) linear_packed_group(x, t, w, y, g);
   if (bias)
     for (int64_t i = 0; i < t; ++i)
       for (int64_t j = 0; j < n; ++j) y[i * n + j] += bias[j];
@@ -312,6 +327,25 @@ void linear(const float* x, int64_t t, const matrix& w, const float* bias, float
   if (w.packed()) return linear_packed(x, t, w, bias, y);
   if (t <= linear_stream_threshold()) return linear_stream(x, t, w, bias, y);
   linear_gemm(x, t, w, bias, y);
+}
+
+void linear_grouped(std::span<const linear_job> jobs) {
+  // Packed jobs are cut into column groups and all pieces shared out in one parallel region: no
+  // barrier per GEMM, and small GEMMs fill the threads together. Other jobs run one by one.
+  std::vector<std::pair<size_t, int64_t>> pieces;
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    if (jobs[j].t <= 0) continue;
+    if (!jobs[j].w->packed()) {
+      linear(jobs[j].x, jobs[j].t, *jobs[j].w, nullptr, jobs[j].y);
+      continue;
+    }
+    for (int64_t g = 0, n = packed_groups(*jobs[j].w); g < n; ++g) pieces.emplace_back(j, g);
+  }
+#pragma omp parallel for schedule(dynamic, 4) if (pieces.size() > 1)
+  for (size_t p = 0; p < pieces.size(); ++p) {
+    const auto& job = jobs[pieces[p].first];
+    linear_packed_group(job.x, job.t, *job.w, job.y, pieces[p].second);
+  }
 }
 
 void rmsnorm(const float* x, const float* w, int64_t rows, int64_t dim, double eps, float* y) {

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <span>
 #include <vector>
 
 namespace sy::model {
@@ -13,6 +14,19 @@ namespace sy::model {
 /// Small T streams the weights once through a register-blocked kernel (memory bound); larger T uses
 /// OpenBLAS sgemm (bf16 weights are widened panel by panel so the panel stays in cache).
 void linear(const float* x, int64_t t, const matrix& w, const float* bias, float* y);
+
+/// One GEMM of a grouped call: y[t, w.rows()] = x[t, w.cols()] · wᵀ.
+struct linear_job {
+  const float* x = nullptr;
+  int64_t t = 0;
+  const matrix* w = nullptr;
+  float* y = nullptr;
+};
+
+/// Runs many independent GEMMs (e.g. every expert of a step) as one grouped call: packed jobs are
+/// cut into 64-column pieces that the threads share out together, the CPU analogue of a grouped
+/// GEMM launch. Same results as calling `linear` on each.
+void linear_grouped(std::span<const linear_job> jobs);
 
 /// Token count at or below which `linear` uses the streaming kernel.
 int64_t linear_stream_threshold();

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <vector>
 
 namespace sy::model {
@@ -45,6 +46,11 @@ void gather_rows(const dispatch_plan& plan, const float* x, int64_t hidden, std:
 
 /// y[n, H] = expert(x[n, H]). Pure: reads only its arguments.
 void expert_forward(const expert_weights& w, const float* x, int64_t n, float* y);
+
+/// Several experts at once, each on its own rows: outputs[i] = experts[i](inputs[i]) with n[i] rows.
+/// Same results as `expert_forward` on each; the GEMMs of all experts run as two grouped calls.
+void expert_forward_many(std::span<const expert_weights* const> experts, std::span<const float* const> inputs,
+                         std::span<const int64_t> n, std::span<float* const> outputs);
 
 /// y[t] += Σ over batches of weight · output row, for the rows each batch holds. Expert order is
 /// ascending, as the reference implementations accumulate.

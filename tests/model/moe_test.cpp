@@ -57,3 +57,38 @@ TEST_CASE("local executor refuses an expert it does not hold", "[moe]") {
   REQUIRE(e);
   CHECK_THAT(describe(e), Catch::Contains("not held"));
 }
+
+TEST_CASE("expert_forward_many equals expert_forward on each expert", "[moe]") {
+  const int64_t h = 40, f = 70;
+  std::vector<std::unique_ptr<expert_weights>> store;
+  std::vector<const expert_weights*> ws;
+  std::vector<std::vector<float>> xs, ys, want;
+  std::vector<const float*> xp;
+  std::vector<float*> yp;
+  std::vector<int64_t> ns{1, 7, 20, 0};
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> d(-1, 1);
+  for (size_t e = 0; e < ns.size(); ++e) {
+    std::vector<float> gu(static_cast<size_t>(2 * f * h)), dn(static_cast<size_t>(h * f));
+    for (auto& v : gu) v = d(rng) * 0.1f;
+    for (auto& v : dn) v = d(rng) * 0.1f;
+    auto w = std::make_unique<expert_weights>();
+    w->gate_up = matrix::from_f32(dtype::bf16, gu, 2 * f, h);
+    w->down = matrix::from_f32(dtype::bf16, dn, h, f);
+    if (e != 1) w->pack();  // a mix of packed and plain weights
+    xs.emplace_back(static_cast<size_t>(ns[e] * h));
+    for (auto& v : xs.back()) v = d(rng);
+    ys.emplace_back(static_cast<size_t>(ns[e] * h));
+    want.emplace_back(static_cast<size_t>(ns[e] * h));
+    expert_forward(*w, xs.back().data(), ns[e], want.back().data());
+    ws.push_back(w.get());
+    store.push_back(std::move(w));
+  }
+  for (size_t e = 0; e < ns.size(); ++e) {
+    xp.push_back(xs[e].data());
+    yp.push_back(ys[e].data());
+  }
+  expert_forward_many(ws, xp, ns, yp);
+  for (size_t e = 0; e < ns.size(); ++e)
+    if (ns[e] > 0) CHECK(sy::test::rel_error(ys[e], want[e]) < 1e-6);
+}
