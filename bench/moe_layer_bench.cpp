@@ -172,6 +172,10 @@ void bm_layer(benchmark::State& state, layer_shape shape) {
   std::vector<float> x(static_cast<size_t>(t * h)), y(x.size());
   fill_random(x.data(), x.size(), 7, 1.0f);
   m::local_expert_executor exec(&l.experts);
+  // The limits right before this case (once per case), and again right after: the ratios use the
+  // better of the two, so a slow spell of this VM cannot flatter the layer.
+  static std::map<std::pair<std::string, int64_t>, std::pair<double, double>> before;
+  if (!before.count({shape.name, t})) before[{shape.name, t}] = limits_now(3);
   double flops = 0, bytes = 0;
   int local = 0;
   // One untimed pass first (Google Benchmark 1.7 has no warm-up): first-touch page faults and
@@ -199,9 +203,9 @@ void bm_layer(benchmark::State& state, layer_shape shape) {
   state.counters["weight_GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["weight_MB"] = bytes * 1e-6;
   state.counters["local_experts"] = local;
-  // The limits again, right after this case, so each ratio compares numbers taken minutes apart at
-  // most on a VM whose speed drifts by ±30%.
   auto [g, b] = limits_now(3);
+  g = std::max(g, before[{shape.name, t}].first);
+  b = std::max(b, before[{shape.name, t}].second);
   sgemm_gflops = std::max(sgemm_gflops, g);
   memcpy_gbs = std::max(memcpy_gbs, b);
   results[{shape.name, t}] = {shape.name, t, 0, flops, bytes, 0, local, g, b};
@@ -368,7 +372,8 @@ int main(int argc, char** argv) {
                 static_cast<long long>(r.tokens), r.local_batches, r.ms, gflops, gbs, r.sgemm, 100 * gflops / r.sgemm,
                 r.tokens >= 512 ? ">=80%" : "", r.memcpy, bound_ms, r.ms / bound_ms);
   }
-  std::printf("(sgemm, memcpy = GFLOP/s and GB/s measured right after each case; vs sgemm = ours / that rate;\n"
+  std::printf("(sgemm, memcpy = GFLOP/s and GB/s, the better of right before and right after each case (this VM's\n"
+              " speed drifts by up to 2x over minutes); vs sgemm = ours / that rate;\n"
               " local = experts of this process that received rows; ratio = time / (weight bytes read / memcpy\n"
               " bandwidth), target <= 1.5x at 1 and 8 tokens; memcpy bandwidth counts bytes copied, and a pure read\n"
               " stream runs up to ~2x faster, so ratios under 1 are expected)\n");

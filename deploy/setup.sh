@@ -60,8 +60,16 @@ run_main() {
 
 run_tests() {
   cd "$BUILD_DIR"
-  # ctest prints "N% tests passed, N tests failed out of N" as its closing summary.
-  ctest --output-on-failure -j "$(nproc)" --timeout 900
+  # ctest prints its summary ("N% tests passed, N tests failed out of N") before the label times and
+  # the list of skipped tests (the GPU tests on a machine without one); repeat it as the last line.
+  set +e
+  ctest --output-on-failure -j "$(nproc)" --timeout 900 2>&1 | tee "$BUILD_DIR/ctest.log"
+  local rc=${PIPESTATUS[0]}
+  set -e
+  local summary
+  summary="$(grep -E '^[0-9]+% tests passed' "$BUILD_DIR/ctest.log" | tail -n 1)"
+  [ -n "$summary" ] && printf '\n%s\n' "$summary"
+  return "$rc"
 }
 
 cmd="${1:-run}"

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs every GPU check in one call on a machine with NVIDIA GPUs: the GPU tests (against the CPU
+# oracle), transformers' MoE block timing, and the GPU MoE benchmark. Expects binaries built on the
+# Debian machine by deploy/gpu/pack.sh in .device/ (binaries + the Debian libraries they need).
+#
+#   deploy/gpu/run-gpu-checks.sh [OUTDIR]
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+PACK="$ROOT/.device"
+OUT="${1:-${OUT:-/tmp/sy-gpu-out}}"
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH="$PACK/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+status=0
+echo "== gpu_tests"
+"$PACK/bin/gpu_tests" --durations yes 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "== transformers MoE block"
+PYTHONUNBUFFERED=1 python3 "$ROOT/bench/gpu/hf_moe_block.py" --out "$OUT/hf.json" 2>&1 | tee "$OUT/hf.log" | tail -12
+echo "== bench_gpu_moe"
+"$PACK/bin/bench_gpu_moe" --hf-json "$OUT/hf.json" 2>&1 | tee "$OUT/bench_gpu_moe.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "== bench_gpu_nccl (two GPUs; exits 77 with one)"
+"$PACK/bin/bench_gpu_nccl" 2>&1 | tee "$OUT/bench_gpu_nccl.txt"
+rc=${PIPESTATUS[0]}
+[ "$rc" -eq 0 ] || [ "$rc" -eq 77 ] || status=1
+exit $status

@@ -1,0 +1,114 @@
+#pragma once
+/// The GPU expert path (CUDA + cuBLAS), optional at build time (SWITCHYARD_CUDA). This header has no
+/// CUDA includes: CPU-only code can hold these types.
+///
+/// - `gpu_experts`: one device's experts in bf16; runs a step's token batches for all of them as two
+///   grouped GEMM launches (gate_up, down) with a fused SwiGLU kernel between, fp32 accumulation.
+/// - `gpu_moe_layer`: a whole MoE layer on the device for routers with a GPU: router GEMM (f32),
+///   gating kernel (softmax or sigmoid + bias + group-limited top-k, as `route_from_logits`),
+///   dispatch (count, scan, scatter), the experts, and the weighted combine.
+/// - `gpu_expert_executor`: the decoder's `expert_executor` over `gpu_experts`, one per layer.
+///
+/// The CPU path is the oracle: with the same inputs, outputs agree within bf16 tolerance.
+#include "model/gating.hpp"
+#include "model/moe.hpp"
+
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace sy::model::cuda {
+
+/// True when a CUDA device is usable; otherwise `why` says what is missing (no driver, no device).
+[[nodiscard]] bool device_available(std::string* why = nullptr);
+/// "NVIDIA H100 80GB HBM3, 132 SMs, 79.1 GiB"
+[[nodiscard]] std::string device_description(int device = 0);
+
+/// How an expert set's GEMMs are launched: one grouped cuBLAS call per projection, one GEMM per
+/// expert, or chosen by shape (per expert for up to 16 experts of ≥16M weights per matrix, else
+/// grouped).
+enum class gemm_mode { automatic, grouped, per_expert };
+
+class gpu_experts {
+ public:
+  static caf::expected<std::unique_ptr<gpu_experts>> make(int device, int64_t hidden, int64_t ffn);
+  ~gpu_experts();
+  gpu_experts(const gpu_experts&) = delete;
+  gpu_experts& operator=(const gpu_experts&) = delete;
+
+  /// Uploads expert `id`'s weights (any layout or dtype; stored as bf16 row-major on the device).
+  [[nodiscard]] caf::error add_expert(int id, const expert_weights& w);
+  [[nodiscard]] bool holds(int id) const;
+  [[nodiscard]] size_t device_bytes() const;
+
+  /// outputs[i] = expert ids[i] applied to inputs[i] ([n[i], hidden] f32 rows, host memory).
+  [[nodiscard]] caf::error run(std::span<const int> ids, std::span<const float* const> inputs,
+                               std::span<const int64_t> n, std::span<float* const> outputs);
+
+  struct impl;
+
+ private:
+  explicit gpu_experts(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+class gpu_moe_layer {
+ public:
+  /// `experts[e]` null = expert e is not held here: rows routed to it are skipped (an expert host's
+  /// share of a layer). `score_bias` may be null.
+  static caf::expected<std::unique_ptr<gpu_moe_layer>> make(int device, const gating_config& gating,
+                                                            const matrix& router, const float* score_bias,
+                                                            std::span<const expert_weights* const> experts);
+  ~gpu_moe_layer();
+  gpu_moe_layer(const gpu_moe_layer&) = delete;
+  gpu_moe_layer& operator=(const gpu_moe_layer&) = delete;
+
+  /// y[t, H] = MoE(x[t, H]), host f32 in and out (uploads, computes, downloads, synchronises).
+  [[nodiscard]] caf::error forward(const float* x, int64_t t, float* y);
+  /// The same on device pointers (f32 [t, H] in and out), asynchronous on the layer's stream
+  /// except for the one small copy of the per-expert counts the GEMM launch needs (so the stream is
+  /// idle when it starts); `synchronize` waits for the rest.
+  [[nodiscard]] caf::error forward_device(const float* x_dev, int64_t t, float* y_dev);
+  void set_gemm_mode(gemm_mode m);
+  /// Waits for the layer's stream.
+  [[nodiscard]] caf::error synchronize();
+
+  /// The routing of the last forward (copied back for tests).
+  [[nodiscard]] caf::expected<routing> last_routing();
+  /// Local experts that received rows in the last forward, and their weight bytes.
+  [[nodiscard]] int last_active_experts() const;
+  [[nodiscard]] size_t last_weight_bytes() const;
+
+  /// Device scratch for benchmarks: f32 buffers of `elems` elements.
+  [[nodiscard]] caf::expected<float*> device_alloc(size_t elems);
+  [[nodiscard]] caf::error upload(float* dst, const float* src, size_t elems);
+
+  struct impl;
+
+ private:
+  explicit gpu_moe_layer(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+/// The decoder's expert executor over GPU-resident experts (one `gpu_experts` per sparse layer).
+class gpu_expert_executor final : public expert_executor {
+ public:
+  /// Uploads every expert the model holds to `device`.
+  static caf::expected<std::unique_ptr<gpu_expert_executor>> make(int device, const std::vector<layer_experts>& layers);
+  [[nodiscard]] caf::error run(int layer, const dispatch_plan& plan, const std::vector<std::vector<float>>& inputs,
+                               std::vector<std::vector<float>>& outputs) override;
+
+ private:
+  std::vector<std::unique_ptr<gpu_experts>> layers_;
+};
+
+/// Device roofline measured in place: a large device-to-device copy (bytes read + written per
+/// second) and a large cuBLAS bf16 GEMM (FLOP/s), each the median of several runs.
+struct roofline {
+  double copy_gbs = 0;
+  double bf16_tflops = 0;
+};
+[[nodiscard]] caf::expected<roofline> measure_roofline(int device);
+
+}  // namespace sy::model::cuda
