@@ -5,5 +5,7 @@ namespace sy::apps {
 
 /// Registers the model subcommands (logits, generate, make-model, inspect) on `app`.
 void add_model_commands(CLI::App& app);
+/// Registers `serve` (the embedded cluster behind the HTTP API).
+void add_serve_command(CLI::App& app);
 
 }  // namespace sy::apps

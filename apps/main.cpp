@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
     spdlog::set_level(verbosity >= 2 ? spdlog::level::debug : verbosity == 1 ? spdlog::level::info : spdlog::level::warn);
   });
   sy::apps::add_model_commands(app);
+  sy::apps::add_serve_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -62,6 +62,9 @@ void combine(const dispatch_plan& plan, const std::vector<std::vector<float>>& o
 class expert_executor {
  public:
   virtual ~expert_executor() = default;
+  /// Called by the decoder before a step's first layer: a distributed executor pins one placement
+  /// epoch for the whole step here.
+  virtual void begin_step() {}
   [[nodiscard]] virtual caf::error run(int layer, const dispatch_plan& plan,
                                        const std::vector<std::vector<float>>& inputs,
                                        std::vector<std::vector<float>>& outputs) = 0;

@@ -1,0 +1,234 @@
+#include "actors/embedded_cluster.hpp"
+
+#include "actors/cluster_executor.hpp"
+#include "actors/expert_host.hpp"
+#include "actors/messages.hpp"
+#include "model/kernels.hpp"
+#include "model/weights.hpp"
+
+#include <caf/all.hpp>
+#include <spdlog/spdlog.h>
+
+#include <thread>
+
+namespace sy::actors {
+
+namespace {
+
+struct coordinator_state {
+  model::model_config cfg;
+  int expected = 0;
+  int replicas = 1;
+  std::vector<host_info> hosts;
+  std::vector<caf::actor> host_actors;
+  placement_table placement;
+  bool planned = false;
+  std::vector<caf::actor> subscribers;
+  static inline const char* name = "coordinator";
+};
+
+/// Keeps the cluster's state: hosts, the placement table and its epoch. Plans once the expected
+/// hosts have registered, marks replicas ready as hosts load them, and pushes every new epoch to
+/// the routers. A host that goes down (its actor terminates) is marked down under a new epoch.
+caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, model::model_config cfg, int expected,
+                                int replicas) {
+  self->state.cfg = std::move(cfg);
+  self->state.expected = expected;
+  self->state.replicas = replicas;
+  auto broadcast = [self] {
+    for (auto& s : self->state.subscribers) self->send(s, placement_atom::value, self->state.placement, self->state.hosts);
+  };
+  self->set_down_handler([self, broadcast](caf::down_msg& dm) {
+    auto& st = self->state;
+    for (size_t i = 0; i < st.host_actors.size(); ++i)
+      if (st.host_actors[i].address() == dm.source && st.hosts[i].up) {
+        st.hosts[i].up = false;
+        ++st.placement.epoch;
+        spdlog::warn("coordinator: host {} is down; placement epoch {}", st.hosts[i].name, st.placement.epoch);
+        broadcast();
+      }
+  });
+  return {
+      [self](register_atom, const std::string& name, const std::string& address, int slots) -> int {
+        auto& st = self->state;
+        const int id = static_cast<int>(st.hosts.size());
+        st.hosts.push_back({id, name, address, slots, true});
+        st.host_actors.push_back(caf::actor_cast<caf::actor>(self->current_sender()));
+        self->monitor(st.host_actors.back());
+        if (static_cast<int>(st.hosts.size()) == st.expected) {
+          auto p = plan_initial(st.cfg, st.hosts, st.replicas);
+          if (!p) {
+            spdlog::error("coordinator: cannot place the experts: {}", model::describe(p.error()));
+          } else {
+            st.placement = std::move(*p);
+            st.planned = true;
+            spdlog::info("coordinator: placed {} layers x {} experts x {} replicas on {} hosts", st.placement.layers,
+                         st.placement.experts, st.replicas, st.hosts.size());
+            for (size_t h = 0; h < st.host_actors.size(); ++h)
+              self->send(st.host_actors[h], assign_atom::value, static_cast<int>(h), st.placement);
+          }
+        }
+        return id;
+      },
+      [self, broadcast](ready_atom, int host) {
+        auto& st = self->state;
+        for (auto& layer : st.placement.table)
+          for (auto& rs : layer)
+            for (auto& r : rs)
+              if (r.host == host) r.ready = true;
+        ++st.placement.epoch;
+        spdlog::info("coordinator: host {} ready; placement epoch {}", host, st.placement.epoch);
+        broadcast();
+      },
+      [self](subscribe_atom) {
+        auto s = caf::actor_cast<caf::actor>(self->current_sender());
+        self->state.subscribers.push_back(s);
+        if (self->state.planned) self->send(s, placement_atom::value, self->state.placement, self->state.hosts);
+      },
+  };
+}
+
+/// Registers with the coordinator, loads the experts it is assigned, reports ready.
+caf::behavior host_actor(caf::event_based_actor* self, caf::actor coordinator, std::shared_ptr<expert_host_core> core,
+                         std::string data_address, std::shared_ptr<const model::model_config> cfg,
+                         std::shared_ptr<const model::checkpoint> ckpt) {
+  self->send(coordinator, register_atom::value, core->name(), data_address, core->slots());
+  return {
+      [=](int) {},  // the coordinator's answer to register: the id also comes with the assignment
+      [=](assign_atom, int id, const placement_table& p) {
+        auto experts = p.assigned_to(id);
+        if (auto err = core->load(*cfg, *ckpt, experts)) {
+          spdlog::error("{}: loading {} experts failed: {}", core->name(), experts.size(), model::describe(err));
+          return;
+        }
+        spdlog::info("{}: holds {} experts", core->name(), experts.size());
+        self->send(coordinator, ready_atom::value, id);
+      },
+  };
+}
+
+/// Follows the coordinator's placement epochs for the router's executor.
+caf::behavior router_actor(caf::event_based_actor* self, caf::actor coordinator, std::shared_ptr<cluster_executor> exec) {
+  self->send(coordinator, subscribe_atom::value);
+  return {
+      [=](placement_atom, placement_table p, std::vector<host_info> hosts) { exec->update(std::move(p), std::move(hosts)); },
+  };
+}
+
+}  // namespace
+
+struct embedded_cluster::impl {
+  embedded_config cfg;
+  std::shared_ptr<const model::model_config> mcfg;
+  std::shared_ptr<const model::checkpoint> ckpt;
+  std::unique_ptr<model::model_weights> dense;
+  std::vector<std::shared_ptr<expert_host_core>> hosts;
+  std::shared_ptr<cluster_executor> exec;
+  std::unique_ptr<model::decoder> decoder;
+  std::unique_ptr<scheduler::batcher> batcher;
+  std::thread engine;
+  caf::actor_system_config sys_cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  caf::actor coordinator, router;
+  std::vector<caf::actor> host_actors;
+  bool down = false;
+
+  void run_engine() {
+    while (batcher->wait_for_work()) {
+      // Requests wait for the cluster to be ready rather than fail on a missing placement.
+      if (!exec->ready()) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        continue;
+      }
+      while (batcher->step()) {
+      }
+    }
+  }
+};
+
+embedded_cluster::embedded_cluster(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+
+embedded_cluster::~embedded_cluster() { shutdown(); }
+
+caf::expected<std::unique_ptr<embedded_cluster>> embedded_cluster::start(const embedded_config& cfg) {
+  if (cfg.hosts < 1) return model::make_error(model::model_errc::invalid_argument, "hosts must be at least 1");
+  model::set_kernel_threads(cfg.threads);
+  auto p = std::make_unique<impl>();
+  p->cfg = cfg;
+  auto mc = model::load_config(cfg.model);
+  if (!mc) return mc.error();
+  p->mcfg = std::make_shared<const model::model_config>(std::move(*mc));
+  auto ck = model::checkpoint::open(cfg.model);
+  if (!ck) return ck.error();
+  p->ckpt = std::make_shared<const model::checkpoint>(std::move(*ck));
+  // The router holds the dense part only; the experts live on the hosts.
+  model::load_options lo;
+  lo.want_expert = [](int, int) { return false; };
+  lo.notice = [](const std::string& m) { spdlog::info("{}", m); };
+  auto dense = model::load_model(*p->mcfg, *p->ckpt, lo);
+  if (!dense) return dense.error();
+  p->dense = std::move(*dense);
+
+  const int64_t needed = static_cast<int64_t>(p->mcfg->num_moe_layers()) * p->mcfg->gating.num_experts * cfg.replicas;
+  const int slots = cfg.slots > 0 ? cfg.slots : static_cast<int>((needed + cfg.hosts - 1) / cfg.hosts);
+  for (int h = 0; h < cfg.hosts; ++h)
+    p->hosts.push_back(std::make_shared<expert_host_core>("expert-host-" + std::to_string(h), slots));
+  // In-process data plane: a host's address names its index here.
+  p->exec = std::make_shared<cluster_executor>([hosts = p->hosts](const host_info& h) -> std::shared_ptr<expert_channel> {
+    const std::string prefix = "inproc://";
+    if (!h.data_address.starts_with(prefix)) return nullptr;
+    const size_t i = std::stoul(h.data_address.substr(prefix.size()));
+    return i < hosts.size() ? std::make_shared<inproc_channel>(hosts[i]) : nullptr;
+  });
+  p->decoder = std::make_unique<model::decoder>(*p->dense, *p->exec);
+  p->batcher = std::make_unique<scheduler::batcher>(*p->decoder, cfg.batcher);
+
+  p->sys_cfg.set("scheduler.max-threads", 2);
+  p->sys = std::make_unique<caf::actor_system>(p->sys_cfg);
+  p->coordinator = p->sys->spawn(coordinator_actor, *p->mcfg, cfg.hosts, cfg.replicas);
+  p->router = p->sys->spawn(router_actor, p->coordinator, p->exec);
+  for (int h = 0; h < cfg.hosts; ++h)
+    p->host_actors.push_back(p->sys->spawn(host_actor, p->coordinator, p->hosts[static_cast<size_t>(h)],
+                                           "inproc://" + std::to_string(h), p->mcfg, p->ckpt));
+  auto* raw = p.get();
+  p->engine = std::thread([raw] { raw->run_engine(); });
+  return std::unique_ptr<embedded_cluster>(new embedded_cluster(std::move(p)));
+}
+
+bool embedded_cluster::ready() const { return impl_->exec->ready(); }
+
+bool embedded_cluster::wait_ready(std::chrono::milliseconds timeout) const {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  while (!ready()) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return true;
+}
+
+uint64_t embedded_cluster::epoch() const { return impl_->exec->epoch(); }
+
+caf::error embedded_cluster::submit(scheduler::generation_request r) { return impl_->batcher->submit(std::move(r)); }
+
+const model::model_config& embedded_cluster::config() const { return *impl_->mcfg; }
+size_t embedded_cluster::queued() const { return impl_->batcher->queued(); }
+size_t embedded_cluster::running() const { return impl_->batcher->running(); }
+
+void embedded_cluster::kill_host(int h) {
+  if (h < 0 || h >= static_cast<int>(impl_->hosts.size())) return;
+  impl_->hosts[static_cast<size_t>(h)]->set_alive(false);
+  caf::anon_send_exit(impl_->host_actors[static_cast<size_t>(h)], caf::exit_reason::kill);
+}
+
+void embedded_cluster::shutdown() {
+  if (!impl_ || impl_->down) return;
+  impl_->down = true;
+  impl_->batcher->stop();
+  if (impl_->engine.joinable()) impl_->engine.join();
+  for (auto& a : impl_->host_actors) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
+  caf::anon_send_exit(impl_->router, caf::exit_reason::user_shutdown);
+  caf::anon_send_exit(impl_->coordinator, caf::exit_reason::user_shutdown);
+  impl_->sys.reset();  // waits for the actors to finish
+}
+
+}  // namespace sy::actors

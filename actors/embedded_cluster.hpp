@@ -1,0 +1,51 @@
+#pragma once
+/// The embedded cluster: coordinator, one router and N expert hosts as actors in one process, with
+/// an in-process data plane — the same actors and the same MoE code as the multi-process cluster.
+#include "scheduler/batcher.hpp"
+
+#include <chrono>
+#include <filesystem>
+#include <memory>
+
+namespace sy::actors {
+
+struct embedded_config {
+  std::filesystem::path model;
+  int hosts = 4;
+  int replicas = 1;
+  int slots = 0;  ///< per host; 0 = enough for an even spread
+  scheduler::batcher_config batcher;
+  int threads = 0;  ///< compute threads (0 = all cores)
+};
+
+class embedded_cluster {
+ public:
+  /// Loads the model, starts the actors, and begins placing experts; `wait_ready` waits for it.
+  static caf::expected<std::unique_ptr<embedded_cluster>> start(const embedded_config& cfg);
+  ~embedded_cluster();
+
+  /// Every expert of every sparse layer has a ready replica.
+  [[nodiscard]] bool ready() const;
+  [[nodiscard]] bool wait_ready(std::chrono::milliseconds timeout) const;
+  [[nodiscard]] uint64_t epoch() const;
+
+  /// Queues a generation (refused at once when the queue is full or the cluster shutting down).
+  [[nodiscard]] caf::error submit(scheduler::generation_request r);
+
+  [[nodiscard]] const model::model_config& config() const;
+  [[nodiscard]] size_t queued() const;
+  [[nodiscard]] size_t running() const;
+
+  /// Fault injection for tests: host h fails every batch from now on.
+  void kill_host(int h);
+  /// Stops accepting, fails what is queued, finishes the engine thread, stops the actors.
+  void shutdown();
+
+  struct impl;
+
+ private:
+  explicit embedded_cluster(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace sy::actors

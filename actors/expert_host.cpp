@@ -1,0 +1,67 @@
+#include "actors/expert_host.hpp"
+
+#include "model/error.hpp"
+
+namespace sy::actors {
+
+caf::error expert_host_core::load(const model::model_config& cfg, const model::checkpoint& ckpt,
+                                  std::span<const std::pair<int, int>> experts, const model::progress_fn& progress) {
+  if (static_cast<int>(experts.size()) > slots_)
+    return model::make_error(model::model_errc::invalid_argument, name_ + ": assigned " + std::to_string(experts.size()) +
+                                                                      " experts but has " + std::to_string(slots_) + " slots");
+  std::map<std::pair<int, int>, std::shared_ptr<const model::expert_weights>> loaded;
+  size_t done = 0;
+  for (auto [l, e] : experts) {
+    auto w = model::load_expert(cfg, ckpt, l, e);
+    if (!w) return w.error();
+    done += w->bytes();
+    loaded[{l, e}] = std::make_shared<const model::expert_weights>(std::move(*w));
+    if (progress) progress(done, done);
+  }
+  std::lock_guard lock(mu_);
+  experts_ = std::move(loaded);
+  return {};
+}
+
+size_t expert_host_core::held() const {
+  std::lock_guard lock(mu_);
+  return experts_.size();
+}
+
+caf::error expert_host_core::serve(int layer, std::span<const int> experts, std::span<const std::vector<float>* const> inputs,
+                                   std::span<std::vector<float>* const> outputs) {
+  if (!alive_) return model::make_error(model::model_errc::io_error, name_ + ": host is down");
+  std::vector<std::shared_ptr<const model::expert_weights>> keep;
+  std::vector<const model::expert_weights*> ws;
+  {
+    std::lock_guard lock(mu_);
+    for (int e : experts) {
+      auto it = experts_.find({layer, e});
+      if (it == experts_.end())
+        return model::make_error(model::model_errc::invalid_argument, name_ + ": does not hold layer " + std::to_string(layer) +
+                                                                          " expert " + std::to_string(e));
+      keep.push_back(it->second);
+      ws.push_back(it->second.get());
+    }
+  }
+  std::vector<const float*> xs;
+  std::vector<int64_t> ns;
+  std::vector<float*> ys;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const int64_t h = ws[i]->hidden();
+    ns.push_back(static_cast<int64_t>(inputs[i]->size()) / h);
+    xs.push_back(inputs[i]->data());
+    outputs[i]->resize(inputs[i]->size());
+    ys.push_back(outputs[i]->data());
+  }
+  model::expert_forward_many(ws, xs, ns, ys);
+  batches_ += ws.size();
+  return {};
+}
+
+caf::error inproc_channel::call(int layer, uint64_t, std::span<const int> experts,
+                                std::span<const std::vector<float>* const> inputs, std::span<std::vector<float>* const> outputs) {
+  return host_->serve(layer, experts, inputs, outputs);
+}
+
+}  // namespace sy::actors

@@ -1,0 +1,72 @@
+#pragma once
+/// An expert host's data-plane half: the experts it holds (one per slot) and the pure function that
+/// answers a token batch. The control half (registration, assignment, readiness) is its actor.
+#include "model/moe.hpp"
+#include "model/safetensors.hpp"
+#include "model/weights.hpp"
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace sy::actors {
+
+class expert_host_core {
+ public:
+  expert_host_core(std::string name, int slots) : name_(std::move(name)), slots_(slots) {}
+
+  [[nodiscard]] const std::string& name() const { return name_; }
+  [[nodiscard]] int slots() const { return slots_; }
+
+  /// Loads the (layer, expert) pairs from the checkpoint (bf16 weights stay bf16), replacing what
+  /// was held. Progress goes to `progress` when given.
+  [[nodiscard]] caf::error load(const model::model_config& cfg, const model::checkpoint& ckpt,
+                                std::span<const std::pair<int, int>> experts, const model::progress_fn& progress = {});
+
+  /// Computes experts[i] on inputs[i] into outputs[i]. Refuses a batch for an expert it does not hold
+  /// (the router then retries elsewhere), and everything while marked dead.
+  [[nodiscard]] caf::error serve(int layer, std::span<const int> experts, std::span<const std::vector<float>* const> inputs,
+                                 std::span<std::vector<float>* const> outputs);
+
+  /// Fault injection for tests: a dead host refuses every batch, as a crashed peer would fail them.
+  void set_alive(bool alive) { alive_ = alive; }
+  [[nodiscard]] bool alive() const { return alive_; }
+  [[nodiscard]] size_t held() const;
+  [[nodiscard]] uint64_t batches_served() const { return batches_; }
+
+ private:
+  std::string name_;
+  int slots_;
+  std::atomic<bool> alive_{true};
+  std::atomic<uint64_t> batches_{0};
+  mutable std::mutex mu_;
+  /// Shared so a batch in flight keeps its weights alive across a reload.
+  std::map<std::pair<int, int>, std::shared_ptr<const model::expert_weights>> experts_;
+};
+
+/// The data plane as a router sees it: one host, asked to run some experts of a layer on rows.
+/// The transport's links implement it across processes; `inproc_channel` is a direct call.
+class expert_channel {
+ public:
+  virtual ~expert_channel() = default;
+  [[nodiscard]] virtual caf::error call(int layer, uint64_t epoch, std::span<const int> experts,
+                                        std::span<const std::vector<float>* const> inputs,
+                                        std::span<std::vector<float>* const> outputs) = 0;
+};
+
+class inproc_channel final : public expert_channel {
+ public:
+  explicit inproc_channel(std::shared_ptr<expert_host_core> host) : host_(std::move(host)) {}
+  [[nodiscard]] caf::error call(int layer, uint64_t epoch, std::span<const int> experts,
+                                std::span<const std::vector<float>* const> inputs,
+                                std::span<std::vector<float>* const> outputs) override;
+
+ private:
+  std::shared_ptr<expert_host_core> host_;
+};
+
+}  // namespace sy::actors

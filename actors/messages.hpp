@@ -1,0 +1,32 @@
+#pragma once
+/// Control-plane messages between the coordinator, routers and expert hosts (CAF). Plain structs
+/// with `inspect` overloads, so they can cross processes once registered with the actor system.
+#include "actors/placement.hpp"
+
+#include <caf/atom.hpp>
+#include <caf/meta/type_name.hpp>
+
+namespace sy::actors {
+
+using register_atom = caf::atom_constant<caf::atom("register")>;
+using assign_atom = caf::atom_constant<caf::atom("assign")>;
+using ready_atom = caf::atom_constant<caf::atom("ready")>;
+using subscribe_atom = caf::atom_constant<caf::atom("subscribe")>;
+using placement_atom = caf::atom_constant<caf::atom("placement")>;
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, replica& x) {
+  return f(caf::meta::type_name("replica"), x.host, x.slot, x.version, x.share, x.ready);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, host_info& x) {
+  return f(caf::meta::type_name("host_info"), x.id, x.name, x.data_address, x.slots, x.up);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, placement_table& x) {
+  return f(caf::meta::type_name("placement_table"), x.epoch, x.layers, x.experts, x.table, x.moe_layer);
+}
+
+}  // namespace sy::actors

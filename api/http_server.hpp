@@ -1,0 +1,47 @@
+#pragma once
+/// The HTTP front (Boost.Beast): an OpenAI-style `POST /v1/completions` with token-id prompts, and
+/// `GET /healthz`, `GET /readyz`. Beast stays inside http_server.cpp.
+#include "scheduler/batcher.hpp"
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+namespace sy::api {
+
+struct http_config {
+  std::string host = "127.0.0.1";
+  uint16_t port = 0;                ///< 0 = any free port (see `http_server::port`)
+  int threads = 1;                  ///< I/O threads (the model runs on the engine thread)
+  size_t max_body_bytes = 1 << 20;  ///< larger bodies get 413
+};
+
+/// What the HTTP front needs from the serving core.
+struct completion_service {
+  std::string model_name;
+  int64_t vocab_size = 0;
+  int64_t max_context = 0;                 ///< prompt + max_tokens must fit
+  std::function<bool()> ready;             ///< every expert has a ready replica
+  std::function<caf::error(scheduler::generation_request)> submit;
+};
+
+class http_server {
+ public:
+  static caf::expected<std::unique_ptr<http_server>> start(const http_config& cfg, completion_service svc);
+  ~http_server();
+  [[nodiscard]] uint16_t port() const;
+  /// Stops accepting and closes the I/O threads (requests in flight are dropped with the socket).
+  void stop();
+
+  struct impl;
+
+ private:
+  explicit http_server(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+/// The error body every error response uses: {"error": {"type", "message", "param", "code"}}.
+[[nodiscard]] std::string error_body(const std::string& type, const std::string& message, const std::string& param);
+
+}  // namespace sy::api

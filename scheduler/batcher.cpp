@@ -1,0 +1,151 @@
+#include "scheduler/batcher.hpp"
+
+#include "model/error.hpp"
+
+#include <caf/atom.hpp>
+#include <caf/make_message.hpp>
+
+#include <algorithm>
+
+namespace sy::scheduler {
+
+caf::error make_error(scheduler_errc code, std::string message) {
+  return caf::error(static_cast<uint8_t>(code), caf::atom("scheduler"), caf::make_message(std::move(message)));
+}
+
+batcher::batcher(model::decoder& d, batcher_config cfg) : decoder_(d), cfg_(cfg) {}
+
+batcher::~batcher() { stop(); }
+
+caf::error batcher::submit(generation_request r) {
+  if (r.prompt.empty()) return make_error(scheduler_errc::invalid_request, "prompt is empty");
+  if (r.max_tokens < 0) return make_error(scheduler_errc::invalid_request, "max_tokens must be >= 0");
+  if (auto e = model::validate(r.sampling)) return e;
+  {
+    std::lock_guard lock(mu_);
+    if (stopped_) return make_error(scheduler_errc::shutting_down, "the server is shutting down");
+    if (static_cast<int>(queue_.size()) >= cfg_.max_queue)
+      return make_error(scheduler_errc::queue_full, "the request queue is full (" + std::to_string(cfg_.max_queue) + ")");
+    queue_.push_back(std::move(r));
+  }
+  cv_.notify_one();
+  return {};
+}
+
+size_t batcher::queued() const {
+  std::lock_guard lock(mu_);
+  return queue_.size();
+}
+
+size_t batcher::running() const { return running_.size(); }
+
+void batcher::stop() {
+  std::deque<generation_request> dropped;
+  {
+    std::lock_guard lock(mu_);
+    if (stopped_) return;
+    stopped_ = true;
+    dropped.swap(queue_);
+  }
+  cv_.notify_all();
+  for (auto& r : dropped) {
+    completion c;
+    c.id = r.id;
+    c.finish_reason = "error";
+    c.error = make_error(scheduler_errc::shutting_down, "the server is shutting down");
+    if (r.on_done) r.on_done(std::move(c));
+  }
+}
+
+bool batcher::wait_for_work() {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [&] { return stopped_ || !queue_.empty() || !running_.empty(); });
+  return !stopped_;
+}
+
+void batcher::finish(sequence& s, std::string reason, caf::error err) {
+  completion c;
+  c.id = s.req.id;
+  c.tokens = std::move(s.generated);
+  c.finish_reason = std::move(reason);
+  c.error = std::move(err);
+  c.prompt_tokens = static_cast<int64_t>(s.req.prompt.size());
+  if (s.req.on_done) s.req.on_done(std::move(c));
+}
+
+bool batcher::step() {
+  // Admit queued requests at the step boundary.
+  {
+    std::lock_guard lock(mu_);
+    while (!queue_.empty() && static_cast<int>(running_.size()) < cfg_.max_running) {
+      running_.push_back(std::make_unique<sequence>(std::move(queue_.front())));
+      queue_.pop_front();
+    }
+  }
+  // Sequences asking for no tokens finish without touching the model.
+  for (auto it = running_.begin(); it != running_.end();) {
+    if ((*it)->req.max_tokens == 0) {
+      finish(**it, "length");
+      it = running_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (running_.empty()) return false;
+
+  // Decode tokens first (one per decoding sequence), then prompt chunks within the budget.
+  int budget = cfg_.step_token_budget;
+  std::vector<model::sequence_step> steps;
+  std::vector<sequence*> in_step;
+  for (auto& s : running_)
+    if (s->prefilled == s->req.prompt.size()) {
+      steps.push_back({&s->cache, std::span<const int32_t>(&s->next, 1), false, &s->logits});
+      in_step.push_back(s.get());
+      --budget;
+    }
+  for (auto& s : running_) {
+    if (s->prefilled == s->req.prompt.size() || budget <= 0) continue;
+    const size_t n = std::min<size_t>(static_cast<size_t>(budget), s->req.prompt.size() - s->prefilled);
+    steps.push_back({&s->cache, std::span<const int32_t>(s->req.prompt.data() + s->prefilled, n), false, &s->logits});
+    in_step.push_back(s.get());
+    budget -= static_cast<int>(n);
+  }
+  if (steps.empty()) return false;
+  ++steps_;
+  if (auto err = decoder_.step(steps)) {
+    // The step failed as a whole (e.g. no replica for an expert): fail its sequences with the reason.
+    for (auto* s : in_step) finish(*s, "error", err);
+    std::erase_if(running_, [&](const std::unique_ptr<sequence>& s) {
+      return std::find(in_step.begin(), in_step.end(), s.get()) != in_step.end();
+    });
+    return true;
+  }
+  const auto& eos = decoder_.config().eos_token_ids;
+  for (size_t i = 0; i < in_step.size(); ++i) {
+    auto& s = *in_step[i];
+    const bool was_prefill = s.prefilled < s.req.prompt.size();
+    if (was_prefill) {
+      s.prefilled += steps[i].tokens.size();
+      if (s.prefilled < s.req.prompt.size()) continue;  // more prompt chunks to come
+    }
+    s.next = s.sampler.sample(s.logits);
+    s.generated.push_back(s.next);
+  }
+  for (auto it = running_.begin(); it != running_.end();) {
+    auto& s = **it;
+    bool done = false;
+    if (!s.generated.empty() && s.prefilled == s.req.prompt.size()) {
+      if (s.req.stop_at_eos && std::find(eos.begin(), eos.end(), s.generated.back()) != eos.end()) {
+        finish(s, "stop");
+        done = true;
+      } else if (static_cast<int>(s.generated.size()) >= s.req.max_tokens) {
+        finish(s, "length");
+        done = true;
+      }
+    }
+    it = done ? running_.erase(it) : it + 1;
+  }
+  return true;
+}
+
+}  // namespace sy::scheduler

@@ -1,0 +1,90 @@
+#pragma once
+/// Continuous batching: every step advances all running sequences together; new requests join at
+/// step boundaries, their prompts prefilled in chunks under a per-step token budget; finished
+/// sequences leave at once. One thread drives `step()` (the engine loop); `submit` may be called
+/// from any thread.
+#include "model/decoder.hpp"
+#include "model/sampler.hpp"
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace sy::scheduler {
+
+/// A finished (or failed) generation.
+struct completion {
+  uint64_t id = 0;
+  std::vector<int32_t> tokens;  ///< generated tokens only
+  std::string finish_reason;    ///< "stop" (EOS), "length" (max_tokens), "error"
+  caf::error error;             ///< set when finish_reason is "error"
+  int64_t prompt_tokens = 0;
+};
+
+struct generation_request {
+  uint64_t id = 0;
+  std::vector<int32_t> prompt;
+  int max_tokens = 16;
+  model::sampling_params sampling;
+  bool stop_at_eos = true;
+  /// Called once, from the engine thread, when the sequence finishes or fails.
+  std::function<void(completion)> on_done;
+};
+
+struct batcher_config {
+  int max_running = 64;            ///< sequences decoding at once
+  int max_queue = 256;             ///< admitted but not yet running; beyond it `submit` refuses
+  int step_token_budget = 512;     ///< tokens per step (decode tokens + prefill chunks)
+};
+
+enum class scheduler_errc : uint8_t { none = 0, queue_full, shutting_down, invalid_request };
+[[nodiscard]] caf::error make_error(scheduler_errc code, std::string message);
+
+class batcher {
+ public:
+  batcher(model::decoder& d, batcher_config cfg);
+  ~batcher();
+
+  /// Queues a request; refuses at once (queue_full) beyond `max_queue`, never waits.
+  [[nodiscard]] caf::error submit(generation_request r);
+
+  /// Runs one engine step if there is work; returns false when idle.
+  bool step();
+  /// Blocks until there is work or `stop()` was called; returns false once stopped.
+  bool wait_for_work();
+  /// Fails queued and running requests with `shutting_down` and wakes the engine thread.
+  void stop();
+
+  [[nodiscard]] size_t queued() const;
+  [[nodiscard]] size_t running() const;
+  [[nodiscard]] uint64_t steps() const { return steps_; }
+
+ private:
+  struct sequence {
+    generation_request req;
+    model::kv_cache cache;
+    model::sampler sampler;
+    size_t prefilled = 0;  ///< prompt tokens already in the cache
+    std::vector<int32_t> generated;
+    std::vector<float> logits;
+    int32_t next = -1;  ///< token to feed this step (decode)
+    explicit sequence(generation_request r) : req(std::move(r)), sampler(req.sampling) {}
+  };
+  void finish(sequence& s, std::string reason, caf::error err = {});
+
+  model::decoder& decoder_;
+  batcher_config cfg_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<generation_request> queue_;
+  bool stopped_ = false;
+  std::vector<std::unique_ptr<sequence>> running_;  ///< engine thread only
+  uint64_t steps_ = 0;
+};
+
+}  // namespace sy::scheduler

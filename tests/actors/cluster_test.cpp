@@ -1,0 +1,241 @@
+// The embedded cluster (coordinator, router, expert hosts as actors; in-process data plane) against
+// transformers' greedy tokens, directly and over HTTP, with replicas and a host failing mid-run.
+#include "actors/embedded_cluster.hpp"
+#include "actors/placement.hpp"
+#include "api/http_server.hpp"
+#include "model/safetensors.hpp"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <atomic>
+#include <condition_variable>
+#include <filesystem>
+#include <future>
+#include <mutex>
+#include <thread>
+
+using namespace sy;
+using json = nlohmann::json;
+
+namespace {
+
+std::filesystem::path fixture(const std::string& name) { return std::filesystem::path(SY_TEST_DATA) / "hf-tiny" / name; }
+
+struct reference {
+  std::vector<std::vector<int32_t>> prompts, greedy;  ///< greedy: the new tokens only
+};
+
+reference read_reference(const std::string& name) {
+  auto f = model::safetensors_file::open(fixture(name) / "reference.safetensors");
+  REQUIRE(f);
+  auto ids = *model::read_i64(*(*f)->find("input_ids"));
+  auto greedy = *model::read_i64(*(*f)->find("greedy_ids"));
+  const auto t = (*f)->find("input_ids")->shape[1], g = (*f)->find("greedy_ids")->shape[1];
+  reference r;
+  for (int64_t b = 0; b < (*f)->find("input_ids")->shape[0]; ++b) {
+    r.prompts.emplace_back(ids.begin() + b * t, ids.begin() + (b + 1) * t);
+    r.greedy.emplace_back(greedy.begin() + b * g + t, greedy.begin() + (b + 1) * g);
+  }
+  return r;
+}
+
+/// Submits and waits for every prompt (greedy, no EOS stop), in one batch.
+std::vector<scheduler::completion> generate(actors::embedded_cluster& c, const std::vector<std::vector<int32_t>>& prompts,
+                                            int max_tokens) {
+  std::vector<std::promise<scheduler::completion>> ps(prompts.size());
+  std::vector<std::future<scheduler::completion>> fs;
+  for (auto& p : ps) fs.push_back(p.get_future());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    scheduler::generation_request r;
+    r.id = i;
+    r.prompt = prompts[i];
+    r.max_tokens = max_tokens;
+    r.stop_at_eos = false;
+    r.on_done = [&ps, i](scheduler::completion c) { ps[i].set_value(std::move(c)); };
+    REQUIRE_FALSE(c.submit(std::move(r)));
+  }
+  std::vector<scheduler::completion> out;
+  for (auto& f : fs) {
+    REQUIRE(f.wait_for(std::chrono::seconds(60)) == std::future_status::ready);
+    out.push_back(f.get());
+  }
+  return out;
+}
+
+std::unique_ptr<actors::embedded_cluster> start(const std::string& name, int hosts, int replicas) {
+  actors::embedded_config cfg;
+  cfg.model = fixture(name);
+  cfg.hosts = hosts;
+  cfg.replicas = replicas;
+  auto c = actors::embedded_cluster::start(cfg);
+  REQUIRE(c);
+  REQUIRE((*c)->wait_ready(std::chrono::seconds(30)));
+  return std::move(*c);
+}
+
+/// A minimal HTTP/1.1 client for loopback tests: one request, Connection: close.
+std::pair<int, std::string> http(uint16_t port, const std::string& method, const std::string& path, const std::string& body = "") {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  std::string req = method + " " + path + " HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n" +
+                    "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+  REQUIRE(::send(fd, req.data(), req.size(), 0) == static_cast<ssize_t>(req.size()));
+  std::string resp;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::recv(fd, buf, sizeof buf, 0)) > 0) resp.append(buf, static_cast<size_t>(n));
+  ::close(fd);
+  REQUIRE(resp.size() > 12);
+  const int status = std::stoi(resp.substr(9, 3));
+  const auto split = resp.find("\r\n\r\n");
+  return {status, split == std::string::npos ? "" : resp.substr(split + 4)};
+}
+
+}  // namespace
+
+TEST_CASE("placement: replicas of every expert on distinct hosts, within slots", "[actors]") {
+  model::model_config c;
+  c.num_layers = 3;
+  c.moe_layer = {false, true, true};
+  c.gating.num_experts = 8;
+  std::vector<actors::host_info> hosts;
+  for (int h = 0; h < 4; ++h) hosts.push_back({h, "h" + std::to_string(h), "inproc://" + std::to_string(h), 8, true});
+  auto p = actors::plan_initial(c, hosts, 2);
+  REQUIRE(p);
+  std::vector<int> per_host(4, 0);
+  for (int l = 1; l < 3; ++l)
+    for (int e = 0; e < 8; ++e) {
+      const auto& rs = p->table[size_t(l)][size_t(e)];
+      REQUIRE(rs.size() == 2);
+      CHECK(rs[0].host != rs[1].host);
+      for (auto& r : rs) ++per_host[size_t(r.host)];
+    }
+  for (int n : per_host) CHECK(n == 8);  // 32 replicas spread evenly
+  CHECK(p->table[0].empty());            // the dense layer holds no experts
+  hosts[3].slots = 1;
+  hosts[2].slots = 1;
+  auto tight = actors::plan_initial(c, hosts, 2);
+  CHECK_FALSE(tight);  // 18 slots for 32 replicas
+  CHECK_FALSE(actors::plan_initial(c, hosts, 5));  // more replicas than hosts
+}
+
+TEST_CASE("embedded cluster: answers equal transformers' greedy tokens, batched and one by one", "[actors]") {
+  for (auto name : {"mixtral_e8k2", "qwen2moe_e8k2_shared", "qwen3moe_e16k4", "deepseekv3_e16k4"}) {
+    INFO(name);
+    auto ref = read_reference(name);
+    auto c = start(name, 3, 2);
+    auto batched = generate(*c, ref.prompts, static_cast<int>(ref.greedy[0].size()));
+    for (size_t i = 0; i < ref.prompts.size(); ++i) {
+      CHECK_FALSE(batched[i].error);
+      CHECK(batched[i].tokens == ref.greedy[i]);
+      CHECK(batched[i].finish_reason == "length");
+      auto one = generate(*c, {ref.prompts[i]}, static_cast<int>(ref.greedy[i].size()));
+      CHECK(one[0].tokens == ref.greedy[i]);
+    }
+  }
+}
+
+TEST_CASE("embedded cluster: a host failing while requests run loses none of them (2 replicas)", "[actors]") {
+  auto ref = read_reference("qwen3moe_e16k4");
+  auto c = start("qwen3moe_e16k4", 4, 2);
+  // 16 copies of each prompt: the host dies while they decode.
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<size_t> which;
+  for (int copy = 0; copy < 16; ++copy)
+    for (size_t i = 0; i < ref.prompts.size(); ++i) {
+      prompts.push_back(ref.prompts[i]);
+      which.push_back(i);
+    }
+  std::atomic<bool> killed{false};
+  std::thread killer([&] {
+    while (c->running() == 0) std::this_thread::yield();
+    c->kill_host(1);
+    killed = true;
+  });
+  auto out = generate(*c, prompts, static_cast<int>(ref.greedy[0].size()));
+  killer.join();
+  CHECK(killed);
+  for (size_t i = 0; i < out.size(); ++i) {
+    INFO("request " << i);
+    CHECK_FALSE(out[i].error);
+    CHECK(out[i].tokens == ref.greedy[which[i]]);
+  }
+  // The coordinator saw the host go down and published a new epoch without it.
+  CHECK(c->epoch() > 5);
+}
+
+TEST_CASE("embedded cluster: with one replica, losing its host fails requests with a reason", "[actors]") {
+  auto ref = read_reference("mixtral_e8k2");
+  auto c = start("mixtral_e8k2", 2, 1);
+  c->kill_host(0);
+  auto out = generate(*c, {ref.prompts[0]}, 4);
+  CHECK(out[0].finish_reason == "error");
+  CHECK(out[0].error);
+}
+
+TEST_CASE("HTTP: /v1/completions over the embedded cluster, health, readiness and errors", "[actors][http]") {
+  auto ref = read_reference("mixtral_e8k2");
+  auto c = start("mixtral_e8k2", 2, 1);
+  api::completion_service svc;
+  svc.model_name = "mixtral_e8k2";
+  svc.vocab_size = c->config().vocab_size;
+  svc.max_context = c->config().max_position_embeddings;
+  svc.ready = [&] { return c->ready(); };
+  svc.submit = [&](scheduler::generation_request r) { return c->submit(std::move(r)); };
+  auto server = api::http_server::start({}, svc);
+  REQUIRE(server);
+  const uint16_t port = (*server)->port();
+
+  auto [hs, hb] = http(port, "GET", "/healthz");
+  CHECK(hs == 200);
+  auto [rs, rb] = http(port, "GET", "/readyz");
+  CHECK(rs == 200);
+
+  json body = {{"prompt", ref.prompts}, {"max_tokens", ref.greedy[0].size()}};
+  auto [s, b] = http(port, "POST", "/v1/completions", body.dump());
+  REQUIRE(s == 200);
+  auto j = json::parse(b);
+  CHECK(j["object"] == "text_completion");
+  REQUIRE(j["choices"].size() == 2);
+  for (size_t i = 0; i < 2; ++i) CHECK(j["choices"][i]["token_ids"].get<std::vector<int32_t>>() == ref.greedy[i]);
+  CHECK(j["usage"]["completion_tokens"] == 2 * ref.greedy[0].size());
+
+  // One prompt as a flat list.
+  auto [s1, b1] = http(port, "POST", "/v1/completions", json{{"prompt", ref.prompts[1]}, {"max_tokens", 8}}.dump());
+  REQUIRE(s1 == 200);
+  CHECK(json::parse(b1)["choices"][0]["token_ids"].get<std::vector<int32_t>>() == ref.greedy[1]);
+
+  struct bad_case {
+    std::string body, param;
+  };
+  for (auto& bc : std::vector<bad_case>{{R"({"prompt": [1, 2], "max_tokens": "x"})", "max_tokens"},
+                                        {R"({"prompt": [1, 99999]})", "prompt"},
+                                        {R"({"prompt": []})", "prompt"},
+                                        {R"({"max_tokens": 3})", "prompt"},
+                                        {R"({"prompt": [1], "temperature": -1})", "temperature"},
+                                        {R"({"prompt": [1], "model": "other"})", "model"},
+                                        {R"({"prompt": [1], "max_tokens": 1000})", "max_tokens"}}) {
+    INFO(bc.body);
+    auto [st, eb] = http(port, "POST", "/v1/completions", bc.body);
+    CHECK(st == 400);
+    auto e = json::parse(eb);
+    CHECK(e["error"]["param"] == bc.param);
+    CHECK(e["error"]["type"] == "invalid_request_error");
+  }
+  auto [sj, bj] = http(port, "POST", "/v1/completions", "{not json");
+  CHECK(sj == 400);
+  CHECK(http(port, "GET", "/nope").first == 404);
+  CHECK(http(port, "GET", "/v1/completions").first == 405);
+  (*server)->stop();
+}
