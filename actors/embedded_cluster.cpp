@@ -9,6 +9,7 @@
 #include <caf/all.hpp>
 #include <spdlog/spdlog.h>
 
+#include <optional>
 #include <thread>
 
 namespace sy::actors {
@@ -134,11 +135,19 @@ struct embedded_cluster::impl {
   bool down = false;
 
   void run_engine() {
+    std::optional<std::chrono::steady_clock::time_point> unready_since;
     while (batcher->wait_for_work()) {
-      // Requests wait for the cluster to be ready rather than fail on a missing placement.
+      // Work waits, up to replica_wait, for every expert to have a live replica (placement at
+      // start, re-placement after a loss); past that its steps run and fail with the reason.
       if (!exec->ready()) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(5));
-        continue;
+        const auto now = std::chrono::steady_clock::now();
+        if (!unready_since) unready_since = now;
+        if (now - *unready_since < cfg.replica_wait) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+          continue;
+        }
+      } else {
+        unready_since.reset();
       }
       while (batcher->step()) {
       }

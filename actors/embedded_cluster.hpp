@@ -16,6 +16,9 @@ struct embedded_config {
   int slots = 0;  ///< per host; 0 = enough for an even spread
   scheduler::batcher_config batcher;
   int threads = 0;  ///< compute threads (0 = all cores)
+  /// How long queued work waits for every expert to have a live replica (at start, or after a
+  /// host is lost) before its steps run anyway and fail with the reason.
+  std::chrono::milliseconds replica_wait{10000};
 };
 
 class embedded_cluster {

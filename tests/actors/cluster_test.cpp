@@ -70,6 +70,7 @@ std::vector<scheduler::completion> generate(actors::embedded_cluster& c, const s
 
 std::unique_ptr<actors::embedded_cluster> start(const std::string& name, int hosts, int replicas) {
   actors::embedded_config cfg;
+  cfg.replica_wait = std::chrono::milliseconds(300);
   cfg.model = fixture(name);
   cfg.hosts = hosts;
   cfg.replicas = replicas;
