@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Switchyard's one entry point on Debian 12: installs what the build needs, builds, and runs.
 #
-#   deploy/setup.sh run     install, build, run the main job (generate on the bundled model)
+#   deploy/setup.sh run     install, build, run the main job: the embedded cluster serving HTTP
 #   deploy/setup.sh test    install, build, run the test suite (ctest's summary line comes last)
 #   deploy/setup.sh build   install and build only
 #   deploy/setup.sh deps    install the Debian packages only
@@ -51,11 +51,10 @@ build() {
 }
 
 run_main() {
-  local model="$ROOT/tests/data/hf-tiny/mixtral_e8k2"
-  log "generating 16 tokens from the bundled Mixtral-architecture checkpoint ($model)"
-  "$BUILD_DIR/apps/switchyard" inspect "$model"
-  "$BUILD_DIR/apps/switchyard" generate --model "$model" --prompt-ids 1,306,465,278,93,310,283 \
-    --max-new-tokens 16
+  # The embedded cluster (coordinator, router, 4 expert hosts) on a demo Mixtral-shaped model made
+  # once into ~/.cache/switchyard; extra arguments go to `switchyard serve` (e.g. --model DIR).
+  log "starting switchyard serve (Ctrl-C stops it)"
+  exec "$BUILD_DIR/apps/switchyard" serve --http "${SWITCHYARD_HTTP:-127.0.0.1:8080}" "$@"
 }
 
 run_tests() {
@@ -73,10 +72,11 @@ run_tests() {
 }
 
 cmd="${1:-run}"
+[ $# -gt 0 ] || set -- run
 case "$cmd" in
   deps) install_deps ;;
   build) install_deps; build ;;
-  run) install_deps; build; run_main ;;
+  run) shift; install_deps; build; run_main "$@" ;;
   test) install_deps; build; run_tests ;;
   *) echo "usage: $0 [run|test|build|deps]" >&2; exit 2 ;;
 esac
