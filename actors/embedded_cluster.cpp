@@ -234,9 +234,10 @@ void embedded_cluster::shutdown() {
   impl_->down = true;
   impl_->batcher->stop();
   if (impl_->engine.joinable()) impl_->engine.join();
-  for (auto& a : impl_->host_actors) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
-  caf::anon_send_exit(impl_->router, caf::exit_reason::user_shutdown);
+  // The coordinator goes first, so the hosts' exits are not reported as failures.
   caf::anon_send_exit(impl_->coordinator, caf::exit_reason::user_shutdown);
+  caf::anon_send_exit(impl_->router, caf::exit_reason::user_shutdown);
+  for (auto& a : impl_->host_actors) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
   impl_->sys.reset();  // waits for the actors to finish
 }
 

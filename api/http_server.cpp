@@ -181,6 +181,7 @@ class session : public std::enable_shared_from_this<session> {
     auto finish = [self, g, id, ka] {
       json choices = json::array();
       int64_t prompt_tokens = 0, completion_tokens = 0;
+      double ttft = 0, total = 0;
       for (size_t i = 0; i < g->done.size(); ++i) {
         auto& c = g->done[i];
         if (c.error) {
@@ -190,6 +191,8 @@ class session : public std::enable_shared_from_this<session> {
         }
         prompt_tokens += c.prompt_tokens;
         completion_tokens += static_cast<int64_t>(c.tokens.size());
+        ttft = std::max(ttft, c.first_token_ms);
+        total = std::max(total, c.total_ms);
         choices.push_back({{"index", i}, {"text", ""}, {"token_ids", c.tokens}, {"logprobs", nullptr}, {"finish_reason", c.finish_reason}});
       }
       json res = {{"id", "cmpl-" + std::to_string(id)},
@@ -197,7 +200,10 @@ class session : public std::enable_shared_from_this<session> {
                   {"created", std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count()},
                   {"model", self->svc_.model_name},
                   {"choices", choices},
-                  {"usage", {{"prompt_tokens", prompt_tokens}, {"completion_tokens", completion_tokens}, {"total_tokens", prompt_tokens + completion_tokens}}}};
+                  {"usage", {{"prompt_tokens", prompt_tokens}, {"completion_tokens", completion_tokens}, {"total_tokens", prompt_tokens + completion_tokens}}},
+                  // Server-side timings (an extension to the OpenAI shape): time to first token and
+                  // to the last, measured from admission to the queue, the slowest prompt's.
+                  {"timing", {{"first_token_ms", ttft}, {"total_ms", total}}}};
       self->reply(http::status::ok, res.dump(), ka);
     };
     for (size_t i = 0; i < req.prompts.size(); ++i) {

@@ -26,7 +26,7 @@ caf::error batcher::submit(generation_request r) {
     if (stopped_) return make_error(scheduler_errc::shutting_down, "the server is shutting down");
     if (static_cast<int>(queue_.size()) >= cfg_.max_queue)
       return make_error(scheduler_errc::queue_full, "the request queue is full (" + std::to_string(cfg_.max_queue) + ")");
-    queue_.push_back(std::move(r));
+    queue_.emplace_back(std::move(r), std::chrono::steady_clock::now());
   }
   cv_.notify_one();
   return {};
@@ -40,7 +40,7 @@ size_t batcher::queued() const {
 size_t batcher::running() const { return running_.size(); }
 
 void batcher::stop() {
-  std::deque<generation_request> dropped;
+  std::deque<std::pair<generation_request, std::chrono::steady_clock::time_point>> dropped;
   {
     std::lock_guard lock(mu_);
     if (stopped_) return;
@@ -48,7 +48,7 @@ void batcher::stop() {
     dropped.swap(queue_);
   }
   cv_.notify_all();
-  for (auto& r : dropped) {
+  for (auto& [r, when] : dropped) {
     completion c;
     c.id = r.id;
     c.finish_reason = "error";
@@ -70,6 +70,13 @@ void batcher::finish(sequence& s, std::string reason, caf::error err) {
   c.finish_reason = std::move(reason);
   c.error = std::move(err);
   c.prompt_tokens = static_cast<int64_t>(s.req.prompt.size());
+  auto ms = [&](std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double, std::milli>(t - s.submitted).count();
+  };
+  const auto now = std::chrono::steady_clock::now();
+  c.queue_ms = ms(s.admitted);
+  c.first_token_ms = s.first_token.time_since_epoch().count() ? ms(s.first_token) : 0;
+  c.total_ms = ms(now);
   if (s.req.on_done) s.req.on_done(std::move(c));
 }
 
@@ -78,7 +85,10 @@ bool batcher::step() {
   {
     std::lock_guard lock(mu_);
     while (!queue_.empty() && static_cast<int>(running_.size()) < cfg_.max_running) {
-      running_.push_back(std::make_unique<sequence>(std::move(queue_.front())));
+      auto seq = std::make_unique<sequence>(std::move(queue_.front().first));
+      seq->submitted = queue_.front().second;
+      seq->admitted = std::chrono::steady_clock::now();
+      running_.push_back(std::move(seq));
       queue_.pop_front();
     }
   }
@@ -129,6 +139,7 @@ bool batcher::step() {
       if (s.prefilled < s.req.prompt.size()) continue;  // more prompt chunks to come
     }
     s.next = s.sampler.sample(s.logits);
+    if (s.generated.empty()) s.first_token = std::chrono::steady_clock::now();
     s.generated.push_back(s.next);
   }
   for (auto it = running_.begin(); it != running_.end();) {

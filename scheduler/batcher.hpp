@@ -6,6 +6,7 @@
 #include "model/decoder.hpp"
 #include "model/sampler.hpp"
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -24,6 +25,9 @@ struct completion {
   std::string finish_reason;    ///< "stop" (EOS), "length" (max_tokens), "error"
   caf::error error;             ///< set when finish_reason is "error"
   int64_t prompt_tokens = 0;
+  double queue_ms = 0;           ///< submit → admitted to the running batch
+  double first_token_ms = 0;     ///< submit → first token sampled (time to first token)
+  double total_ms = 0;           ///< submit → finished
 };
 
 struct generation_request {
@@ -67,6 +71,7 @@ class batcher {
  private:
   struct sequence {
     generation_request req;
+    std::chrono::steady_clock::time_point submitted, admitted, first_token;
     model::kv_cache cache;
     model::sampler sampler;
     size_t prefilled = 0;  ///< prompt tokens already in the cache
@@ -81,7 +86,7 @@ class batcher {
   batcher_config cfg_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<generation_request> queue_;
+  std::deque<std::pair<generation_request, std::chrono::steady_clock::time_point>> queue_;
   bool stopped_ = false;
   std::vector<std::unique_ptr<sequence>> running_;  ///< engine thread only
   uint64_t steps_ = 0;
