@@ -1,0 +1,961 @@
+#include "transport/ucx_link.hpp"
+
+#include "transport/internal/counters.hpp"
+#include "transport/internal/task.hpp"
+#include "transport/internal/ucx_am.hpp"
+#include "transport/internal/worker_pool.hpp"
+
+#include <ucp/api/ucp.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <future>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <unordered_map>
+
+namespace sy::transport {
+
+namespace {
+
+using clock = std::chrono::steady_clock;
+
+using internal::am_id_reply;
+using internal::am_id_request;
+
+std::string ucx_text(ucs_status_t s) { return ucs_status_string(s); }
+
+caf::expected<sockaddr_in> make_sockaddr(const std::string& host, uint16_t port) {
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(port);
+  if (inet_pton(AF_INET, host.c_str(), &sa.sin_addr) != 1)
+    return make_error(wire_errc::invalid_argument, "ucx: '" + host + "' is not an IPv4 address");
+  return sa;
+}
+
+}  // namespace
+
+/// Something an endpoint belongs to: a client link or one of a server's connections. All calls on
+/// the progress thread.
+struct ep_owner {
+  virtual ~ep_owner() = default;
+  virtual ucs_status_t on_frame(unsigned am_id, std::span<const std::byte> header, void* data, size_t length,
+                                uint64_t recv_attr) = 0;
+  virtual void on_ep_error(ucs_status_t status) = 0;
+  virtual void on_send_failed(uint64_t /*batch_id*/, ucs_status_t /*status*/) {}
+};
+
+namespace {
+
+/// A frame being sent: owns the AM header and the rows until UCX is done with them.
+struct outbound {
+  std::vector<std::byte> header;
+  token_batch batch;  // empty for error frames
+  std::shared_ptr<ep_owner> owner;
+  uint64_t batch_id = 0;
+};
+
+void send_done(void* request, ucs_status_t status, void* user_data) {
+  auto* ob = static_cast<outbound*>(user_data);
+  if (status != UCS_OK && ob->owner) ob->owner->on_send_failed(ob->batch_id, status);
+  delete ob;
+  ucp_request_free(request);
+}
+
+/// Sends `ob` as an active message; UCX_OK or UCS_INPROGRESS on success.
+ucs_status_t am_send(ucp_ep_h ep, unsigned id, std::unique_ptr<outbound> ob) {
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS |
+                   UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+  p.flags = UCP_AM_SEND_FLAG_REPLY;  // the receiver learns which endpoint the frame came on
+  p.cb.send = send_done;
+  p.user_data = ob.get();
+  p.memory_type = UCS_MEMORY_TYPE_HOST;
+  auto payload = ob->batch.rows.bytes();
+  ucs_status_ptr_t sp = ucp_am_send_nbx(ep, id, ob->header.data(), ob->header.size(), payload.data(), payload.size(), &p);
+  if (sp == nullptr) return UCS_OK;
+  if (UCS_PTR_IS_ERR(sp)) return UCS_PTR_STATUS(sp);
+  (void)ob.release();  // send_done frees it
+  return UCS_INPROGRESS;
+}
+
+}  // namespace
+
+struct ucx_runtime::impl : std::enable_shared_from_this<ucx_runtime::impl> {
+  ucx_runtime_options options;
+  ucp_context_h context = nullptr;
+  ucp_worker_h worker = nullptr;
+  int worker_fd = -1;
+  int event_fd = -1;
+  int epoll_fd = -1;
+  size_t max_am_header = 0;
+
+  std::thread thread;
+  std::atomic<std::thread::id> thread_id{};
+  std::mutex mu;
+  std::vector<internal::task> tasks;
+  std::atomic<bool> has_tasks{false};
+  std::atomic<bool> sleeping{false};
+  std::atomic<bool> exit{false};
+  std::atomic<uint64_t> unattributed{0};
+
+  // Progress thread only.
+  std::unordered_map<ucp_ep_h, std::shared_ptr<ep_owner>> owners;
+  struct timer_ref {
+    struct ucx_client::state* client;
+    uint64_t batch_id;
+  };
+  std::multimap<clock::time_point, timer_ref> timers;
+  std::vector<void*> closing;  // ep close requests not yet complete
+
+  ~impl();
+  caf::error start();
+  void loop();
+  bool init_on_thread(std::string& why);
+  void post(internal::task t);
+  bool on_progress_thread() const { return std::this_thread::get_id() == thread_id.load(); }
+  template <class F>
+  auto run_sync(F&& f) -> std::invoke_result_t<F> {
+    if (on_progress_thread()) return f();
+    std::packaged_task<std::invoke_result_t<F>()> pt(std::forward<F>(f));
+    auto fut = pt.get_future();
+    post([pt = std::move(pt)]() mutable { pt(); });
+    return fut.get();
+  }
+  void close_ep(ucp_ep_h ep, bool force);
+  void fire_timers(clock::time_point now);
+  void poll_closing();
+
+  static ucs_status_t on_am(void* arg, const void* header, size_t header_length, void* data, size_t length,
+                            const ucp_am_recv_param_t* param, unsigned am_id) {
+    auto* rt = static_cast<impl*>(arg);
+    if (!(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) || param->reply_ep == nullptr) {
+      rt->unattributed.fetch_add(1, std::memory_order_relaxed);
+      return UCS_OK;
+    }
+    auto it = rt->owners.find(param->reply_ep);
+    if (it == rt->owners.end()) {
+      rt->unattributed.fetch_add(1, std::memory_order_relaxed);
+      return UCS_OK;
+    }
+    auto owner = it->second;  // a copy: the owner may close itself meanwhile
+    return owner->on_frame(am_id, {static_cast<const std::byte*>(header), header_length}, data, length,
+                           param->recv_attr);
+  }
+  static ucs_status_t on_am_request(void* arg, const void* h, size_t hl, void* d, size_t l, const ucp_am_recv_param_t* p) {
+    return on_am(arg, h, hl, d, l, p, am_id_request);
+  }
+  static ucs_status_t on_am_reply(void* arg, const void* h, size_t hl, void* d, size_t l, const ucp_am_recv_param_t* p) {
+    return on_am(arg, h, hl, d, l, p, am_id_reply);
+  }
+  static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t status) {
+    auto* rt = static_cast<impl*>(arg);
+    auto it = rt->owners.find(ep);
+    if (it == rt->owners.end()) return;
+    auto owner = it->second;
+    owner->on_ep_error(status);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Runtime
+
+ucx_runtime::impl::~impl() {
+  if (epoll_fd >= 0) ::close(epoll_fd);
+  if (event_fd >= 0) ::close(event_fd);
+}
+
+void ucx_runtime::impl::post(internal::task t) {
+  {
+    std::lock_guard lock(mu);
+    tasks.push_back(std::move(t));
+  }
+  has_tasks.store(true);
+  if (sleeping.load()) {
+    uint64_t one = 1;
+    [[maybe_unused]] auto n = ::write(event_fd, &one, sizeof one);
+  }
+}
+
+bool ucx_runtime::impl::init_on_thread(std::string& why) {
+  ucp_config_t* config = nullptr;
+  ucs_status_t st = ucp_config_read(nullptr, nullptr, &config);
+  if (st != UCS_OK) {
+    why = "ucp_config_read: " + ucx_text(st);
+    return false;
+  }
+  for (const auto& [key, value] : options.config) {
+    st = ucp_config_modify(config, key.c_str(), value.c_str());
+    if (st != UCS_OK) {
+      ucp_config_release(config);
+      why = "UCX setting " + key + "=" + value + ": " + ucx_text(st);
+      return false;
+    }
+  }
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
+  params.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
+  params.mt_workers_shared = 0;
+  st = ucp_init(&params, config, &context);
+  ucp_config_release(config);
+  if (st != UCS_OK) {
+    why = "ucp_init: " + ucx_text(st);
+    return false;
+  }
+  ucp_worker_params_t wp{};
+  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wp.thread_mode = UCS_THREAD_MODE_SINGLE;  // every UCX call happens on this thread
+  st = ucp_worker_create(context, &wp, &worker);
+  if (st != UCS_OK) {
+    why = "ucp_worker_create: " + ucx_text(st);
+    return false;
+  }
+  ucp_worker_attr_t wa{};
+  wa.field_mask = UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER;
+  if (ucp_worker_query(worker, &wa) == UCS_OK) max_am_header = wa.max_am_header;
+  st = ucp_worker_get_efd(worker, &worker_fd);
+  if (st != UCS_OK) {
+    why = "ucp_worker_get_efd: " + ucx_text(st);
+    return false;
+  }
+  for (auto [id, cb] : {std::pair{am_id_request, &impl::on_am_request}, std::pair{am_id_reply, &impl::on_am_reply}}) {
+    ucp_am_handler_param_t hp{};
+    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG |
+                    UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+    hp.id = id;
+    hp.cb = cb;
+    hp.arg = this;
+    hp.flags = UCP_AM_FLAG_WHOLE_MSG;
+    st = ucp_worker_set_am_recv_handler(worker, &hp);
+    if (st != UCS_OK) {
+      why = "ucp_worker_set_am_recv_handler: " + ucx_text(st);
+      return false;
+    }
+  }
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  if (::epoll_ctl(epoll_fd, EPOLL_CTL_ADD, worker_fd, &ev) != 0 ||
+      ::epoll_ctl(epoll_fd, EPOLL_CTL_ADD, event_fd, &ev) != 0) {
+    why = "epoll_ctl failed";
+    return false;
+  }
+  return true;
+}
+
+caf::error ucx_runtime::impl::start() {
+  event_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  epoll_fd = ::epoll_create1(EPOLL_CLOEXEC);
+  if (event_fd < 0 || epoll_fd < 0) return make_error(wire_errc::ucx_error, "ucx: cannot create eventfd/epoll");
+  std::promise<std::string> ready;
+  auto ready_future = ready.get_future();
+  thread = std::thread([self = shared_from_this(), &ready] {
+    self->thread_id.store(std::this_thread::get_id());
+    std::string why;
+    const bool ok = self->init_on_thread(why);
+    ready.set_value(ok ? std::string{} : why);
+    if (ok) self->loop();
+    if (self->worker != nullptr) ucp_worker_destroy(self->worker);
+    if (self->context != nullptr) ucp_cleanup(self->context);
+    self->worker = nullptr;
+    self->context = nullptr;
+  });
+  std::string why = ready_future.get();
+  if (!why.empty()) {
+    thread.join();
+    return make_error(wire_errc::ucx_error, "ucx: " + why);
+  }
+  return {};
+}
+
+void ucx_runtime::impl::close_ep(ucp_ep_h ep, bool force) {
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+  ucs_status_ptr_t sp = ucp_ep_close_nbx(ep, &p);
+  if (UCS_PTR_IS_PTR(sp)) closing.push_back(sp);
+}
+
+void ucx_runtime::impl::poll_closing() {
+  for (size_t i = 0; i < closing.size();) {
+    if (ucp_request_check_status(closing[i]) != UCS_INPROGRESS) {
+      ucp_request_free(closing[i]);
+      closing[i] = closing.back();
+      closing.pop_back();
+    } else {
+      ++i;
+    }
+  }
+}
+
+void ucx_runtime::impl::loop() {
+  auto last_active = clock::now();
+  std::vector<internal::task> batch;
+  for (;;) {
+    bool active = false;
+    if (has_tasks.load()) {
+      {
+        std::lock_guard lock(mu);
+        batch.swap(tasks);
+        has_tasks.store(false);
+      }
+      for (auto& t : batch) t();
+      batch.clear();
+      active = true;
+    }
+    for (int i = 0; i < 64 && ucp_worker_progress(worker) != 0; ++i) active = true;
+    if (!closing.empty()) poll_closing();
+    const auto now = clock::now();
+    if (!timers.empty()) fire_timers(now);
+    if (exit.load() && !has_tasks.load()) break;
+    if (active) {
+      last_active = now;
+      continue;
+    }
+    if (now - last_active < options.spin) continue;
+
+    sleeping.store(true);
+    if (has_tasks.load() || exit.load()) {
+      sleeping.store(false);
+      continue;
+    }
+    if (ucp_worker_arm(worker) == UCS_ERR_BUSY) {
+      sleeping.store(false);
+      continue;
+    }
+    int timeout_ms = -1;
+    if (!timers.empty()) {
+      auto wait = std::chrono::ceil<std::chrono::milliseconds>(timers.begin()->first - clock::now()).count();
+      timeout_ms = static_cast<int>(std::clamp<int64_t>(wait, 0, 1000));
+    }
+    if (!closing.empty()) timeout_ms = timeout_ms < 0 ? 10 : std::min(timeout_ms, 10);
+    epoll_event events[2];
+    (void)::epoll_wait(epoll_fd, events, 2, timeout_ms);
+    sleeping.store(false);
+    uint64_t drained = 0;
+    [[maybe_unused]] auto n = ::read(event_fd, &drained, sizeof drained);
+  }
+  // Leaving: close what is left, give close requests a bounded time to finish.
+  auto owners_left = std::move(owners);
+  for (auto& [ep, owner] : owners_left) owner->on_ep_error(UCS_ERR_CANCELED);
+  const auto deadline = clock::now() + std::chrono::seconds(1);
+  while (!closing.empty() && clock::now() < deadline) {
+    ucp_worker_progress(worker);
+    poll_closing();
+  }
+  for (void* r : closing) ucp_request_free(r);
+  closing.clear();
+}
+
+caf::expected<std::shared_ptr<ucx_runtime>> ucx_runtime::make(ucx_runtime_options options) {
+  auto i = std::make_shared<impl>();
+  i->options = std::move(options);
+  if (auto err = i->start()) return err;
+  return std::shared_ptr<ucx_runtime>(new ucx_runtime(std::move(i)));
+}
+
+ucx_runtime::~ucx_runtime() {
+  impl_->post([self = impl_.get()] { self->exit.store(true); });
+  if (!impl_->thread.joinable()) return;
+  if (impl_->on_progress_thread())
+    impl_->thread.detach();  // dropped from a callback: the loop ends after this task, then cleans up
+  else
+    impl_->thread.join();
+}
+
+size_t ucx_runtime::max_am_header() const { return impl_->max_am_header; }
+
+uint64_t ucx_runtime::unattributed_frames() const { return impl_->unattributed.load(); }
+
+// ---------------------------------------------------------------------------------------------
+// Client
+
+struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_client::state> {
+  ucx_runtime::impl* rt = nullptr;
+  bool peer_mode = true;
+  ucp_ep_h ep = nullptr;        // progress thread
+  std::atomic<bool> open{false};
+  std::string peer;             // "host:port", for messages
+  internal::link_counters counters;
+
+  struct pending_call {
+    reply_callback callback;
+    batch_header req;
+    std::multimap<clock::time_point, ucx_runtime::impl::timer_ref>::iterator timer;
+    bool receiving = false;
+  };
+  std::unordered_map<uint64_t, pending_call> pending;  // progress thread
+
+  struct rx_op {
+    std::shared_ptr<state> self;
+    uint64_t batch_id;
+    reply rep;
+  };
+
+  void start(std::unique_ptr<outbound> ob, reply_callback cb, clock::time_point deadline) {
+    const uint64_t id = ob->batch.header.batch_id;
+    if (!open.load()) {
+      auto err = make_error(wire_errc::link_closed, "ucx: the link to " + peer + " is closed");
+      counters.count_error(err);
+      cb(std::move(err));
+      return;
+    }
+    if (pending.count(id) != 0) {
+      auto err = make_error(wire_errc::duplicate_batch,
+                            "ucx: batch " + std::to_string(id) + " is already pending on the link to " + peer);
+      counters.count_error(err);
+      cb(std::move(err));
+      return;
+    }
+    auto timer = rt->timers.emplace(deadline, ucx_runtime::impl::timer_ref{this, id});
+    pending.emplace(id, pending_call{std::move(cb), ob->batch.header, timer});
+    internal::link_counters::bump(counters.requests_sent);
+    internal::link_counters::bump(counters.bytes_sent, ob->header.size() + ob->batch.rows.size());
+    ob->owner = shared_from_this();
+    ob->batch_id = id;
+    const ucs_status_t st = am_send(ep, am_id_request, std::move(ob));
+    if (UCS_STATUS_IS_ERR(st))
+      complete(id, make_error(wire_errc::send_failed, "ucx: sending to " + peer + " failed: " + ucx_text(st)));
+  }
+
+  /// Delivers the outcome of request `id` if it is still pending.
+  void complete(uint64_t id, caf::expected<reply> result) {
+    auto it = pending.find(id);
+    if (it == pending.end()) {
+      if (result) internal::link_counters::bump(counters.late_replies);
+      return;
+    }
+    auto call = std::move(it->second);
+    pending.erase(it);
+    rt->timers.erase(call.timer);
+    if (result)
+      internal::link_counters::bump(counters.replies_received);
+    else
+      counters.count_error(result.error());
+    call.callback(std::move(result));
+  }
+
+  void fail_all(const caf::error& err) {
+    auto calls = std::move(pending);
+    pending.clear();
+    for (auto& [id, call] : calls) {
+      rt->timers.erase(call.timer);
+      counters.count_error(err);
+      call.callback(err);
+    }
+  }
+
+  /// Takes the endpoint out of service (progress thread).
+  void teardown(bool force) {
+    open.store(false);
+    if (ep == nullptr) return;
+    rt->owners.erase(ep);
+    rt->close_ep(ep, force);
+    ep = nullptr;
+    internal::link_counters::bump(counters.links_closed);
+  }
+
+  /// Closes after a failure seen inside a UCX callback: pending requests fail now, the endpoint is
+  /// closed on the next loop turn (not from inside UCX's own callback).
+  void fail_link(const caf::error& err, bool force) {
+    open.store(false);
+    fail_all(err);
+    rt->post([self = shared_from_this(), force] { self->teardown(force); });
+  }
+
+  ucs_status_t on_frame(unsigned am_id, std::span<const std::byte> header, void* data, size_t length,
+                        uint64_t recv_attr) override {
+    if (!open.load()) return UCS_OK;
+    internal::link_counters::bump(counters.bytes_received, header.size() + length);
+    auto f = decode(header, length, rt->options.limits);
+    caf::error bad;
+    if (!f)
+      bad = f.error();
+    else if (am_id != am_id_reply || f->kind == frame_kind::request)
+      bad = make_error(wire_errc::bad_kind, "ucx: a request frame arrived on the client link to " + peer);
+    if (bad) {
+      counters.count_error(bad);
+      fail_link(make_error(wire_errc::link_closed,
+                           "ucx: a malformed frame from " + peer + " closed the link: " + describe(bad)),
+                peer_mode);
+      return UCS_OK;
+    }
+    const uint64_t id = f->header.batch_id;
+    auto it = pending.find(id);
+    if (it == pending.end() || it->second.receiving) {
+      internal::link_counters::bump(counters.late_replies);
+      return UCS_OK;
+    }
+    if (f->kind == frame_kind::error) {
+      internal::link_counters::bump(counters.errors_received);
+      complete(id, std::move(f->error));
+      return UCS_OK;
+    }
+    if (auto err = check_reply(it->second.req, f->header)) {
+      complete(id, std::move(err));
+      return UCS_OK;
+    }
+    auto buf = row_buffer::allocate(length);
+    if (!buf) {
+      complete(id, buf.error());
+      return UCS_OK;
+    }
+    reply rep;
+    rep.header = std::move(f->header);
+    rep.rows = std::move(*buf);
+    if (!(recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {  // eager: data is valid during this callback
+      if (length != 0) std::memcpy(rep.rows.data(), data, length);
+      complete(id, std::move(rep));
+      return UCS_OK;
+    }
+    // Rendezvous: fetch the rows straight into the reply's buffer.
+    it->second.receiving = true;
+    auto* rx = new rx_op{shared_from_this(), id, std::move(rep)};
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+    p.cb.recv_am = &state::on_rx_done;
+    p.user_data = rx;
+    p.memory_type = UCS_MEMORY_TYPE_HOST;
+    ucs_status_ptr_t sp = ucp_am_recv_data_nbx(rt->worker, data, rx->rep.rows.data(), length, &p);
+    if (sp == nullptr) {
+      finish_rx(rx, UCS_OK);
+      delete rx;
+    } else if (UCS_PTR_IS_ERR(sp)) {
+      finish_rx(rx, UCS_PTR_STATUS(sp));
+      delete rx;
+    }
+    return UCS_OK;
+  }
+
+  static void on_rx_done(void* request, ucs_status_t status, size_t /*length*/, void* user_data) {
+    auto* rx = static_cast<rx_op*>(user_data);
+    rx->self->finish_rx(rx, status);
+    delete rx;
+    ucp_request_free(request);
+  }
+
+  void finish_rx(rx_op* rx, ucs_status_t status) {
+    auto it = pending.find(rx->batch_id);
+    if (it != pending.end()) it->second.receiving = false;
+    if (status == UCS_OK)
+      complete(rx->batch_id, std::move(rx->rep));
+    else
+      complete(rx->batch_id, make_error(wire_errc::peer_failed,
+                                        "ucx: receiving the rows of batch " + std::to_string(rx->batch_id) + " from " +
+                                            peer + " failed: " + ucx_text(status)));
+  }
+
+  void on_ep_error(ucs_status_t status) override {
+    if (!open.load() && ep == nullptr) return;
+    fail_link(make_error(wire_errc::peer_failed, "ucx: the link to " + peer + " failed: " + ucx_text(status)), true);
+  }
+
+  void on_send_failed(uint64_t batch_id, ucs_status_t status) override {
+    complete(batch_id, make_error(open.load() ? wire_errc::send_failed : wire_errc::peer_failed,
+                                  "ucx: sending batch " + std::to_string(batch_id) + " to " + peer +
+                                      " failed: " + ucx_text(status)));
+  }
+
+  void expire(uint64_t id) {
+    complete(id, make_error(wire_errc::timeout,
+                            "ucx: no reply from " + peer + " for batch " + std::to_string(id) + " in time"));
+  }
+};
+
+void ucx_runtime::impl::fire_timers(clock::time_point now) {
+  while (!timers.empty() && timers.begin()->first <= now) {
+    auto ref = timers.begin()->second;
+    ref.client->expire(ref.batch_id);  // erases the timer
+  }
+}
+
+namespace {
+
+struct flush_wait {
+  std::promise<ucs_status_t> done;
+};
+
+void flush_done(void* request, ucs_status_t status, void* user_data) {
+  auto* w = static_cast<std::shared_ptr<flush_wait>*>(user_data);
+  (*w)->done.set_value(status);
+  delete w;
+  ucp_request_free(request);
+}
+
+}  // namespace
+
+caf::expected<std::unique_ptr<ucx_client>> ucx_client::make(std::shared_ptr<ucx_runtime> runtime,
+                                                             const std::string& host, uint16_t port,
+                                                             ucx_client_options options) {
+  if (!runtime) return make_error(wire_errc::invalid_argument, "ucx: a client needs a runtime");
+  auto sa = make_sockaddr(host, port);
+  if (!sa) return sa.error();
+  auto* rt = runtime->impl_.get();
+  auto st = std::make_shared<state>();
+  st->rt = rt;
+  st->peer_mode = options.peer_error_handling;
+  st->peer = host + ":" + std::to_string(port);
+  auto wait = std::make_shared<flush_wait>();
+  auto flushed = wait->done.get_future();
+  caf::error err = rt->run_sync([&]() -> caf::error {
+    ucp_ep_params_t p{};
+    p.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR | UCP_EP_PARAM_FIELD_ERR_HANDLER |
+                   UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+    p.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+    p.sockaddr.addr = reinterpret_cast<const sockaddr*>(&*sa);
+    p.sockaddr.addrlen = sizeof(sockaddr_in);
+    p.err_mode = options.peer_error_handling ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
+    p.err_handler.cb = &ucx_runtime::impl::on_ep_error;
+    p.err_handler.arg = rt;
+    ucs_status_t s = ucp_ep_create(rt->worker, &p, &st->ep);
+    if (s != UCS_OK) return make_error(wire_errc::connect_failed, "ucx: connecting to " + st->peer + ": " + ucx_text(s));
+    st->open.store(true);
+    rt->owners.emplace(st->ep, st);
+    // A flush completes once the endpoint is wired up, or fails if the peer cannot be reached.
+    ucp_request_param_t fp{};
+    fp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    fp.cb.send = flush_done;
+    auto* holder = new std::shared_ptr<flush_wait>(wait);
+    fp.user_data = holder;
+    ucs_status_ptr_t sp = ucp_ep_flush_nbx(st->ep, &fp);
+    if (!UCS_PTR_IS_PTR(sp)) {
+      delete holder;
+      wait->done.set_value(UCS_PTR_STATUS(sp));
+    }
+    return {};
+  });
+  if (err) return err;
+  std::unique_ptr<ucx_client> client(new ucx_client(std::move(runtime), st));
+  if (flushed.wait_for(options.connect_timeout) != std::future_status::ready) {
+    client->close();
+    return make_error(wire_errc::connect_failed, "ucx: no connection to " + st->peer + " within " +
+                                                     std::to_string(options.connect_timeout.count()) + " ms");
+  }
+  if (ucs_status_t s = flushed.get(); s != UCS_OK || !st->open.load()) {
+    client->close();
+    return make_error(wire_errc::connect_failed, "ucx: connecting to " + st->peer + " failed: " + ucx_text(s));
+  }
+  return client;
+}
+
+ucx_client::~ucx_client() { close(); }
+
+void ucx_client::send(request req, std::chrono::milliseconds timeout, reply_callback on_reply) {
+  auto& st = *state_;
+  auto fail = [&](caf::error err) {
+    st.counters.count_error(err);
+    on_reply(std::move(err));
+  };
+  if (!st.open.load()) return fail(make_error(wire_errc::link_closed, "ucx: the link to " + st.peer + " is closed"));
+  if (auto err = validate(req.header, req.rows.size(), st.rt->options.limits)) return fail(std::move(err));
+  auto ob = std::make_unique<outbound>();
+  ob->header = encode_header(frame_kind::request, req.header);
+  if (st.rt->max_am_header != 0 && ob->header.size() > st.rt->max_am_header)
+    return fail(make_error(wire_errc::too_many_segments, "ucx: a header of " + std::to_string(ob->header.size()) +
+                                                             " bytes exceeds UCX's AM header limit of " +
+                                                             std::to_string(st.rt->max_am_header)));
+  ob->batch = std::move(static_cast<token_batch&>(req));
+  const auto deadline = clock::now() + timeout;
+  st.rt->post([s = state_, ob = std::move(ob), cb = std::move(on_reply), deadline]() mutable {
+    s->start(std::move(ob), std::move(cb), deadline);
+  });
+}
+
+link_stats ucx_client::stats() const { return state_->counters.snapshot(); }
+
+bool ucx_client::is_open() const { return state_->open.load(); }
+
+void ucx_client::close() {
+  auto s = state_;
+  s->rt->run_sync([s] {
+    const bool healthy = s->open.load();
+    s->open.store(false);
+    s->fail_all(make_error(wire_errc::link_closed, "ucx: the link to " + s->peer + " was closed"));
+    // A healthy endpoint is flushed; a failed one can only be released (forced).
+    s->teardown(!healthy && s->peer_mode);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server
+
+namespace {
+struct server_conn;
+}
+
+struct ucx_server::state {
+  ucx_runtime::impl* rt = nullptr;
+  request_handler handler;
+  ucx_server_options options;
+  std::optional<internal::worker_pool> pool;
+  ucp_listener_h listener = nullptr;
+  uint16_t port = 0;
+  internal::link_counters counters;
+  std::atomic<bool> stopped{false};
+  std::atomic<size_t> open_conns{0};
+  std::unordered_map<server_conn*, std::shared_ptr<server_conn>> conns;  // progress thread
+  std::weak_ptr<state> self;  // lets the listener callback hand connections a shared owner
+
+  static void on_conn_request(ucp_conn_request_h req, void* arg);
+};
+
+namespace {
+
+struct server_conn final : ep_owner, std::enable_shared_from_this<server_conn> {
+  ucx_runtime::impl* rt = nullptr;
+  std::shared_ptr<ucx_server::state> server;  // cleared when the connection closes
+  ucp_ep_h ep = nullptr;
+  bool open = true;  // progress thread
+  internal::link_counters counters;
+
+  struct rx_op {
+    std::shared_ptr<server_conn> self;
+    request req;
+  };
+
+  template <class Member>
+  void bump(Member member, uint64_t n = 1) {
+    internal::link_counters::bump(counters.*member, n);
+    if (server) internal::link_counters::bump(server->counters.*member, n);
+  }
+  void count_error(const caf::error& err) {
+    counters.count_error(err);
+    if (server) server->counters.count_error(err);
+  }
+
+  void teardown(bool force) {
+    if (ep == nullptr) return;
+    rt->owners.erase(ep);
+    rt->close_ep(ep, force);
+    ep = nullptr;
+    bump(&internal::link_counters::links_closed);
+    if (server) {
+      server->open_conns.fetch_sub(1);
+      auto keep = shared_from_this();
+      server->conns.erase(this);
+      server.reset();
+    }
+  }
+
+  /// Stops serving now; the endpoint is closed on the next loop turn (not inside UCX's callback).
+  void close_later(bool force) {
+    if (!open) return;
+    open = false;
+    rt->post([self = shared_from_this(), force] { self->teardown(force); });
+  }
+
+  ucs_status_t on_frame(unsigned am_id, std::span<const std::byte> header, void* data, size_t length,
+                        uint64_t recv_attr) override {
+    if (!open) return UCS_OK;
+    bump(&internal::link_counters::bytes_received, header.size() + length);
+    auto f = decode(header, length, rt->options.limits);
+    caf::error bad;
+    if (!f)
+      bad = f.error();
+    else if (am_id != am_id_request || f->kind != frame_kind::request)
+      bad = make_error(wire_errc::bad_kind, std::string("ucx: a ") + to_string(f->kind) +
+                                                " frame arrived where requests are expected");
+    if (bad) {
+      count_error(bad);  // the connection is closed: the peer's byte stream cannot be trusted
+      close_later(server && server->options.peer_error_handling);
+      return UCS_OK;
+    }
+    auto buf = row_buffer::allocate(length);
+    if (!buf) {
+      send_reply(f->header, buf.error());
+      return UCS_OK;
+    }
+    request req;
+    req.header = std::move(f->header);
+    req.rows = std::move(*buf);
+    if (!(recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {  // eager: data is valid during this callback
+      if (length != 0) std::memcpy(req.rows.data(), data, length);
+      dispatch(std::move(req));
+      return UCS_OK;
+    }
+    auto* rx = new rx_op{shared_from_this(), std::move(req)};
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+    p.cb.recv_am = &server_conn::on_rx_done;
+    p.user_data = rx;
+    p.memory_type = UCS_MEMORY_TYPE_HOST;
+    ucs_status_ptr_t sp = ucp_am_recv_data_nbx(rt->worker, data, rx->req.rows.data(), length, &p);
+    if (sp == nullptr) {
+      dispatch(std::move(rx->req));
+      delete rx;
+    } else if (UCS_PTR_IS_ERR(sp)) {
+      count_error(make_error(wire_errc::peer_failed, "ucx: receiving rows failed: " + ucx_text(UCS_PTR_STATUS(sp))));
+      delete rx;
+    }
+    return UCS_OK;
+  }
+
+  static void on_rx_done(void* request, ucs_status_t status, size_t /*length*/, void* user_data) {
+    auto* rx = static_cast<rx_op*>(user_data);
+    if (status == UCS_OK)
+      rx->self->dispatch(std::move(rx->req));
+    else
+      rx->self->count_error(make_error(wire_errc::peer_failed, "ucx: receiving rows failed: " + ucx_text(status)));
+    delete rx;
+    ucp_request_free(request);
+  }
+
+  void dispatch(request req) {
+    if (!open || !server) return;
+    bump(&internal::link_counters::requests_received);
+    batch_header meta = req.header;  // rows go to the handler; the header stays for the reply
+    auto* srv = server.get();
+    if (!srv->pool) {
+      send_reply(meta, srv->handler(std::move(req)));
+      return;
+    }
+    srv->pool->submit([self = shared_from_this(), srv, meta = std::move(meta), req = std::move(req)]() mutable {
+      auto r = srv->handler(std::move(req));
+      self->rt->post([self, meta = std::move(meta), r = std::move(r)]() mutable {
+        self->send_reply(meta, std::move(r));
+      });
+    });
+  }
+
+  void send_reply(const batch_header& meta, caf::expected<reply> r) {
+    if (!open || ep == nullptr) return;
+    if (r) {
+      r->header.batch_id = meta.batch_id;
+      r->header.epoch = meta.epoch;
+      r->header.layer = meta.layer;
+      caf::error bad = validate(r->header, r->rows.size(), rt->options.limits);
+      if (!bad) bad = check_reply(meta, r->header);
+      if (bad) r = make_error(wire_errc::handler_failed, "ucx: the handler's reply is invalid: " + describe(bad));
+    }
+    auto ob = std::make_unique<outbound>();
+    if (r) {
+      ob->header = encode_header(frame_kind::reply, r->header);
+      ob->batch = std::move(static_cast<token_batch&>(*r));
+      bump(&internal::link_counters::replies_sent);
+    } else {
+      ob->header = encode_error(meta.batch_id, meta.epoch, meta.layer, r.error());
+      bump(&internal::link_counters::errors_sent);
+      count_error(r.error());
+    }
+    bump(&internal::link_counters::bytes_sent, ob->header.size() + ob->batch.rows.size());
+    const ucs_status_t st = am_send(ep, am_id_reply, std::move(ob));
+    if (UCS_STATUS_IS_ERR(st)) count_error(make_error(wire_errc::send_failed, "ucx: reply: " + ucx_text(st)));
+  }
+
+  void on_ep_error(ucs_status_t /*status*/) override {
+    // The client went away (or crashed): nothing is pending on this side, just release it.
+    open = false;
+    rt->post([self = shared_from_this()] { self->teardown(true); });
+  }
+};
+
+}  // namespace
+
+void ucx_server::state::on_conn_request(ucp_conn_request_h req, void* arg) {
+  auto* s = static_cast<state*>(arg);
+  if (s->stopped.load()) {
+    ucp_listener_reject(s->listener, req);
+    return;
+  }
+  auto conn = std::make_shared<server_conn>();
+  conn->rt = s->rt;
+  ucp_ep_params_t p{};
+  p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+  p.conn_request = req;
+  p.err_mode = s->options.peer_error_handling ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
+  p.err_handler.cb = &ucx_runtime::impl::on_ep_error;
+  p.err_handler.arg = s->rt;
+  if (ucp_ep_create(s->rt->worker, &p, &conn->ep) != UCS_OK) {
+    s->counters.count_error(wire_errc::connect_failed);
+    return;
+  }
+  conn->server = s->self.lock();
+  s->rt->owners.emplace(conn->ep, conn);
+  s->conns.emplace(conn.get(), conn);
+  s->open_conns.fetch_add(1);
+}
+
+caf::expected<std::unique_ptr<ucx_server>> ucx_server::make(std::shared_ptr<ucx_runtime> runtime,
+                                                             request_handler handler, ucx_server_options options) {
+  if (!runtime) return make_error(wire_errc::invalid_argument, "ucx: a server needs a runtime");
+  if (!handler) return make_error(wire_errc::invalid_argument, "ucx: a server needs a handler");
+  auto sa = make_sockaddr(options.host, options.port);
+  if (!sa) return sa.error();
+  auto* rt = runtime->impl_.get();
+  auto st = std::make_shared<state>();
+  st->self = st;
+  st->rt = rt;
+  st->handler = std::move(handler);
+  st->options = options;
+  if (options.workers > 0) st->pool.emplace(options.workers);
+  caf::error err = rt->run_sync([&]() -> caf::error {
+    ucp_listener_params_t lp{};
+    lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+    lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&*sa);
+    lp.sockaddr.addrlen = sizeof(sockaddr_in);
+    lp.conn_handler.cb = &state::on_conn_request;
+    lp.conn_handler.arg = st.get();
+    ucs_status_t s = ucp_listener_create(rt->worker, &lp, &st->listener);
+    if (s != UCS_OK)
+      return make_error(wire_errc::ucx_error, "ucx: listening on " + options.host + ":" +
+                                                  std::to_string(options.port) + ": " + ucx_text(s));
+    ucp_listener_attr_t la{};
+    la.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+    s = ucp_listener_query(st->listener, &la);
+    if (s != UCS_OK) {
+      ucp_listener_destroy(st->listener);
+      st->listener = nullptr;
+      return make_error(wire_errc::ucx_error, "ucx: ucp_listener_query: " + ucx_text(s));
+    }
+    st->port = ntohs(reinterpret_cast<const sockaddr_in*>(&la.sockaddr)->sin_port);
+    return {};
+  });
+  if (err) {
+    if (st->pool) st->pool->stop();
+    return err;
+  }
+  return std::unique_ptr<ucx_server>(new ucx_server(std::move(runtime), std::move(st)));
+}
+
+ucx_server::~ucx_server() { stop(); }
+
+uint16_t ucx_server::port() const { return state_->port; }
+
+link_stats ucx_server::stats() const { return state_->counters.snapshot(); }
+
+size_t ucx_server::connections() const { return state_->open_conns.load(); }
+
+std::vector<link_stats> ucx_server::connection_stats() const {
+  auto s = state_;
+  return s->rt->run_sync([s] {
+    std::vector<link_stats> out;
+    for (auto& [ptr, conn] : s->conns) out.push_back(conn->counters.snapshot());
+    return out;
+  });
+}
+
+void ucx_server::stop() {
+  if (state_->stopped.exchange(true)) return;
+  auto s = state_;
+  s->rt->run_sync([s] {
+    if (s->listener != nullptr) ucp_listener_destroy(s->listener);
+    s->listener = nullptr;
+    auto conns = s->conns;
+    for (auto& [ptr, conn] : conns) {
+      conn->open = false;
+      conn->teardown(s->options.peer_error_handling);
+    }
+  });
+  if (s->pool) s->pool->stop();
+  s->self.reset();
+}
+
+}  // namespace sy::transport
