@@ -70,26 +70,45 @@ caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, co
       }
       by_host[chosen->host].push_back(i);
     }
-    std::vector<size_t> retry;
-    for (auto& [h, idx] : by_host) {
+    // Every host of this round is asked at once; their answers are awaited together.
+    struct call {
+      int host;
+      std::vector<size_t> idx;
       std::vector<int> experts;
       std::vector<const std::vector<float>*> in;
       std::vector<std::vector<float>*> out;
+      std::future<caf::error> result;
+    };
+    std::vector<call> calls;
+    calls.reserve(by_host.size());
+    for (auto& [h, idx] : by_host) {
+      auto& c = calls.emplace_back();
+      c.host = h;
+      c.idx = idx;
       for (size_t i : idx) {
-        experts.push_back(plan.batches[i].expert);
-        in.push_back(&inputs[i]);
-        out.push_back(&outputs[i]);
+        c.experts.push_back(plan.batches[i].expert);
+        c.in.push_back(&inputs[i]);
+        c.out.push_back(&outputs[i]);
       }
       const auto& hi = hosts[static_cast<size_t>(h)];
       auto& ch = channels_[hi.data_address];
       if (!ch) ch = connect_(hi);
-      caf::error err = ch ? ch->call(layer, p.epoch, experts, in, out)
-                          : model::make_error(model_errc::io_error, "cannot reach " + hi.name + " at " + hi.data_address);
-      if (err) {
-        failed_[static_cast<size_t>(h)] = true;
+      if (ch) {
+        c.result = ch->call_async(layer, p.epoch, c.experts, c.in, c.out);
+      } else {
+        std::promise<caf::error> unreachable;
+        unreachable.set_value(model::make_error(model_errc::io_error, "cannot reach " + hi.name + " at " + hi.data_address));
+        c.result = unreachable.get_future();
+      }
+    }
+    std::vector<size_t> retry;
+    for (auto& c : calls) {
+      if (auto err = c.result.get()) {
+        failed_[static_cast<size_t>(c.host)] = true;
+        channels_.erase(hosts[static_cast<size_t>(c.host)].data_address);  // reconnect if it comes back
         last = std::move(err);
-        retry.insert(retry.end(), idx.begin(), idx.end());
-        retries_ += idx.size();
+        retry.insert(retry.end(), c.idx.begin(), c.idx.end());
+        retries_ += c.idx.size();
       }
     }
     pending.swap(retry);

@@ -6,6 +6,7 @@
 #include "model/weights.hpp"
 
 #include <atomic>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -56,6 +57,15 @@ class expert_channel {
   [[nodiscard]] virtual caf::error call(int layer, uint64_t epoch, std::span<const int> experts,
                                         std::span<const std::vector<float>* const> inputs,
                                         std::span<std::vector<float>* const> outputs) = 0;
+  /// Starts `call` and returns at once where the channel can (a network link); the spans' targets
+  /// must stay alive until the future is ready. The default runs `call` now.
+  [[nodiscard]] virtual std::future<caf::error> call_async(int layer, uint64_t epoch, std::span<const int> experts,
+                                                           std::span<const std::vector<float>* const> inputs,
+                                                           std::span<std::vector<float>* const> outputs) {
+    std::promise<caf::error> p;
+    p.set_value(call(layer, epoch, experts, inputs, outputs));
+    return p.get_future();
+  }
 };
 
 class inproc_channel final : public expert_channel {

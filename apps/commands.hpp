@@ -7,5 +7,7 @@ namespace sy::apps {
 void add_model_commands(CLI::App& app);
 /// Registers `serve` (the embedded cluster behind the HTTP API).
 void add_serve_command(CLI::App& app);
+/// Registers the cluster's processes: `coordinator`, `expert-host`, `router`.
+void add_cluster_commands(CLI::App& app);
 
 }  // namespace sy::apps

@@ -1,0 +1,240 @@
+#include "actors/roles.hpp"
+
+#include "actors/cluster_actors.hpp"
+#include "actors/link_channel.hpp"
+#include "actors/messages.hpp"
+#include "model/kernels.hpp"
+#include "model/weights.hpp"
+#include "transport/ucx_link.hpp"
+
+#include <caf/all.hpp>
+#include <caf/io/all.hpp>
+#include <spdlog/spdlog.h>
+
+#include <optional>
+#include <thread>
+
+namespace sy::actors {
+
+namespace {
+
+std::unique_ptr<caf::actor_system> make_system(caf::actor_system_config& cfg) {
+  cfg.load<caf::io::middleman>();
+  register_message_types(cfg);
+  cfg.set("scheduler.max-threads", 2);
+  return std::make_unique<caf::actor_system>(cfg);
+}
+
+caf::expected<caf::actor> connect(caf::actor_system& sys, const std::string& host, uint16_t port) {
+  // The coordinator may still be starting: retry for a while.
+  caf::error last;
+  for (int i = 0; i < 100; ++i) {
+    auto a = sys.middleman().remote_actor(host, port);
+    if (a) return *a;
+    last = a.error();
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return model::make_error(model::model_errc::io_error, "cannot reach the coordinator at " + host + ":" + std::to_string(port) +
+                                                            ": " + sys.render(last));
+}
+
+}  // namespace
+
+// ---- coordinator ----
+
+struct coordinator_process::impl {
+  caf::actor_system_config cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  caf::actor coordinator;
+  uint16_t port = 0;
+};
+
+coordinator_process::coordinator_process(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+coordinator_process::~coordinator_process() { stop(); }
+
+caf::expected<std::unique_ptr<coordinator_process>> coordinator_process::start(const coordinator_options& o) {
+  auto mc = model::load_config(o.model);
+  if (!mc) return mc.error();
+  auto p = std::make_unique<impl>();
+  p->sys = make_system(p->cfg);
+  p->coordinator = p->sys->spawn(coordinator_actor, *mc, o.hosts, o.replicas);
+  auto port = p->sys->middleman().publish(p->coordinator, o.port, o.host.c_str(), true);
+  if (!port)
+    return model::make_error(model::model_errc::io_error, "--listen: cannot publish the coordinator on " + o.host + ":" +
+                                                              std::to_string(o.port) + ": " + p->sys->render(port.error()));
+  p->port = *port;
+  return std::unique_ptr<coordinator_process>(new coordinator_process(std::move(p)));
+}
+
+uint16_t coordinator_process::port() const { return impl_->port; }
+
+void coordinator_process::stop() {
+  if (!impl_ || !impl_->sys) return;
+  caf::anon_send_exit(impl_->coordinator, caf::exit_reason::user_shutdown);
+  impl_->sys.reset();
+}
+
+// ---- expert host ----
+
+struct expert_host_process::impl {
+  caf::actor_system_config cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  std::shared_ptr<transport::ucx_runtime> ucx;
+  std::unique_ptr<transport::ucx_server> server;
+  std::shared_ptr<expert_host_core> core;
+  caf::actor actor;
+};
+
+expert_host_process::expert_host_process(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+expert_host_process::~expert_host_process() { stop(); }
+
+caf::expected<std::unique_ptr<expert_host_process>> expert_host_process::start(const expert_host_options& o) {
+  model::set_kernel_threads(o.threads);
+  auto mc = model::load_config(o.model);
+  if (!mc) return mc.error();
+  auto ck = model::checkpoint::open(o.model);
+  if (!ck) return ck.error();
+  if (o.slots < 1) return model::make_error(model::model_errc::invalid_argument, "--slots must be at least 1");
+  auto p = std::make_unique<impl>();
+  const std::string name = o.name.empty() ? "expert-host-" + std::to_string(::getpid()) : o.name;
+  p->core = std::make_shared<expert_host_core>(name, o.slots);
+  auto rt = transport::ucx_runtime::make();
+  if (!rt) return rt.error();
+  p->ucx = *rt;
+  transport::ucx_server_options so;
+  so.host = o.listen_host;
+  so.port = o.listen_port;
+  so.peer_error_handling = o.peer_error_handling;
+  auto server = transport::ucx_server::make(p->ucx, host_request_handler(p->core), so);
+  if (!server) return server.error();
+  p->server = std::move(*server);
+  p->sys = make_system(p->cfg);
+  auto coord = connect(*p->sys, o.coordinator_host, o.coordinator_port);
+  if (!coord) return coord.error();
+  const std::string address = "ucx://" + o.listen_host + ":" + std::to_string(p->server->port());
+  p->actor = p->sys->spawn(host_actor, *coord, p->core, address, std::make_shared<const model::model_config>(std::move(*mc)),
+                           std::make_shared<const model::checkpoint>(std::move(*ck)));
+  return std::unique_ptr<expert_host_process>(new expert_host_process(std::move(p)));
+}
+
+uint16_t expert_host_process::data_port() const { return impl_->server->port(); }
+
+void expert_host_process::stop() {
+  if (!impl_ || !impl_->sys) return;
+  impl_->server->stop();
+  caf::anon_send_exit(impl_->actor, caf::exit_reason::user_shutdown);
+  impl_->sys.reset();
+}
+
+// ---- router ----
+
+struct router_process::impl {
+  router_options opts;
+  std::shared_ptr<const model::model_config> mcfg;
+  std::unique_ptr<model::model_weights> dense;
+  std::shared_ptr<transport::ucx_runtime> ucx;
+  std::shared_ptr<cluster_executor> exec;
+  std::unique_ptr<model::decoder> decoder;
+  std::unique_ptr<scheduler::batcher> batcher;
+  std::thread engine;
+  caf::actor_system_config cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  caf::actor router;
+  bool down = false;
+
+  void run_engine() {
+    std::optional<std::chrono::steady_clock::time_point> unready_since;
+    while (batcher->wait_for_work()) {
+      if (!exec->ready()) {
+        const auto now = std::chrono::steady_clock::now();
+        if (!unready_since) unready_since = now;
+        if (now - *unready_since < opts.replica_wait) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+          continue;
+        }
+      } else {
+        unready_since.reset();
+      }
+      while (batcher->step()) {
+      }
+    }
+  }
+};
+
+router_process::router_process(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+router_process::~router_process() { stop(); }
+
+caf::expected<std::unique_ptr<router_process>> router_process::start(const router_options& o) {
+  model::set_kernel_threads(o.threads);
+  auto p = std::make_unique<impl>();
+  p->opts = o;
+  auto mc = model::load_config(o.model);
+  if (!mc) return mc.error();
+  p->mcfg = std::make_shared<const model::model_config>(std::move(*mc));
+  auto ck = model::checkpoint::open(o.model);
+  if (!ck) return ck.error();
+  model::load_options lo;
+  lo.want_expert = [](int, int) { return false; };
+  auto dense = model::load_model(*p->mcfg, *ck, lo);
+  if (!dense) return dense.error();
+  p->dense = std::move(*dense);
+  auto rt = transport::ucx_runtime::make();
+  if (!rt) return rt.error();
+  p->ucx = *rt;
+  const int64_t hidden = p->mcfg->hidden_size;
+  const auto dtype = o.wire_bf16 ? transport::wire_dtype::bf16 : transport::wire_dtype::f32;
+  p->exec = std::make_shared<cluster_executor>(
+      [ucx = p->ucx, hidden, dtype, o](const host_info& h) -> std::shared_ptr<expert_channel> {
+        const std::string prefix = "ucx://";
+        if (!h.data_address.starts_with(prefix)) return nullptr;
+        const auto hostport = h.data_address.substr(prefix.size());
+        const auto colon = hostport.rfind(':');
+        if (colon == std::string::npos) return nullptr;
+        transport::ucx_client_options co;
+        co.peer_error_handling = o.peer_error_handling;
+        auto c = transport::ucx_client::make(ucx, hostport.substr(0, colon),
+                                             static_cast<uint16_t>(std::stoi(hostport.substr(colon + 1))), co);
+        if (!c) {
+          spdlog::warn("router: cannot connect to {} at {}: {}", h.name, h.data_address, model::describe(c.error()));
+          return nullptr;
+        }
+        return std::make_shared<link_channel>(std::shared_ptr<transport::link_client>(std::move(*c)), hidden, dtype,
+                                              o.batch_timeout);
+      });
+  p->decoder = std::make_unique<model::decoder>(*p->dense, *p->exec);
+  p->batcher = std::make_unique<scheduler::batcher>(*p->decoder, o.batcher);
+  p->sys = make_system(p->cfg);
+  auto coord = connect(*p->sys, o.coordinator_host, o.coordinator_port);
+  if (!coord) return coord.error();
+  p->router = p->sys->spawn(router_actor, *coord, p->exec);
+  auto* raw = p.get();
+  p->engine = std::thread([raw] { raw->run_engine(); });
+  return std::unique_ptr<router_process>(new router_process(std::move(p)));
+}
+
+bool router_process::ready() const { return impl_->exec->ready(); }
+
+bool router_process::wait_ready(std::chrono::milliseconds timeout) const {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  while (!ready()) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return true;
+}
+
+uint64_t router_process::epoch() const { return impl_->exec->epoch(); }
+caf::error router_process::submit(scheduler::generation_request r) { return impl_->batcher->submit(std::move(r)); }
+const model::model_config& router_process::config() const { return *impl_->mcfg; }
+
+void router_process::stop() {
+  if (!impl_ || impl_->down) return;
+  impl_->down = true;
+  impl_->batcher->stop();
+  if (impl_->engine.joinable()) impl_->engine.join();
+  caf::anon_send_exit(impl_->router, caf::exit_reason::user_shutdown);
+  impl_->sys.reset();
+  impl_->exec.reset();  // closes the data-plane links before the UCX runtime goes
+}
+
+}  // namespace sy::actors

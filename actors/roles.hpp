@@ -1,0 +1,90 @@
+#pragma once
+/// The cluster's processes: coordinator, expert host and router, each an actor system with CAF's
+/// network layer (the control plane) and, for hosts and routers, a UCX data plane. They run the
+/// same actors as the embedded cluster.
+#include "scheduler/batcher.hpp"
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string>
+
+namespace sy::actors {
+
+struct coordinator_options {
+  std::string host = "127.0.0.1";
+  uint16_t port = 0;  ///< 0 = any free port
+  std::filesystem::path model;
+  int hosts = 1;     ///< expert hosts to wait for before placing
+  int replicas = 1;  ///< per expert, on distinct hosts
+};
+
+class coordinator_process {
+ public:
+  static caf::expected<std::unique_ptr<coordinator_process>> start(const coordinator_options& o);
+  ~coordinator_process();
+  [[nodiscard]] uint16_t port() const;
+  void stop();
+  struct impl;
+
+ private:
+  explicit coordinator_process(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+struct expert_host_options {
+  std::string coordinator_host = "127.0.0.1";
+  uint16_t coordinator_port = 0;
+  std::filesystem::path model;
+  int slots = 0;
+  std::string listen_host = "127.0.0.1";  ///< data plane (UCX) listen address
+  uint16_t listen_port = 0;
+  std::string name;
+  bool peer_error_handling = true;  ///< UCX peer failure detection (TCP only in UCX 1.13)
+  int threads = 0;
+};
+
+class expert_host_process {
+ public:
+  static caf::expected<std::unique_ptr<expert_host_process>> start(const expert_host_options& o);
+  ~expert_host_process();
+  [[nodiscard]] uint16_t data_port() const;
+  void stop();
+  struct impl;
+
+ private:
+  explicit expert_host_process(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+struct router_options {
+  std::string coordinator_host = "127.0.0.1";
+  uint16_t coordinator_port = 0;
+  std::filesystem::path model;
+  scheduler::batcher_config batcher;
+  bool wire_bf16 = false;  ///< hidden rows as bf16 on the wire (halves the bytes); f32 keeps answers bit-equal to local
+  bool peer_error_handling = true;
+  std::chrono::milliseconds batch_timeout{5000};
+  std::chrono::milliseconds replica_wait{10000};
+  int threads = 0;
+};
+
+class router_process {
+ public:
+  static caf::expected<std::unique_ptr<router_process>> start(const router_options& o);
+  ~router_process();
+  [[nodiscard]] bool ready() const;
+  [[nodiscard]] bool wait_ready(std::chrono::milliseconds timeout) const;
+  [[nodiscard]] uint64_t epoch() const;
+  [[nodiscard]] caf::error submit(scheduler::generation_request r);
+  [[nodiscard]] const model::model_config& config() const;
+  void stop();
+  struct impl;
+
+ private:
+  explicit router_process(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace sy::actors
