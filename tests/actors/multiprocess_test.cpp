@@ -1,0 +1,236 @@
+// The cluster as separate processes on loopback: a coordinator, three expert hosts and a router
+// (CAF's network layer for control, UCX for token batches), against transformers' greedy tokens,
+// and with an expert-host process killed (SIGKILL) while requests run.
+#include "model/safetensors.hpp"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <filesystem>
+#include <future>
+#include <regex>
+#include <string>
+#include <thread>
+#include <vector>
+
+using json = nlohmann::json;
+
+namespace {
+
+std::filesystem::path fixture(const std::string& name) { return std::filesystem::path(SY_TEST_DATA) / "hf-tiny" / name; }
+
+/// A child process running the switchyard binary, stdout captured; killed at scope exit.
+class child {
+ public:
+  explicit child(std::vector<std::string> args) {
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    pid_ = ::fork();
+    REQUIRE(pid_ >= 0);
+    if (pid_ == 0) {
+      ::dup2(fds[1], STDOUT_FILENO);
+      ::close(fds[0]);
+      ::close(fds[1]);
+      std::vector<char*> argv;
+      std::string bin = SY_BINARY;
+      argv.push_back(bin.data());
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      ::setenv("UCX_NET_DEVICES", "lo", 1);
+      ::execv(bin.c_str(), argv.data());
+      ::_exit(127);
+    }
+    ::close(fds[1]);
+    out_ = fds[0];
+  }
+  ~child() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGTERM);
+      for (int i = 0; i < 50 && ::waitpid(pid_, nullptr, WNOHANG) == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+    if (out_ >= 0) ::close(out_);
+  }
+  /// Reads stdout until a line matches `re` (up to `timeout`); returns the first capture group.
+  std::string wait_for(const std::regex& re, std::chrono::seconds timeout = std::chrono::seconds(30)) {
+    const auto until = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < until) {
+      size_t nl;
+      while ((nl = buf_.find('\n')) != std::string::npos) {
+        std::string line = buf_.substr(0, nl);
+        buf_.erase(0, nl + 1);
+        std::smatch m;
+        if (std::regex_search(line, m, re)) return m.size() > 1 ? m[1].str() : line;
+      }
+      pollfd p{out_, POLLIN, 0};
+      if (::poll(&p, 1, 100) > 0) {
+        char b[1024];
+        const ssize_t n = ::read(out_, b, sizeof b);
+        if (n <= 0) break;
+        buf_.append(b, static_cast<size_t>(n));
+      }
+    }
+    FAIL("the child did not print what was expected in time");
+    return {};
+  }
+  void kill_hard() {
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  int out_ = -1;
+  std::string buf_;
+};
+
+std::pair<int, std::string> http_post(uint16_t port, const std::string& body) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    ::close(fd);
+    return {0, ""};
+  }
+  std::string req = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: " +
+                    std::to_string(body.size()) + "\r\n\r\n" + body;
+  (void)::send(fd, req.data(), req.size(), 0);
+  std::string resp;
+  char b[4096];
+  ssize_t n;
+  while ((n = ::recv(fd, b, sizeof b, 0)) > 0) resp.append(b, static_cast<size_t>(n));
+  ::close(fd);
+  if (resp.size() < 12) return {0, ""};
+  return {std::stoi(resp.substr(9, 3)), resp.substr(resp.find("\r\n\r\n") + 4)};
+}
+
+struct reference {
+  std::vector<std::vector<int32_t>> prompts, greedy;
+};
+
+reference read_reference(const std::string& name) {
+  auto f = sy::model::safetensors_file::open(fixture(name) / "reference.safetensors");
+  REQUIRE(f);
+  auto ids = *sy::model::read_i64(*(*f)->find("input_ids"));
+  auto greedy = *sy::model::read_i64(*(*f)->find("greedy_ids"));
+  const auto t = (*f)->find("input_ids")->shape[1], g = (*f)->find("greedy_ids")->shape[1];
+  reference r;
+  for (int64_t b = 0; b < 2; ++b) {
+    r.prompts.emplace_back(ids.begin() + b * t, ids.begin() + (b + 1) * t);
+    r.greedy.emplace_back(greedy.begin() + b * g + t, greedy.begin() + (b + 1) * g);
+  }
+  return r;
+}
+
+struct cluster {
+  std::unique_ptr<child> coordinator, router;
+  std::vector<std::unique_ptr<child>> hosts;
+  uint16_t http = 0;
+};
+
+cluster start_cluster(const std::string& model, int hosts, int replicas) {
+  cluster c;
+  const std::string m = fixture(model).string();
+  c.coordinator = std::make_unique<child>(std::vector<std::string>{"coordinator", "--listen", "127.0.0.1:0", "--model", m,
+                                                                   "--hosts", std::to_string(hosts), "--replicas",
+                                                                   std::to_string(replicas)});
+  const std::string cport = c.coordinator->wait_for(std::regex("coordinator listening on [^:]+:(\\d+)"));
+  for (int h = 0; h < hosts; ++h) {
+    c.hosts.push_back(std::make_unique<child>(std::vector<std::string>{"expert-host", "--coordinator", "127.0.0.1:" + cport,
+                                                                       "--model", m, "--slots", "64", "--threads", "1",
+                                                                       "--name", "host" + std::to_string(h)}));
+    c.hosts.back()->wait_for(std::regex("expert host serving"));
+  }
+  c.router = std::make_unique<child>(std::vector<std::string>{"router", "--coordinator", "127.0.0.1:" + cport, "--model", m,
+                                                              "--http", "127.0.0.1:0", "--threads", "1"});
+  c.http = static_cast<uint16_t>(std::stoi(c.router->wait_for(std::regex("router serving HTTP on [^:]+:(\\d+)"))));
+  // Ready once every expert has a ready replica.
+  for (int i = 0; i < 300; ++i) {
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(c.http);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bool ok = false;
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+      std::string req = "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+      (void)::send(fd, req.data(), req.size(), 0);
+      char b[256];
+      ssize_t n = ::recv(fd, b, sizeof b, 0);
+      ok = n > 12 && std::string(b, 12).find("200") != std::string::npos;
+    }
+    ::close(fd);
+    if (ok) return c;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  FAIL("the cluster did not become ready");
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("multi-process: coordinator + 3 expert hosts + router on loopback answer the reference tokens", "[multiprocess]") {
+  for (auto name : {"mixtral_e8k2", "deepseekv3_e16k4"}) {
+    INFO(name);
+    auto ref = read_reference(name);
+    auto c = start_cluster(name, 3, 1);
+    auto [st, body] = http_post(c.http, json{{"prompt", ref.prompts}, {"max_tokens", ref.greedy[0].size()}}.dump());
+    REQUIRE(st == 200);
+    auto j = json::parse(body);
+    for (size_t i = 0; i < 2; ++i) CHECK(j["choices"][i]["token_ids"].get<std::vector<int32_t>>() == ref.greedy[i]);
+    for (size_t i = 0; i < 2; ++i) {
+      auto [s1, b1] = http_post(c.http, json{{"prompt", ref.prompts[i]}, {"max_tokens", ref.greedy[i].size()}}.dump());
+      REQUIRE(s1 == 200);
+      CHECK(json::parse(b1)["choices"][0]["token_ids"].get<std::vector<int32_t>>() == ref.greedy[i]);
+    }
+  }
+}
+
+TEST_CASE("multi-process: an expert host killed with SIGKILL mid-run loses no request (2 replicas)", "[multiprocess]") {
+  auto ref = read_reference("qwen3moe_e16k4");
+  auto c = start_cluster("qwen3moe_e16k4", 3, 2);
+  // 12 concurrent clients, each sending the reference prompts; host 1 dies while they run.
+  std::vector<std::future<std::pair<int, std::string>>> calls;
+  std::vector<size_t> which;
+  for (int k = 0; k < 12; ++k) {
+    const size_t i = static_cast<size_t>(k % 2);
+    which.push_back(i);
+    calls.push_back(std::async(std::launch::async, [&, i] {
+      return http_post(c.http, json{{"prompt", ref.prompts[i]}, {"max_tokens", 64}}.dump());
+    }));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  c.hosts[1]->kill_hard();
+  std::vector<std::vector<int32_t>> got(calls.size());
+  for (size_t k = 0; k < calls.size(); ++k) {
+    auto [st, body] = calls[k].get();
+    INFO("request " << k << ": " << body);
+    REQUIRE(st == 200);
+    got[k] = json::parse(body)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
+    REQUIRE(got[k].size() == 64);
+    // The reference covers the first 8 tokens.
+    CHECK(std::vector<int32_t>(got[k].begin(), got[k].begin() + 8) == ref.greedy[which[k]]);
+  }
+  // All 64 tokens equal an unperturbed run's (made after the failure, on the survivors).
+  for (size_t i = 0; i < 2; ++i) {
+    auto [s2, b2] = http_post(c.http, json{{"prompt", ref.prompts[i]}, {"max_tokens", 64}}.dump());
+    REQUIRE(s2 == 200);
+    auto calm = json::parse(b2)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
+    for (size_t k = 0; k < calls.size(); ++k)
+      if (which[k] == i) CHECK(got[k] == calm);
+  }
+}
