@@ -12,29 +12,35 @@ namespace sy::actors {
 /// hosts have registered, marks replicas ready as hosts load them, and pushes every new epoch to
 /// the routers. A host that goes down (its actor terminates) is marked down under a new epoch.
 caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, model::model_config cfg, int expected,
-                                int replicas) {
+                                int replicas, heartbeat_config heartbeat) {
   self->state.cfg = std::move(cfg);
+  self->state.heartbeat = heartbeat;
   self->state.expected = expected;
   self->state.replicas = replicas;
   auto broadcast = [self] {
     for (auto& s : self->state.subscribers) self->send(s, placement_atom::value, self->state.placement, self->state.hosts);
   };
-  self->set_down_handler([self, broadcast](caf::down_msg& dm) {
+  auto mark_down = [self, broadcast](size_t i, const char* why) {
+    auto& st = self->state;
+    if (!st.hosts[i].up) return;
+    st.hosts[i].up = false;
+    ++st.placement.epoch;
+    spdlog::warn("coordinator: host {} is down ({}); placement epoch {}", st.hosts[i].name, why, st.placement.epoch);
+    broadcast();
+  };
+  self->set_down_handler([self, mark_down](caf::down_msg& dm) {
     auto& st = self->state;
     for (size_t i = 0; i < st.host_actors.size(); ++i)
-      if (st.host_actors[i].address() == dm.source && st.hosts[i].up) {
-        st.hosts[i].up = false;
-        ++st.placement.epoch;
-        spdlog::warn("coordinator: host {} is down; placement epoch {}", st.hosts[i].name, st.placement.epoch);
-        broadcast();
-      }
+      if (st.host_actors[i].address() == dm.source) mark_down(i, "its actor or process is gone");
   });
+  if (heartbeat.interval.count() > 0) self->delayed_send(self, heartbeat.interval, tick_atom::value);
   return {
       [self](register_atom, const std::string& name, const std::string& address, int slots) -> int {
         auto& st = self->state;
         const int id = static_cast<int>(st.hosts.size());
         st.hosts.push_back({id, name, address, slots, true});
         st.host_actors.push_back(caf::actor_cast<caf::actor>(self->current_sender()));
+        st.missed.push_back(0);
         self->monitor(st.host_actors.back());
         if (static_cast<int>(st.hosts.size()) == st.expected) {
           auto p = plan_initial(st.cfg, st.hosts, st.replicas);
@@ -61,6 +67,18 @@ caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, mo
         spdlog::info("coordinator: host {} ready; placement epoch {}", host, st.placement.epoch);
         broadcast();
       },
+      [self, mark_down](tick_atom) {
+        auto& st = self->state;
+        for (size_t i = 0; i < st.host_actors.size(); ++i) {
+          if (!st.hosts[i].up) continue;
+          self->request(st.host_actors[i], st.heartbeat.interval, heartbeat_atom::value)
+              .then([self, i](heartbeat_atom) { self->state.missed[i] = 0; },
+                    [self, i, mark_down](caf::error&) {
+                      if (++self->state.missed[i] >= self->state.heartbeat.misses) mark_down(i, "missed heartbeats");
+                    });
+        }
+        self->delayed_send(self, st.heartbeat.interval, tick_atom::value);
+      },
       [self](subscribe_atom) {
         auto s = caf::actor_cast<caf::actor>(self->current_sender());
         self->state.subscribers.push_back(s);
@@ -75,6 +93,11 @@ caf::behavior host_actor(caf::event_based_actor* self, caf::actor coordinator, s
                          std::shared_ptr<const model::checkpoint> ckpt) {
   self->send(coordinator, register_atom::value, core->name(), data_address, core->slots());
   return {
+      [=](heartbeat_atom) { return heartbeat_atom::value; },
+      [=](freeze_atom) {
+        // Simulated hang (tests): stop answering anything, as a stuck process would.
+        self->become([](heartbeat_atom) {});
+      },
       [=](int) {},  // the coordinator's answer to register: the id also comes with the assignment
       [=](assign_atom, int id, const placement_table& p) {
         auto experts = p.assigned_to(id);

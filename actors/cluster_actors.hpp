@@ -11,14 +11,25 @@
 #include <caf/event_based_actor.hpp>
 #include <caf/stateful_actor.hpp>
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
 
 namespace sy::actors {
 
+/// The coordinator's own failure detector: every `interval` each host is asked for a heartbeat; a
+/// host that misses `misses` in a row (hung, or cut off) is marked down. CAF's and UCX's keepalives
+/// take tens of seconds; a crash is seen sooner through the lost connection.
+struct heartbeat_config {
+  std::chrono::milliseconds interval{500};
+  int misses = 3;
+};
+
 struct coordinator_state {
   model::model_config cfg;
+  heartbeat_config heartbeat;
+  std::vector<int> missed;  ///< consecutive heartbeats missed, per host
   int expected = 0;
   int replicas = 1;
   std::vector<host_info> hosts;
@@ -34,10 +45,10 @@ struct coordinator_state {
 /// the routers. A host that goes down (its actor terminates, or its process's connection drops) is
 /// marked down under a new epoch.
 caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, model::model_config cfg, int expected,
-                                int replicas);
+                                int replicas, heartbeat_config heartbeat);
 
 /// Registers with the coordinator (name, data address, slots), loads the experts it is assigned,
-/// reports ready.
+/// reports ready, and answers heartbeats (until sent `freeze_atom`, which simulates a hang).
 caf::behavior host_actor(caf::event_based_actor* self, caf::actor coordinator, std::shared_ptr<expert_host_core> core,
                          std::string data_address, std::shared_ptr<const model::model_config> cfg,
                          std::shared_ptr<const model::checkpoint> ckpt);

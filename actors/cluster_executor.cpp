@@ -22,6 +22,14 @@ uint64_t cluster_executor::epoch() const {
   return latest_ ? latest_->placement.epoch : 0;
 }
 
+int cluster_executor::hosts_up() const {
+  std::lock_guard lock(mu_);
+  if (!latest_) return 0;
+  int n = 0;
+  for (auto& h : latest_->hosts) n += h.up;
+  return n;
+}
+
 void cluster_executor::begin_step() {
   std::lock_guard lock(mu_);
   step_ = latest_;

@@ -26,6 +26,7 @@ class cluster_executor final : public model::expert_executor {
   void update(placement_table p, std::vector<host_info> hosts);
   [[nodiscard]] bool ready() const;
   [[nodiscard]] uint64_t epoch() const;
+  [[nodiscard]] int hosts_up() const;
   [[nodiscard]] uint64_t retries() const { return retries_; }
 
   void begin_step() override;

@@ -91,7 +91,7 @@ caf::expected<std::unique_ptr<embedded_cluster>> embedded_cluster::start(const e
 
   p->sys_cfg.set("scheduler.max-threads", 2);
   p->sys = std::make_unique<caf::actor_system>(p->sys_cfg);
-  p->coordinator = p->sys->spawn(coordinator_actor, *p->mcfg, cfg.hosts, cfg.replicas);
+  p->coordinator = p->sys->spawn(coordinator_actor, *p->mcfg, cfg.hosts, cfg.replicas, cfg.heartbeat);
   p->router = p->sys->spawn(router_actor, p->coordinator, p->exec);
   for (int h = 0; h < cfg.hosts; ++h)
     p->host_actors.push_back(p->sys->spawn(host_actor, p->coordinator, p->hosts[static_cast<size_t>(h)],
@@ -125,6 +125,13 @@ void embedded_cluster::kill_host(int h) {
   impl_->hosts[static_cast<size_t>(h)]->set_alive(false);
   caf::anon_send_exit(impl_->host_actors[static_cast<size_t>(h)], caf::exit_reason::kill);
 }
+
+void embedded_cluster::freeze_host(int h) {
+  if (h < 0 || h >= static_cast<int>(impl_->host_actors.size())) return;
+  caf::anon_send(impl_->host_actors[static_cast<size_t>(h)], freeze_atom::value);
+}
+
+int embedded_cluster::hosts_up() const { return impl_->exec->hosts_up(); }
 
 void embedded_cluster::shutdown() {
   if (!impl_ || impl_->down) return;

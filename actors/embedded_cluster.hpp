@@ -1,6 +1,7 @@
 #pragma once
 /// The embedded cluster: coordinator, one router and N expert hosts as actors in one process, with
 /// an in-process data plane — the same actors and the same MoE code as the multi-process cluster.
+#include "actors/cluster_actors.hpp"
 #include "scheduler/batcher.hpp"
 
 #include <chrono>
@@ -19,6 +20,7 @@ struct embedded_config {
   /// How long queued work waits for every expert to have a live replica (at start, or after a
   /// host is lost) before its steps run anyway and fail with the reason.
   std::chrono::milliseconds replica_wait{10000};
+  heartbeat_config heartbeat;
 };
 
 class embedded_cluster {
@@ -41,6 +43,10 @@ class embedded_cluster {
 
   /// Fault injection for tests: host h fails every batch from now on.
   void kill_host(int h);
+  /// Fault injection for tests: host h's actor stops answering (a hang); its data plane still works.
+  void freeze_host(int h);
+  /// Hosts the router's current placement counts as up.
+  [[nodiscard]] int hosts_up() const;
   /// Stops accepting, fails what is queued, finishes the engine thread, stops the actors.
   void shutdown();
 

@@ -13,6 +13,9 @@ using assign_atom = caf::atom_constant<caf::atom("assign")>;
 using ready_atom = caf::atom_constant<caf::atom("ready")>;
 using subscribe_atom = caf::atom_constant<caf::atom("subscribe")>;
 using placement_atom = caf::atom_constant<caf::atom("placement")>;
+using heartbeat_atom = caf::atom_constant<caf::atom("heartbeat")>;
+using tick_atom = caf::atom_constant<caf::atom("tick")>;
+using freeze_atom = caf::atom_constant<caf::atom("freeze")>;
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, replica& x) {

@@ -57,7 +57,7 @@ caf::expected<std::unique_ptr<coordinator_process>> coordinator_process::start(c
   if (!mc) return mc.error();
   auto p = std::make_unique<impl>();
   p->sys = make_system(p->cfg);
-  p->coordinator = p->sys->spawn(coordinator_actor, *mc, o.hosts, o.replicas);
+  p->coordinator = p->sys->spawn(coordinator_actor, *mc, o.hosts, o.replicas, o.heartbeat);
   auto port = p->sys->middleman().publish(p->coordinator, o.port, o.host.c_str(), true);
   if (!port)
     return model::make_error(model::model_errc::io_error, "--listen: cannot publish the coordinator on " + o.host + ":" +

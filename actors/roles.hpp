@@ -2,6 +2,7 @@
 /// The cluster's processes: coordinator, expert host and router, each an actor system with CAF's
 /// network layer (the control plane) and, for hosts and routers, a UCX data plane. They run the
 /// same actors as the embedded cluster.
+#include "actors/cluster_actors.hpp"
 #include "scheduler/batcher.hpp"
 
 #include <chrono>
@@ -18,6 +19,7 @@ struct coordinator_options {
   std::filesystem::path model;
   int hosts = 1;     ///< expert hosts to wait for before placing
   int replicas = 1;  ///< per expert, on distinct hosts
+  heartbeat_config heartbeat;
 };
 
 class coordinator_process {

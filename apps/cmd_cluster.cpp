@@ -4,7 +4,9 @@
 #include "apps/commands.hpp"
 
 #include <spdlog/spdlog.h>
+#include <toml++/toml.h>
 
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <thread>
@@ -37,23 +39,85 @@ std::pair<std::string, uint16_t> host_port(const std::string& s, const char* fla
   return {s.substr(0, colon), static_cast<uint16_t>(port)};
 }
 
+/// Values from a TOML config file for the options not given on the command line. Keys are the
+/// options' long names without dashes, `-` written `_` (listen, model, hosts, replicas,
+/// heartbeat_interval_ms, heartbeat_misses). Errors name the file and the key.
+class config_file {
+ public:
+  config_file(const std::string& path) : path_(path) {
+    if (path.empty()) return;
+    try {
+      table_ = toml::parse_file(path);
+    } catch (const toml::parse_error& e) {
+      fail(path + ": " + std::string(e.description()) + " (line " + std::to_string(e.source().begin.line) + ")");
+    }
+    for (auto& [k, v] : table_) {
+      (void)v;
+      known_.push_back(std::string(k.str()));
+    }
+  }
+  void str(const char* key, CLI::Option* opt, std::string& dst) {
+    if (auto* n = take(key); n && !opt->count()) {
+      if (!n->is_string()) fail(path_ + ": key '" + key + "' must be a string");
+      dst = n->as_string()->get();
+    }
+  }
+  void integer(const char* key, CLI::Option* opt, int& dst, int lo, int hi) {
+    if (auto* n = take(key); n && !opt->count()) {
+      if (!n->is_integer()) fail(path_ + ": key '" + key + "' must be an integer");
+      const int64_t v = n->as_integer()->get();
+      if (v < lo || v > hi) fail(path_ + ": key '" + key + "' must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+      dst = static_cast<int>(v);
+    }
+  }
+  /// Every key of the file must have been used.
+  void check_all_used() const {
+    for (auto& k : known_)
+      if (std::find(used_.begin(), used_.end(), k) == used_.end()) fail(path_ + ": unknown key '" + k + "'");
+  }
+
+ private:
+  toml::node* take(const char* key) {
+    used_.push_back(key);
+    return table_.get(key);
+  }
+  std::string path_;
+  toml::table table_;
+  std::vector<std::string> known_, used_;
+};
+
 }  // namespace
 
 void add_cluster_commands(CLI::App& app) {
   {
     auto* cmd = app.add_subcommand("coordinator", "Run the cluster's coordinator (membership, placement, epochs)");
     struct args {
-      std::string listen = "127.0.0.1:0", model;
-      int hosts = 1, replicas = 1;
+      std::string config, listen = "127.0.0.1:0", model;
+      int hosts = 1, replicas = 1, hb_ms = 500, hb_misses = 3;
     };
     auto a = std::make_shared<args>();
-    cmd->add_option("--listen", a->listen, "Control-plane address HOST:PORT (port 0 = any)");
-    cmd->add_option("--model", a->model, "Model folder")->required();
-    cmd->add_option("--hosts", a->hosts, "Expert hosts to wait for before placing")->check(CLI::Range(1, 4096));
-    cmd->add_option("--replicas", a->replicas, "Replicas per expert, on distinct hosts")->check(CLI::Range(1, 64));
-    cmd->callback([a] {
+    cmd->add_option("--config", a->config, "Cluster config (TOML); flags given here override its keys");
+    auto* o_listen = cmd->add_option("--listen", a->listen, "Control-plane address HOST:PORT (port 0 = any)");
+    auto* o_model = cmd->add_option("--model", a->model, "Model folder");
+    auto* o_hosts = cmd->add_option("--hosts", a->hosts, "Expert hosts to wait for before placing")->check(CLI::Range(1, 4096));
+    auto* o_repl = cmd->add_option("--replicas", a->replicas, "Replicas per expert, on distinct hosts")->check(CLI::Range(1, 64));
+    auto* o_hb = cmd->add_option("--heartbeat-interval-ms", a->hb_ms, "Heartbeat period (0 = off)")->check(CLI::Range(0, 600000));
+    auto* o_miss = cmd->add_option("--heartbeat-misses", a->hb_misses, "Missed heartbeats before a host is down")->check(CLI::Range(1, 1000));
+    cmd->callback([=] {
+      config_file f(a->config);
+      f.str("listen", o_listen, a->listen);
+      f.str("model", o_model, a->model);
+      f.integer("hosts", o_hosts, a->hosts, 1, 4096);
+      f.integer("replicas", o_repl, a->replicas, 1, 64);
+      f.integer("heartbeat_interval_ms", o_hb, a->hb_ms, 0, 600000);
+      f.integer("heartbeat_misses", o_miss, a->hb_misses, 1, 1000);
+      f.check_all_used();
+      if (a->model.empty()) fail("coordinator: --model (or the config key 'model') is required");
       auto [host, port] = host_port(a->listen, "--listen");
-      auto c = actors::coordinator_process::start({host, port, a->model, a->hosts, a->replicas});
+      actors::coordinator_options co{host, port, a->model, a->hosts, a->replicas, {}};
+      co.heartbeat.interval = std::chrono::milliseconds(a->hb_ms);
+      co.heartbeat.misses = a->hb_misses;
+      auto c = actors::coordinator_process::start(co);
       if (!c) fail(model::describe(c.error()));
       std::printf("coordinator listening on %s:%u\n", host.c_str(), static_cast<unsigned>((*c)->port()));
       std::fflush(stdout);

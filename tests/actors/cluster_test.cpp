@@ -240,3 +240,27 @@ TEST_CASE("HTTP: /v1/completions over the embedded cluster, health, readiness an
   CHECK(http(port, "GET", "/v1/completions").first == 405);
   (*server)->stop();
 }
+
+TEST_CASE("embedded cluster: a hung host is found by the coordinator's heartbeat and traffic goes elsewhere", "[actors]") {
+  auto ref = read_reference("mixtral_e8k2");
+  actors::embedded_config cfg;
+  cfg.model = fixture("mixtral_e8k2");
+  cfg.hosts = 3;
+  cfg.replicas = 2;
+  cfg.heartbeat.interval = std::chrono::milliseconds(50);
+  cfg.heartbeat.misses = 3;
+  auto c = actors::embedded_cluster::start(cfg);
+  REQUIRE(c);
+  REQUIRE((*c)->wait_ready(std::chrono::seconds(30)));
+  REQUIRE((*c)->hosts_up() == 3);
+  (*c)->freeze_host(2);
+  const auto t0 = std::chrono::steady_clock::now();
+  while ((*c)->hosts_up() == 3 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5))
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  const auto found = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0);
+  INFO("detected after " << found.count() << " ms");
+  CHECK((*c)->hosts_up() == 2);
+  CHECK(found < std::chrono::seconds(2));  // 3 misses of 50 ms, with slack for a loaded machine
+  auto out = generate(**c, ref.prompts, static_cast<int>(ref.greedy[0].size()));
+  for (size_t i = 0; i < 2; ++i) CHECK(out[i].tokens == ref.greedy[i]);
+}
