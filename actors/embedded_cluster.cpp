@@ -4,13 +4,13 @@
 #include "actors/expert_host.hpp"
 #include "actors/cluster_actors.hpp"
 #include "actors/messages.hpp"
+#include "actors/router_core.hpp"
 #include "model/kernels.hpp"
 #include "model/weights.hpp"
 
 #include <caf/all.hpp>
 #include <spdlog/spdlog.h>
 
-#include <optional>
 #include <thread>
 
 namespace sy::actors {
@@ -19,37 +19,14 @@ struct embedded_cluster::impl {
   embedded_config cfg;
   std::shared_ptr<const model::model_config> mcfg;
   std::shared_ptr<const model::checkpoint> ckpt;
-  std::unique_ptr<model::model_weights> dense;
   std::vector<std::shared_ptr<expert_host_core>> hosts;
-  std::shared_ptr<cluster_executor> exec;
-  std::unique_ptr<model::decoder> decoder;
-  std::unique_ptr<scheduler::batcher> batcher;
-  std::thread engine;
+  std::unique_ptr<router_core> router_half;
   caf::actor_system_config sys_cfg;
   std::unique_ptr<caf::actor_system> sys;
   caf::actor coordinator, router;
   std::vector<caf::actor> host_actors;
   bool down = false;
 
-  void run_engine() {
-    std::optional<std::chrono::steady_clock::time_point> unready_since;
-    while (batcher->wait_for_work()) {
-      // Work waits, up to replica_wait, for every expert to have a live replica (placement at
-      // start, re-placement after a loss); past that its steps run and fail with the reason.
-      if (!exec->ready()) {
-        const auto now = std::chrono::steady_clock::now();
-        if (!unready_since) unready_since = now;
-        if (now - *unready_since < cfg.replica_wait) {
-          std::this_thread::sleep_for(std::chrono::milliseconds(5));
-          continue;
-        }
-      } else {
-        unready_since.reset();
-      }
-      while (batcher->step()) {
-      }
-    }
-  }
 };
 
 embedded_cluster::embedded_cluster(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
@@ -67,58 +44,38 @@ caf::expected<std::unique_ptr<embedded_cluster>> embedded_cluster::start(const e
   auto ck = model::checkpoint::open(cfg.model);
   if (!ck) return ck.error();
   p->ckpt = std::make_shared<const model::checkpoint>(std::move(*ck));
-  // The router holds the dense part only; the experts live on the hosts.
-  model::load_options lo;
-  lo.want_expert = [](int, int) { return false; };
-  lo.notice = [](const std::string& m) { spdlog::info("{}", m); };
-  auto dense = model::load_model(*p->mcfg, *p->ckpt, lo);
-  if (!dense) return dense.error();
-  p->dense = std::move(*dense);
-
   const int64_t needed = static_cast<int64_t>(p->mcfg->num_moe_layers()) * p->mcfg->gating.num_experts * cfg.replicas;
   const int slots = cfg.slots > 0 ? cfg.slots : static_cast<int>((needed + cfg.hosts - 1) / cfg.hosts);
   for (int h = 0; h < cfg.hosts; ++h)
     p->hosts.push_back(std::make_shared<expert_host_core>("expert-host-" + std::to_string(h), slots));
   // In-process data plane: a host's address names its index here.
-  p->exec = std::make_shared<cluster_executor>([hosts = p->hosts](const host_info& h) -> std::shared_ptr<expert_channel> {
+  auto connect = [hosts = p->hosts](const host_info& h) -> std::shared_ptr<expert_channel> {
     const std::string prefix = "inproc://";
     if (!h.data_address.starts_with(prefix)) return nullptr;
     const size_t i = std::stoul(h.data_address.substr(prefix.size()));
     return i < hosts.size() ? std::make_shared<inproc_channel>(hosts[i]) : nullptr;
-  });
-  p->decoder = std::make_unique<model::decoder>(*p->dense, *p->exec);
-  p->batcher = std::make_unique<scheduler::batcher>(*p->decoder, cfg.batcher);
+  };
+  auto rc = router_core::make(p->mcfg, *p->ckpt, connect, cfg.batcher, cfg.replica_wait);
+  if (!rc) return rc.error();
+  p->router_half = std::move(*rc);
 
   p->sys_cfg.set("scheduler.max-threads", 2);
   p->sys = std::make_unique<caf::actor_system>(p->sys_cfg);
   p->coordinator = p->sys->spawn(coordinator_actor, *p->mcfg, cfg.hosts, cfg.replicas, cfg.heartbeat);
-  p->router = p->sys->spawn(router_actor, p->coordinator, p->exec);
+  p->router = p->sys->spawn(router_actor, p->coordinator, p->router_half->executor());
   for (int h = 0; h < cfg.hosts; ++h)
     p->host_actors.push_back(p->sys->spawn(host_actor, p->coordinator, p->hosts[static_cast<size_t>(h)],
                                            "inproc://" + std::to_string(h), p->mcfg, p->ckpt));
-  auto* raw = p.get();
-  p->engine = std::thread([raw] { raw->run_engine(); });
   return std::unique_ptr<embedded_cluster>(new embedded_cluster(std::move(p)));
 }
 
-bool embedded_cluster::ready() const { return impl_->exec->ready(); }
-
-bool embedded_cluster::wait_ready(std::chrono::milliseconds timeout) const {
-  const auto until = std::chrono::steady_clock::now() + timeout;
-  while (!ready()) {
-    if (std::chrono::steady_clock::now() > until) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  return true;
-}
-
-uint64_t embedded_cluster::epoch() const { return impl_->exec->epoch(); }
-
-caf::error embedded_cluster::submit(scheduler::generation_request r) { return impl_->batcher->submit(std::move(r)); }
-
+bool embedded_cluster::ready() const { return impl_->router_half->ready(); }
+bool embedded_cluster::wait_ready(std::chrono::milliseconds timeout) const { return impl_->router_half->wait_ready(timeout); }
+uint64_t embedded_cluster::epoch() const { return impl_->router_half->executor()->epoch(); }
+caf::error embedded_cluster::submit(scheduler::generation_request r) { return impl_->router_half->submit(std::move(r)); }
 const model::model_config& embedded_cluster::config() const { return *impl_->mcfg; }
-size_t embedded_cluster::queued() const { return impl_->batcher->queued(); }
-size_t embedded_cluster::running() const { return impl_->batcher->running(); }
+size_t embedded_cluster::queued() const { return impl_->router_half->queued(); }
+size_t embedded_cluster::running() const { return impl_->router_half->running(); }
 
 void embedded_cluster::kill_host(int h) {
   if (h < 0 || h >= static_cast<int>(impl_->hosts.size())) return;
@@ -131,13 +88,12 @@ void embedded_cluster::freeze_host(int h) {
   caf::anon_send(impl_->host_actors[static_cast<size_t>(h)], freeze_atom::value);
 }
 
-int embedded_cluster::hosts_up() const { return impl_->exec->hosts_up(); }
+int embedded_cluster::hosts_up() const { return impl_->router_half->executor()->hosts_up(); }
 
 void embedded_cluster::shutdown() {
   if (!impl_ || impl_->down) return;
   impl_->down = true;
-  impl_->batcher->stop();
-  if (impl_->engine.joinable()) impl_->engine.join();
+  impl_->router_half->stop();
   // The coordinator goes first, so the hosts' exits are not reported as failures.
   caf::anon_send_exit(impl_->coordinator, caf::exit_reason::user_shutdown);
   caf::anon_send_exit(impl_->router, caf::exit_reason::user_shutdown);

@@ -3,6 +3,7 @@
 #include "actors/cluster_actors.hpp"
 #include "actors/link_channel.hpp"
 #include "actors/messages.hpp"
+#include "actors/router_core.hpp"
 #include "model/kernels.hpp"
 #include "model/weights.hpp"
 #include "transport/ucx_link.hpp"
@@ -11,7 +12,6 @@
 #include <caf/io/all.hpp>
 #include <spdlog/spdlog.h>
 
-#include <optional>
 #include <thread>
 
 namespace sy::actors {
@@ -25,7 +25,7 @@ std::unique_ptr<caf::actor_system> make_system(caf::actor_system_config& cfg) {
   return std::make_unique<caf::actor_system>(cfg);
 }
 
-caf::expected<caf::actor> connect(caf::actor_system& sys, const std::string& host, uint16_t port) {
+caf::expected<caf::actor> connect_coordinator(caf::actor_system& sys, const std::string& host, uint16_t port) {
   // The coordinator may still be starting: retry for a while.
   caf::error last;
   for (int i = 0; i < 100; ++i) {
@@ -109,7 +109,7 @@ caf::expected<std::unique_ptr<expert_host_process>> expert_host_process::start(c
   if (!server) return server.error();
   p->server = std::move(*server);
   p->sys = make_system(p->cfg);
-  auto coord = connect(*p->sys, o.coordinator_host, o.coordinator_port);
+  auto coord = connect_coordinator(*p->sys, o.coordinator_host, o.coordinator_port);
   if (!coord) return coord.error();
   const std::string address = "ucx://" + o.listen_host + ":" + std::to_string(p->server->port());
   p->actor = p->sys->spawn(host_actor, *coord, p->core, address, std::make_shared<const model::model_config>(std::move(*mc)),
@@ -129,36 +129,12 @@ void expert_host_process::stop() {
 // ---- router ----
 
 struct router_process::impl {
-  router_options opts;
-  std::shared_ptr<const model::model_config> mcfg;
-  std::unique_ptr<model::model_weights> dense;
   std::shared_ptr<transport::ucx_runtime> ucx;
-  std::shared_ptr<cluster_executor> exec;
-  std::unique_ptr<model::decoder> decoder;
-  std::unique_ptr<scheduler::batcher> batcher;
-  std::thread engine;
+  std::unique_ptr<router_core> core;
   caf::actor_system_config cfg;
   std::unique_ptr<caf::actor_system> sys;
   caf::actor router;
   bool down = false;
-
-  void run_engine() {
-    std::optional<std::chrono::steady_clock::time_point> unready_since;
-    while (batcher->wait_for_work()) {
-      if (!exec->ready()) {
-        const auto now = std::chrono::steady_clock::now();
-        if (!unready_since) unready_since = now;
-        if (now - *unready_since < opts.replica_wait) {
-          std::this_thread::sleep_for(std::chrono::milliseconds(5));
-          continue;
-        }
-      } else {
-        unready_since.reset();
-      }
-      while (batcher->step()) {
-      }
-    }
-  }
 };
 
 router_process::router_process(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
@@ -167,74 +143,57 @@ router_process::~router_process() { stop(); }
 caf::expected<std::unique_ptr<router_process>> router_process::start(const router_options& o) {
   model::set_kernel_threads(o.threads);
   auto p = std::make_unique<impl>();
-  p->opts = o;
   auto mc = model::load_config(o.model);
   if (!mc) return mc.error();
-  p->mcfg = std::make_shared<const model::model_config>(std::move(*mc));
+  auto mcfg = std::make_shared<const model::model_config>(std::move(*mc));
   auto ck = model::checkpoint::open(o.model);
   if (!ck) return ck.error();
-  model::load_options lo;
-  lo.want_expert = [](int, int) { return false; };
-  auto dense = model::load_model(*p->mcfg, *ck, lo);
-  if (!dense) return dense.error();
-  p->dense = std::move(*dense);
   auto rt = transport::ucx_runtime::make();
   if (!rt) return rt.error();
   p->ucx = *rt;
-  const int64_t hidden = p->mcfg->hidden_size;
+  const int64_t hidden = mcfg->hidden_size;
   const auto dtype = o.wire_bf16 ? transport::wire_dtype::bf16 : transport::wire_dtype::f32;
-  p->exec = std::make_shared<cluster_executor>(
-      [ucx = p->ucx, hidden, dtype, o](const host_info& h) -> std::shared_ptr<expert_channel> {
-        const std::string prefix = "ucx://";
-        if (!h.data_address.starts_with(prefix)) return nullptr;
-        const auto hostport = h.data_address.substr(prefix.size());
-        const auto colon = hostport.rfind(':');
-        if (colon == std::string::npos) return nullptr;
-        transport::ucx_client_options co;
-        co.peer_error_handling = o.peer_error_handling;
-        auto c = transport::ucx_client::make(ucx, hostport.substr(0, colon),
-                                             static_cast<uint16_t>(std::stoi(hostport.substr(colon + 1))), co);
-        if (!c) {
-          spdlog::warn("router: cannot connect to {} at {}: {}", h.name, h.data_address, model::describe(c.error()));
-          return nullptr;
-        }
-        return std::make_shared<link_channel>(std::shared_ptr<transport::link_client>(std::move(*c)), hidden, dtype,
-                                              o.batch_timeout);
-      });
-  p->decoder = std::make_unique<model::decoder>(*p->dense, *p->exec);
-  p->batcher = std::make_unique<scheduler::batcher>(*p->decoder, o.batcher);
+  // A host's data address is ucx://HOST:PORT; one link per host, opened on first use.
+  auto connect = [ucx = p->ucx, hidden, dtype, o](const host_info& h) -> std::shared_ptr<expert_channel> {
+    const std::string prefix = "ucx://";
+    if (!h.data_address.starts_with(prefix)) return nullptr;
+    const auto hostport = h.data_address.substr(prefix.size());
+    const auto colon = hostport.rfind(':');
+    if (colon == std::string::npos) return nullptr;
+    transport::ucx_client_options co;
+    co.peer_error_handling = o.peer_error_handling;
+    auto c = transport::ucx_client::make(ucx, hostport.substr(0, colon),
+                                         static_cast<uint16_t>(std::stoi(hostport.substr(colon + 1))), co);
+    if (!c) {
+      spdlog::warn("router: cannot connect to {} at {}: {}", h.name, h.data_address, model::describe(c.error()));
+      return nullptr;
+    }
+    return std::make_shared<link_channel>(std::shared_ptr<transport::link_client>(std::move(*c)), hidden, dtype,
+                                          o.batch_timeout);
+  };
+  auto core = router_core::make(mcfg, *ck, connect, o.batcher, o.replica_wait);
+  if (!core) return core.error();
+  p->core = std::move(*core);
   p->sys = make_system(p->cfg);
-  auto coord = connect(*p->sys, o.coordinator_host, o.coordinator_port);
+  auto coord = connect_coordinator(*p->sys, o.coordinator_host, o.coordinator_port);
   if (!coord) return coord.error();
-  p->router = p->sys->spawn(router_actor, *coord, p->exec);
-  auto* raw = p.get();
-  p->engine = std::thread([raw] { raw->run_engine(); });
+  p->router = p->sys->spawn(router_actor, *coord, p->core->executor());
   return std::unique_ptr<router_process>(new router_process(std::move(p)));
 }
 
-bool router_process::ready() const { return impl_->exec->ready(); }
-
-bool router_process::wait_ready(std::chrono::milliseconds timeout) const {
-  const auto until = std::chrono::steady_clock::now() + timeout;
-  while (!ready()) {
-    if (std::chrono::steady_clock::now() > until) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  return true;
-}
-
-uint64_t router_process::epoch() const { return impl_->exec->epoch(); }
-caf::error router_process::submit(scheduler::generation_request r) { return impl_->batcher->submit(std::move(r)); }
-const model::model_config& router_process::config() const { return *impl_->mcfg; }
+bool router_process::ready() const { return impl_->core->ready(); }
+bool router_process::wait_ready(std::chrono::milliseconds timeout) const { return impl_->core->wait_ready(timeout); }
+uint64_t router_process::epoch() const { return impl_->core->executor()->epoch(); }
+caf::error router_process::submit(scheduler::generation_request r) { return impl_->core->submit(std::move(r)); }
+const model::model_config& router_process::config() const { return impl_->core->config(); }
 
 void router_process::stop() {
   if (!impl_ || impl_->down) return;
   impl_->down = true;
-  impl_->batcher->stop();
-  if (impl_->engine.joinable()) impl_->engine.join();
+  impl_->core->stop();
   caf::anon_send_exit(impl_->router, caf::exit_reason::user_shutdown);
   impl_->sys.reset();
-  impl_->exec.reset();  // closes the data-plane links before the UCX runtime goes
+  impl_->core.reset();  // closes the data-plane links before the UCX runtime goes
 }
 
 }  // namespace sy::actors
