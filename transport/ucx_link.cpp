@@ -116,6 +116,7 @@ struct ucx_runtime::impl : std::enable_shared_from_this<ucx_runtime::impl> {
   };
   std::multimap<clock::time_point, timer_ref> timers;
   std::vector<void*> closing;  // ep close requests not yet complete
+  int64_t awaiting = 0;        // replies this process waits for, or handler replies to send
 
   ~impl();
   caf::error start();
@@ -320,7 +321,8 @@ void ucx_runtime::impl::loop() {
       last_active = now;
       continue;
     }
-    if (now - last_active < options.spin) continue;
+    const auto idle_for = now - last_active;
+    if (idle_for < options.spin || (awaiting > 0 && idle_for < options.spin_awaiting)) continue;
 
     sleeping.store(true);
     if (has_tasks.load() || exit.load()) {
@@ -417,6 +419,7 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
     }
     auto timer = rt->timers.emplace(deadline, ucx_runtime::impl::timer_ref{this, id});
     pending.emplace(id, pending_call{std::move(cb), ob->batch.header, timer});
+    ++rt->awaiting;
     internal::link_counters::bump(counters.requests_sent);
     internal::link_counters::bump(counters.bytes_sent, ob->header.size() + ob->batch.rows.size());
     ob->owner = shared_from_this();
@@ -435,6 +438,7 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
     }
     auto call = std::move(it->second);
     pending.erase(it);
+    --rt->awaiting;
     rt->timers.erase(call.timer);
     if (result)
       internal::link_counters::bump(counters.replies_received);
@@ -446,6 +450,7 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
   void fail_all(const caf::error& err) {
     auto calls = std::move(pending);
     pending.clear();
+    rt->awaiting -= static_cast<int64_t>(calls.size());
     for (auto& [id, call] : calls) {
       rt->timers.erase(call.timer);
       counters.count_error(err);
@@ -709,6 +714,16 @@ struct ucx_server::state {
 
 namespace {
 
+/// Takes back a handler job's share of `awaiting` if the pool drops the job without running it.
+struct awaiting_guard {
+  ucx_runtime::impl* rt;
+  awaiting_guard(ucx_runtime::impl* r) : rt(r) {}
+  awaiting_guard(awaiting_guard&& o) noexcept : rt(std::exchange(o.rt, nullptr)) {}
+  ~awaiting_guard() {
+    if (rt != nullptr) rt->post([r = rt] { --r->awaiting; });
+  }
+};
+
 struct server_conn final : ep_owner, std::enable_shared_from_this<server_conn> {
   ucx_runtime::impl* rt = nullptr;
   std::shared_ptr<ucx_server::state> server;  // cleared when the connection closes
@@ -817,9 +832,13 @@ struct server_conn final : ep_owner, std::enable_shared_from_this<server_conn> {
       send_reply(meta, srv->handler(std::move(req)));
       return;
     }
-    srv->pool->submit([self = shared_from_this(), srv, meta = std::move(meta), req = std::move(req)]() mutable {
+    ++rt->awaiting;
+    srv->pool->submit([self = shared_from_this(), srv, guard = awaiting_guard{rt}, meta = std::move(meta),
+                       req = std::move(req)]() mutable {
       auto r = srv->handler(std::move(req));
+      guard.rt = nullptr;
       self->rt->post([self, meta = std::move(meta), r = std::move(r)]() mutable {
+        --self->rt->awaiting;
         self->send_reply(meta, std::move(r));
       });
     });

@@ -2,8 +2,9 @@
 /// The UCX link: token batches as UCX active messages between processes (or hosts).
 ///
 /// - One `ucx_runtime` per process holds the ucp context and worker and a progress thread that
-///   drives the worker; every UCX call runs on that thread. It polls for `spin` after the last
-///   event, then sleeps in epoll on the worker's event fd (UCP_FEATURE_WAKEUP) and its own eventfd.
+///   drives the worker; every UCX call runs on that thread. It polls for a while after the last
+///   event (longer while replies are awaited), then sleeps in epoll on the worker's event fd
+///   (UCP_FEATURE_WAKEUP) and its own eventfd.
 /// - `ucx_server` listens on HOST:PORT with a `ucp_listener` (port 0 picks a free port; `port()`
 ///   reports it) and answers requests through a handler on a worker pool (or on the progress thread
 ///   when `workers == 0`, for handlers that never block).
@@ -37,8 +38,13 @@ struct ucx_runtime_options {
   /// UCX configuration overrides applied on top of the environment, e.g. {"TLS", "tcp"}. Keep
   /// `tcp` among the transports: the listener's connection setup runs over it.
   std::vector<std::pair<std::string, std::string>> config;
-  /// How long the progress thread keeps polling after the last event before it sleeps.
-  std::chrono::microseconds spin{100};
+  /// How long the progress thread keeps polling after the last event before it sleeps in epoll.
+  /// Polling answers the next message in microseconds instead of a wake-up's tens; it costs a
+  /// core while it lasts.
+  std::chrono::microseconds spin{50};
+  /// How long it keeps polling after the last event while it awaits something: a reply to a
+  /// request of this process, or a handler's reply to send.
+  std::chrono::microseconds spin_awaiting{1000};
   /// Bounds applied to every frame this process receives.
   wire_limits limits;
 };

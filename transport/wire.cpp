@@ -7,6 +7,9 @@
 #include <caf/message.hpp>
 
 #include <algorithm>
+#include <array>
+#include <bit>
+#include <mutex>
 #include <cstring>
 #include <string>
 
@@ -118,13 +121,74 @@ caf::error validate(const batch_header& h, uint64_t payload_length, const wire_l
   return {};
 }
 
+namespace {
+
+/// Recycles large row buffers by power-of-two size class (see row_buffer).
+class buffer_cache {
+ public:
+  static constexpr size_t min_bytes = size_t{64} << 10;
+  static constexpr int classes = 48;
+  static constexpr size_t per_class = 16;
+  static constexpr size_t max_total = size_t{256} << 20;
+
+  static buffer_cache& instance() {
+    static buffer_cache* c = new buffer_cache();  // never destroyed: buffers may be freed during exit
+    return *c;
+  }
+  /// The class of a request of `bytes` (≥ min_bytes), or -1 when it is too large to round.
+  static int class_of(size_t bytes) {
+    const int c = std::bit_width(bytes - 1);
+    return c < classes ? c : -1;
+  }
+  void* take(int c) {
+    std::lock_guard lock(mu_);
+    auto& v = free_[static_cast<size_t>(c)];
+    if (v.empty()) return nullptr;
+    void* p = v.back();
+    v.pop_back();
+    total_ -= size_t{1} << c;
+    return p;
+  }
+  bool give(int c, void* p) {
+    std::lock_guard lock(mu_);
+    auto& v = free_[static_cast<size_t>(c)];
+    if (v.size() >= per_class || total_ + (size_t{1} << c) > max_total) return false;
+    v.push_back(p);
+    total_ += size_t{1} << c;
+    return true;
+  }
+
+ private:
+  std::mutex mu_;
+  std::array<std::vector<void*>, classes> free_;
+  size_t total_ = 0;
+};
+
+}  // namespace
+
+void row_buffer::deleter::operator()(std::byte* p) const {
+  if (bytes >= buffer_cache::min_bytes) {
+    const int c = buffer_cache::class_of(bytes);
+    if (c >= 0 && buffer_cache::instance().give(c, p)) return;
+  }
+  std::free(p);
+}
+
 caf::expected<row_buffer> row_buffer::allocate(size_t bytes) {
   size_t rounded = (bytes + 63) / 64 * 64;
   if (rounded < bytes) return make_error(wire_errc::out_of_memory, "wire: cannot allocate " + num(bytes) + " bytes");
-  void* p = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
+  void* p = nullptr;
+  if (bytes >= buffer_cache::min_bytes) {
+    const int c = buffer_cache::class_of(bytes);
+    if (c < 0) return make_error(wire_errc::out_of_memory, "wire: cannot allocate " + num(bytes) + " bytes");
+    p = buffer_cache::instance().take(c);
+    if (p == nullptr) p = std::aligned_alloc(64, size_t{1} << c);
+  } else {
+    p = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
+  }
   if (p == nullptr) return make_error(wire_errc::out_of_memory, "wire: cannot allocate " + num(bytes) + " bytes");
   row_buffer b;
-  b.ptr_.reset(static_cast<std::byte*>(p));
+  b.ptr_ = std::unique_ptr<std::byte, deleter>(static_cast<std::byte*>(p), deleter{bytes});
   b.size_ = bytes;
   return b;
 }
