@@ -32,4 +32,8 @@ std::future<caf::expected<reply>> link_client::call(request req, std::chrono::mi
   return future;
 }
 
+caf::expected<reply> link_client::call_sync(request req, std::chrono::milliseconds timeout) {
+  return call(std::move(req), timeout).get();
+}
+
 }  // namespace sy::transport

@@ -66,6 +66,11 @@ class link_client {
   /// `send` with a future instead of a callback.
   [[nodiscard]] std::future<caf::expected<reply>> call(request req, std::chrono::milliseconds timeout);
 
+  /// Sends `req` and blocks until its outcome. The default waits on `call`'s future; a link may
+  /// instead do the work on the calling thread while it waits (the UCX link drives its runtime,
+  /// saving two thread hand-offs per round trip). Must not be called from a reply callback.
+  [[nodiscard]] virtual caf::expected<reply> call_sync(request req, std::chrono::milliseconds timeout);
+
   [[nodiscard]] virtual link_stats stats() const = 0;
 
   /// False once the link was closed or its peer failed; later sends fail with `link_closed`.

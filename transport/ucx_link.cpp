@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstring>
 #include <future>
 #include <map>
@@ -100,15 +101,24 @@ struct ucx_runtime::impl : std::enable_shared_from_this<ucx_runtime::impl> {
   size_t max_am_header = 0;
 
   std::thread thread;
-  std::atomic<std::thread::id> thread_id{};
   std::mutex mu;
   std::vector<internal::task> tasks;
   std::atomic<bool> has_tasks{false};
-  std::atomic<bool> sleeping{false};
   std::atomic<bool> exit{false};
   std::atomic<uint64_t> unattributed{0};
 
-  // Progress thread only.
+  // The worker is driven by whoever holds `drive_mu`: the progress thread, or a thread waiting in
+  // ucx_client::call_sync. Everything below `driver` is touched only by the holder.
+  std::mutex drive_mu;
+  std::atomic<std::thread::id> driver{};
+  std::atomic<int> callers_driving{0};  // call_sync callers that drive or want to
+  enum class progress_state : int { active, epoll, parked };
+  std::atomic<progress_state> state{progress_state::active};
+  std::mutex park_mu;
+  std::condition_variable park_cv;
+  std::atomic<int64_t> awaiting{0};    // replies this process waits for, or handler replies to send
+  std::atomic<int64_t> listeners{0};   // servers on this runtime (their requests need a driver)
+
   std::unordered_map<ucp_ep_h, std::shared_ptr<ep_owner>> owners;
   struct timer_ref {
     struct ucx_client::state* client;
@@ -116,17 +126,50 @@ struct ucx_runtime::impl : std::enable_shared_from_this<ucx_runtime::impl> {
   };
   std::multimap<clock::time_point, timer_ref> timers;
   std::vector<void*> closing;  // ep close requests not yet complete
-  int64_t awaiting = 0;        // replies this process waits for, or handler replies to send
+  std::vector<internal::task> running;
 
   ~impl();
   caf::error start();
   void loop();
   bool init_on_thread(std::string& why);
   void post(internal::task t);
-  bool on_progress_thread() const { return std::this_thread::get_id() == thread_id.load(); }
+  /// One turn: queued tasks, worker progress, close requests, timers. Returns whether anything
+  /// happened. Only the driver calls it.
+  bool pass();
+  bool drives() const { return driver.load(std::memory_order_relaxed) == std::this_thread::get_id(); }
+  bool try_drive() {
+    if (!drive_mu.try_lock()) return false;
+    driver.store(std::this_thread::get_id());
+    return true;
+  }
+  /// A call_sync caller stops driving. Returns whether the worker still has work a driver must
+  /// watch (read while still holding it).
+  bool stop_driving() {
+    const bool work = awaiting.load() > 0 || listeners.load() > 0 || !closing.empty() || has_tasks.load();
+    driver.store({});
+    drive_mu.unlock();
+    return work;
+  }
+  /// After the last caller left: the progress thread takes the worker back. If it sleeps in epoll
+  /// its arm may be stale (someone else progressed the worker), so it is woken to re-arm; if it is
+  /// parked it is woken when work is waiting (otherwise it resumes by itself within 1 ms).
+  void hand_back(bool work) {
+    if (callers_driving.load() != 0) return;
+    const auto s = state.load();
+    if (s == progress_state::epoll) {
+      wake_epoll();
+    } else if (s == progress_state::parked && (work || has_tasks.load())) {
+      { std::lock_guard lock(park_mu); }
+      park_cv.notify_one();
+    }
+  }
+  void wake_epoll() {
+    uint64_t one = 1;
+    [[maybe_unused]] auto n = ::write(event_fd, &one, sizeof one);
+  }
   template <class F>
   auto run_sync(F&& f) -> std::invoke_result_t<F> {
-    if (on_progress_thread()) return f();
+    if (drives()) return f();
     std::packaged_task<std::invoke_result_t<F>()> pt(std::forward<F>(f));
     auto fut = pt.get_future();
     post([pt = std::move(pt)]() mutable { pt(); });
@@ -181,10 +224,13 @@ void ucx_runtime::impl::post(internal::task t) {
     tasks.push_back(std::move(t));
   }
   has_tasks.store(true);
-  if (sleeping.load()) {
-    uint64_t one = 1;
-    [[maybe_unused]] auto n = ::write(event_fd, &one, sizeof one);
-  }
+  const auto s = state.load();
+  if (s == progress_state::epoll) {
+    wake_epoll();
+  } else if (s == progress_state::parked && callers_driving.load() == 0) {
+    { std::lock_guard lock(park_mu); }
+    park_cv.notify_one();
+  }  // else the progress thread is active, or a driving caller runs the task
 }
 
 bool ucx_runtime::impl::init_on_thread(std::string& why) {
@@ -214,7 +260,7 @@ bool ucx_runtime::impl::init_on_thread(std::string& why) {
   }
   ucp_worker_params_t wp{};
   wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
-  wp.thread_mode = UCS_THREAD_MODE_SINGLE;  // every UCX call happens on this thread
+  wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;  // one driver at a time (drive_mu), not always the same thread
   st = ucp_worker_create(context, &wp, &worker);
   if (st != UCS_OK) {
     why = "ucp_worker_create: " + ucx_text(st);
@@ -259,7 +305,6 @@ caf::error ucx_runtime::impl::start() {
   std::promise<std::string> ready;
   auto ready_future = ready.get_future();
   thread = std::thread([self = shared_from_this(), &ready] {
-    self->thread_id.store(std::this_thread::get_id());
     std::string why;
     const bool ok = self->init_on_thread(why);
     ready.set_value(ok ? std::string{} : why);
@@ -297,40 +342,71 @@ void ucx_runtime::impl::poll_closing() {
   }
 }
 
-void ucx_runtime::impl::loop() {
-  auto last_active = clock::now();
-  std::vector<internal::task> batch;
-  for (;;) {
-    bool active = false;
-    if (has_tasks.load()) {
-      {
-        std::lock_guard lock(mu);
-        batch.swap(tasks);
-        has_tasks.store(false);
-      }
-      for (auto& t : batch) t();
-      batch.clear();
-      active = true;
+bool ucx_runtime::impl::pass() {
+  bool active = false;
+  if (has_tasks.load()) {
+    {
+      std::lock_guard lock(mu);
+      running.swap(tasks);
+      has_tasks.store(false);
     }
-    for (int i = 0; i < 64 && ucp_worker_progress(worker) != 0; ++i) active = true;
-    if (!closing.empty()) poll_closing();
-    const auto now = clock::now();
-    if (!timers.empty()) fire_timers(now);
+    for (auto& t : running) t();
+    running.clear();
+    active = true;
+  }
+  for (int i = 0; i < 64 && ucp_worker_progress(worker) != 0; ++i) active = true;
+  if (!closing.empty()) poll_closing();
+  if (!timers.empty()) fire_timers(clock::now());
+  return active;
+}
+
+void ucx_runtime::impl::loop() {
+  std::unique_lock drive(drive_mu, std::defer_lock);
+  auto last_active = clock::now();
+  for (;;) {
+    if (!drive.owns_lock()) {
+      // A caller in call_sync drives the worker: stay out of its way (no spinning next to it).
+      if (callers_driving.load() > 0 && !exit.load()) {
+        state.store(progress_state::parked);
+        {
+          std::unique_lock park(park_mu);
+          park_cv.wait_for(park, std::chrono::milliseconds(1),
+                           [&] { return callers_driving.load() == 0 || exit.load(); });
+        }
+        state.store(progress_state::active);
+        continue;
+      }
+      state.store(progress_state::active);
+      drive.lock();
+      driver.store(std::this_thread::get_id());
+    }
+    const bool active = pass();
     if (exit.load() && !has_tasks.load()) break;
+    const auto now = clock::now();
     if (active) {
       last_active = now;
       continue;
     }
     const auto idle_for = now - last_active;
-    if (idle_for < options.spin || (awaiting > 0 && idle_for < options.spin_awaiting)) continue;
+    if (idle_for < options.spin || (awaiting.load() > 0 && idle_for < options.spin_awaiting)) {
+      if (callers_driving.load() > 0) {  // a caller wants to drive: hand it the worker
+        driver.store({});
+        drive.unlock();
+      }
+      continue;
+    }
 
-    sleeping.store(true);
-    if (has_tasks.load() || exit.load()) {
-      sleeping.store(false);
+    state.store(progress_state::epoll);
+    if (has_tasks.load() || exit.load() || callers_driving.load() > 0) {
+      state.store(progress_state::active);
+      if (callers_driving.load() > 0) {
+        driver.store({});
+        drive.unlock();
+      }
       continue;
     }
     if (ucp_worker_arm(worker) == UCS_ERR_BUSY) {
-      sleeping.store(false);
+      state.store(progress_state::active);
       continue;
     }
     int timeout_ms = -1;
@@ -339,11 +415,13 @@ void ucx_runtime::impl::loop() {
       timeout_ms = static_cast<int>(std::clamp<int64_t>(wait, 0, 1000));
     }
     if (!closing.empty()) timeout_ms = timeout_ms < 0 ? 10 : std::min(timeout_ms, 10);
+    driver.store({});
+    drive.unlock();
     epoll_event events[2];
     (void)::epoll_wait(epoll_fd, events, 2, timeout_ms);
-    sleeping.store(false);
     uint64_t drained = 0;
     [[maybe_unused]] auto n = ::read(event_fd, &drained, sizeof drained);
+    last_active = clock::now();  // whoever drove meanwhile, look again before sleeping
   }
   // Leaving: close what is left, give close requests a bounded time to finish.
   auto owners_left = std::move(owners);
@@ -367,7 +445,7 @@ caf::expected<std::shared_ptr<ucx_runtime>> ucx_runtime::make(ucx_runtime_option
 ucx_runtime::~ucx_runtime() {
   impl_->post([self = impl_.get()] { self->exit.store(true); });
   if (!impl_->thread.joinable()) return;
-  if (impl_->on_progress_thread())
+  if (impl_->thread.get_id() == std::this_thread::get_id())
     impl_->thread.detach();  // dropped from a callback: the loop ends after this task, then cleans up
   else
     impl_->thread.join();
@@ -674,6 +752,79 @@ void ucx_client::send(request req, std::chrono::milliseconds timeout, reply_call
   });
 }
 
+caf::expected<reply> ucx_client::call_sync(request req, std::chrono::milliseconds timeout) {
+  auto* rt = state_->rt;
+  if (rt->drives())
+    return make_error(wire_errc::invalid_argument, "ucx: call_sync from a callback of the same runtime; use send");
+  struct outcome {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::atomic<bool> ready{false};
+    std::optional<caf::expected<reply>> result;
+  };
+  auto out = std::make_shared<outcome>();
+  reply_callback cb = [out](caf::expected<reply> r) {
+    {
+      std::lock_guard lock(out->mu);
+      out->result.emplace(std::move(r));
+    }
+    out->ready.store(true);
+    out->cv.notify_all();
+  };
+  auto& st = *state_;
+  if (!st.open.load() || validate(req.header, req.rows.size(), rt->options.limits)) {
+    send(std::move(req), timeout, std::move(cb));  // fails at once with the typed error
+    return std::move(*out->result);
+  }
+  auto ob = std::make_unique<outbound>();
+  ob->header = encode_header(frame_kind::request, req.header);
+  if (rt->max_am_header != 0 && ob->header.size() > rt->max_am_header) {
+    send(std::move(req), timeout, std::move(cb));
+    return std::move(*out->result);
+  }
+  ob->batch = std::move(static_cast<token_batch&>(req));
+  const auto deadline = clock::now() + timeout;
+
+  rt->callers_driving.fetch_add(1);
+  bool wants_to_drive = true;
+  bool work = true;  // whether the worker has work left for the progress thread when we leave
+  while (!out->ready.load()) {
+    if (wants_to_drive && rt->try_drive()) {
+      if (ob) state_->start(std::move(ob), cb, deadline);
+      auto last = clock::now();
+      while (!out->ready.load()) {
+        if (rt->pass()) {
+          last = clock::now();
+        } else if (clock::now() - last > rt->options.spin_awaiting) {
+          wants_to_drive = false;  // a slow reply: stop burning this core, let the progress thread watch
+          break;
+        }
+      }
+      work = rt->stop_driving();
+      if (!wants_to_drive) {
+        rt->callers_driving.fetch_sub(1);
+        rt->hand_back(work);
+      }
+      continue;
+    }
+    if (ob) {
+      rt->post([s = state_, ob = std::move(ob), cb, deadline]() mutable { s->start(std::move(ob), std::move(cb), deadline); });
+      ob.reset();
+    }
+    // Someone else drives (the progress thread steps aside for us shortly, or another caller).
+    work = true;
+    std::unique_lock lock(out->mu);
+    out->cv.wait_for(lock, wants_to_drive ? std::chrono::microseconds(20) : std::chrono::microseconds(100000),
+                     [&] { return out->ready.load(); });
+  }
+  if (wants_to_drive) {
+    rt->callers_driving.fetch_sub(1);
+    rt->hand_back(work);
+  }
+  std::lock_guard lock(out->mu);
+  return std::move(*out->result);
+}
+
 link_stats ucx_client::stats() const { return state_->counters.snapshot(); }
 
 bool ucx_client::is_open() const { return state_->open.load(); }
@@ -935,6 +1086,7 @@ caf::expected<std::unique_ptr<ucx_server>> ucx_server::make(std::shared_ptr<ucx_
       return make_error(wire_errc::ucx_error, "ucx: ucp_listener_query: " + ucx_text(s));
     }
     st->port = ntohs(reinterpret_cast<const sockaddr_in*>(&la.sockaddr)->sin_port);
+    rt->listeners.fetch_add(1);
     return {};
   });
   if (err) {
@@ -965,7 +1117,10 @@ void ucx_server::stop() {
   if (state_->stopped.exchange(true)) return;
   auto s = state_;
   s->rt->run_sync([s] {
-    if (s->listener != nullptr) ucp_listener_destroy(s->listener);
+    if (s->listener != nullptr) {
+      ucp_listener_destroy(s->listener);
+      s->rt->listeners.fetch_sub(1);
+    }
     s->listener = nullptr;
     auto conns = s->conns;
     for (auto& [ptr, conn] : conns) {

@@ -78,7 +78,8 @@ struct ucx_client_options {
   std::chrono::milliseconds connect_timeout{2000};
 };
 
-/// One link to one server. Reply callbacks run on the runtime's progress thread.
+/// One link to one server. Reply callbacks run on the thread driving the runtime: its progress
+/// thread, or a thread waiting in `call_sync`.
 class ucx_client final : public link_client {
  public:
   /// Connects to `host:port` and waits until the endpoint is wired up (a flush completes).
@@ -88,6 +89,11 @@ class ucx_client final : public link_client {
   ~ucx_client() override;
 
   void send(request req, std::chrono::milliseconds timeout, reply_callback on_reply) override;
+  /// Sends and waits, driving the runtime's worker from this thread while no other thread does
+  /// (the progress thread steps aside): the send and the reply need no thread hand-off. After
+  /// `spin_awaiting` without an event it hands the worker back and sleeps until the outcome.
+  /// Callbacks of other requests may run on this thread meanwhile.
+  [[nodiscard]] caf::expected<reply> call_sync(request req, std::chrono::milliseconds timeout) override;
   [[nodiscard]] link_stats stats() const override;
   [[nodiscard]] bool is_open() const override;
   void close() override;

@@ -14,6 +14,7 @@
 #include <mutex>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <thread>
 #include <unistd.h>
 
 using namespace sy::transport;
@@ -153,6 +154,92 @@ TEST_CASE("ucx: loopback in one process round-trips eager and rendezvous batches
     REQUIRE((*server)->connection_stats().size() == 1);
     CHECK((*server)->connection_stats()[0].requests_received == id - 1);
   }
+}
+
+TEST_CASE("ucx: call_sync drives the worker from the waiting thread, alone or beside other callers",
+          "[transport][ucx]") {
+  for (unsigned workers : {0u, 1u}) {
+    INFO("server workers " << workers);
+    // One runtime for the server and all clients: waiting callers also drive the server's side.
+    auto rt = runtime();
+    ucx_server_options so;
+    so.workers = workers;
+    auto server = ucx_server::make(rt, negate_handler(), so);
+    REQUIRE(server);
+    std::vector<std::unique_ptr<ucx_client>> links;
+    for (int i = 0; i < 3; ++i) {
+      auto c = ucx_client::make(rt, "127.0.0.1", (*server)->port());
+      REQUIRE(c);
+      links.push_back(std::move(*c));
+    }
+    std::atomic<int> bad{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&, t] {
+        auto& link = *links[static_cast<size_t>(t) % links.size()];
+        for (uint32_t i = 0; i < 60; ++i) {
+          const uint64_t id = 100000u * static_cast<uint64_t>(t + 1) + i;
+          // Mostly eager, every 8th rendezvous (256 rows × 1024 bf16 = 512 KiB).
+          auto req = test::make_request(id, {i % 8 == 0 ? 256u : 1 + i % 5}, 1024, wire_dtype::bf16, i);
+          auto copy = test::clone(req);
+          if (t == 3) {  // one thread mixes in the asynchronous path
+            auto rep = link.call(std::move(req), 10s).get();
+            if (!rep || !test::is_negation_of(copy, *rep)) ++bad;
+            continue;
+          }
+          auto rep = link.call_sync(std::move(req), 10s);
+          if (!rep || !test::is_negation_of(copy, *rep)) ++bad;
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    CHECK(bad.load() == 0);
+    CHECK((*server)->stats().requests_received == 240);
+  }
+}
+
+TEST_CASE("ucx: call_sync reports timeouts and refuses to run inside a callback", "[transport][ucx]") {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool release = false;
+  auto server_rt = runtime();
+  auto client_rt = runtime();
+  auto server = ucx_server::make(server_rt, [&](request r) -> caf::expected<reply> {
+    if (r.header.layer == test::blocking_layer) {
+      std::unique_lock lock(mu);
+      cv.wait(lock, [&] { return release; });
+    }
+    return test::negate(std::move(r));
+  });
+  REQUIRE(server);
+  auto client = ucx_client::make(client_rt, "127.0.0.1", (*server)->port());
+  REQUIRE(client);
+  auto& link = **client;
+  auto slow = test::make_request(1, {1});
+  slow.header.layer = test::blocking_layer;
+  const auto t0 = clock_type::now();
+  auto r = link.call_sync(std::move(slow), 100ms);
+  REQUIRE_FALSE(r);
+  CHECK(wire_code(r.error()) == wire_errc::timeout);
+  CHECK(clock_type::now() - t0 < 1s);
+  {
+    std::lock_guard lock(mu);
+    release = true;
+  }
+  cv.notify_all();
+
+  std::promise<caf::error> nested;
+  link.send(test::make_request(2, {1}), 5s, [&](caf::expected<reply> rep) {
+    if (!rep) {
+      nested.set_value(rep.error());
+      return;
+    }
+    auto inner = link.call_sync(test::make_request(3, {1}), 5s);
+    nested.set_value(inner ? caf::error{} : inner.error());
+  });
+  auto err = nested.get_future().get();
+  CHECK(wire_code(err) == wire_errc::invalid_argument);
+  CHECK(link.call_sync(test::make_request(4, {2}), 5s));
 }
 
 TEST_CASE("ucx: many requests in flight are matched to their replies by batch id", "[transport][ucx]") {
@@ -318,6 +405,13 @@ TEST_CASE("ucx: a server in another process answers eager and rendezvous batches
     REQUIRE(client);
     uint64_t id = 1;
     round_trips(**client, id);
+    for (uint32_t rows : {1u, 512u}) {  // the same over call_sync
+      auto req = test::make_request(id++, {rows}, 4096);
+      auto copy = test::clone(req);
+      auto rep = (*client)->call_sync(std::move(req), 10s);
+      REQUIRE(rep);
+      CHECK(test::is_negation_of(copy, *rep));
+    }
     CHECK((*client)->stats().replies_received == id - 1);
   }
   CHECK(child.stop() == 0);
@@ -340,6 +434,16 @@ TEST_CASE("ucx: a peer killed with SIGKILL mid-stream fails every pending reques
     pending.push_back(link.call(std::move(req), 30s));
   }
   REQUIRE(child.wait_for('B', 5s));
+  // And one caller blocked in call_sync, driving the worker while the peer dies.
+  auto sync_req = test::make_request(150, {2}, 4096);
+  sync_req.header.layer = test::blocking_layer;
+  std::promise<caf::error> sync_outcome;
+  std::thread sync_caller([&] {
+    auto r = link.call_sync(std::move(sync_req), 30s);
+    sync_outcome.set_value(r ? caf::error{} : r.error());
+  });
+  auto sync_future = sync_outcome.get_future();
+  while (link.stats().requests_sent < 4 + 8 + 1) std::this_thread::yield();  // it has been sent
   const auto t0 = clock_type::now();
   child.kill_now();
   for (auto& f : pending) {
@@ -348,6 +452,9 @@ TEST_CASE("ucx: a peer killed with SIGKILL mid-stream fails every pending reques
     REQUIRE_FALSE(r);
     CHECK(wire_code(r.error()) == wire_errc::peer_failed);
   }
+  REQUIRE(sync_future.wait_for(5s) == std::future_status::ready);
+  CHECK(wire_code(sync_future.get()) == wire_errc::peer_failed);
+  sync_caller.join();
   const auto elapsed = clock_type::now() - t0;
   CHECK(elapsed < 500ms);
   WARN("pending requests failed " << std::chrono::duration_cast<std::chrono::microseconds>(elapsed).count()
@@ -356,7 +463,7 @@ TEST_CASE("ucx: a peer killed with SIGKILL mid-stream fails every pending reques
   auto after = link.call(test::make_request(200, {1}), 1s).get();
   REQUIRE_FALSE(after);
   CHECK(wire_code(after.error()) == wire_errc::link_closed);
-  CHECK(link.stats().error_count(wire_errc::peer_failed) == 8);
+  CHECK(link.stats().error_count(wire_errc::peer_failed) == 9);
   child.stop();
 }
 
