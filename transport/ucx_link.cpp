@@ -642,9 +642,14 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
   }
 
   void on_send_failed(uint64_t batch_id, ucs_status_t status) override {
-    complete(batch_id, make_error(open.load() ? wire_errc::send_failed : wire_errc::peer_failed,
-                                  "ucx: sending batch " + std::to_string(batch_id) + " to " + peer +
-                                      " failed: " + ucx_text(status)));
+    // A send that fails after it started means the endpoint is broken (UCX may report it here
+    // before the endpoint's error callback): the whole link fails, as for an endpoint error.
+    auto err = make_error(wire_errc::peer_failed, "ucx: sending batch " + std::to_string(batch_id) + " to " + peer +
+                                                      " failed: " + ucx_text(status));
+    if (open.load())
+      fail_link(err, peer_mode);
+    else
+      complete(batch_id, std::move(err));
   }
 
   void expire(uint64_t id) {

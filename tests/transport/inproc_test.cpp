@@ -5,6 +5,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <atomic>
 #include <condition_variable>
 #include <latch>
 #include <mutex>
@@ -118,12 +119,13 @@ TEST_CASE("inproc: invalid requests, bad replies, duplicates and timeouts fail w
 
 TEST_CASE("inproc: closing a link or stopping the server fails pending requests with link_closed", "[transport][inproc]") {
   std::latch entered(1);
+  std::atomic<bool> entered_once{false};  // a latch must not count below zero
   std::mutex mu;
   std::condition_variable cv;
   bool release = false;
   auto server = inproc_server::make([&](request r) -> caf::expected<reply> {
     if (r.header.layer == test::blocking_layer) {
-      entered.count_down();
+      if (!entered_once.exchange(true)) entered.count_down();
       std::unique_lock lock(mu);
       cv.wait(lock, [&] { return release; });
     }

@@ -8,6 +8,7 @@
 #include <ucp/api/ucp.h>
 
 #include <arpa/inet.h>
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <latch>
@@ -342,6 +343,7 @@ TEST_CASE("ucx: handler errors, invalid replies, duplicates and timeouts fail wi
 
 TEST_CASE("ucx: closing a link fails its pending requests with link_closed, and a stopped server refuses", "[transport][ucx]") {
   std::latch entered(1);
+  std::atomic<bool> entered_once{false};  // a latch must not count below zero
   std::mutex mu;
   std::condition_variable cv;
   bool release = false;
@@ -349,7 +351,7 @@ TEST_CASE("ucx: closing a link fails its pending requests with link_closed, and 
   auto client_rt = runtime();
   auto server = ucx_server::make(server_rt, [&](request r) -> caf::expected<reply> {
     if (r.header.layer == test::blocking_layer) {
-      entered.count_down();
+      if (!entered_once.exchange(true)) entered.count_down();
       std::unique_lock lock(mu);
       cv.wait(lock, [&] { return release; });
     }
@@ -369,12 +371,25 @@ TEST_CASE("ucx: closing a link fails its pending requests with link_closed, and 
   r = (*client)->call(test::make_request(2, {1}), 1s).get();
   REQUIRE_FALSE(r);
   CHECK(wire_code(r.error()) == wire_errc::link_closed);
+
+  // Stopping the server closes its connections at once: a client waiting on a handler that is
+  // still running (blocked) sees its endpoint fail, without waiting for the handler.
+  auto client2 = ucx_client::make(client_rt, "127.0.0.1", (*server)->port());
+  REQUIRE(client2);
+  auto blocked2 = test::make_request(3, {1});
+  blocked2.header.layer = test::blocking_layer;
+  auto pending2 = (*client2)->call(std::move(blocked2), 10s);
+  std::thread stopper([&] { (*server)->stop(); });  // returns once the blocked handler is released
+  REQUIRE(pending2.wait_for(2s) == std::future_status::ready);
+  r = pending2.get();
+  REQUIRE_FALSE(r);
+  CHECK(wire_code(r.error()) == wire_errc::peer_failed);
   {
     std::lock_guard lock(mu);
     release = true;
   }
   cv.notify_all();
-  (*server)->stop();
+  stopper.join();
   CHECK((*server)->connections() == 0);
   ucx_client_options co;
   co.connect_timeout = 1s;
