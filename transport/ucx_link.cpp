@@ -46,7 +46,7 @@ caf::expected<sockaddr_in> make_sockaddr(const std::string& host, uint16_t port)
 }  // namespace
 
 /// Something an endpoint belongs to: a client link or one of a server's connections. All calls on
-/// the progress thread.
+/// the driving thread (see ucx_runtime::impl).
 struct ep_owner {
   virtual ~ep_owner() = default;
   virtual ucs_status_t on_frame(unsigned am_id, std::span<const std::byte> header, void* data, size_t length,
@@ -461,7 +461,7 @@ uint64_t ucx_runtime::unattributed_frames() const { return impl_->unattributed.l
 struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_client::state> {
   ucx_runtime::impl* rt = nullptr;
   bool peer_mode = true;
-  ucp_ep_h ep = nullptr;        // progress thread
+  ucp_ep_h ep = nullptr;        // driver only
   std::atomic<bool> open{false};
   std::string peer;             // "host:port", for messages
   internal::link_counters counters;
@@ -472,7 +472,7 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
     std::multimap<clock::time_point, ucx_runtime::impl::timer_ref>::iterator timer;
     bool receiving = false;
   };
-  std::unordered_map<uint64_t, pending_call> pending;  // progress thread
+  std::unordered_map<uint64_t, pending_call> pending;  // driver only
 
   struct rx_op {
     std::shared_ptr<state> self;
@@ -536,7 +536,7 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
     }
   }
 
-  /// Takes the endpoint out of service (progress thread).
+  /// Takes the endpoint out of service (driver only).
   void teardown(bool force) {
     open.store(false);
     if (ep == nullptr) return;
@@ -862,7 +862,7 @@ struct ucx_server::state {
   internal::link_counters counters;
   std::atomic<bool> stopped{false};
   std::atomic<size_t> open_conns{0};
-  std::unordered_map<server_conn*, std::shared_ptr<server_conn>> conns;  // progress thread
+  std::unordered_map<server_conn*, std::shared_ptr<server_conn>> conns;  // driver only
   std::weak_ptr<state> self;  // lets the listener callback hand connections a shared owner
 
   static void on_conn_request(ucp_conn_request_h req, void* arg);
@@ -884,7 +884,7 @@ struct server_conn final : ep_owner, std::enable_shared_from_this<server_conn> {
   ucx_runtime::impl* rt = nullptr;
   std::shared_ptr<ucx_server::state> server;  // cleared when the connection closes
   ucp_ep_h ep = nullptr;
-  bool open = true;  // progress thread
+  bool open = true;  // driver only
   internal::link_counters counters;
 
   struct rx_op {

@@ -1,15 +1,16 @@
 #pragma once
 /// The UCX link: token batches as UCX active messages between processes (or hosts).
 ///
-/// - One `ucx_runtime` per process holds the ucp context and worker and a progress thread that
-///   drives the worker; every UCX call runs on that thread. It polls for a while after the last
-///   event (longer while replies are awaited), then sleeps in epoll on the worker's event fd
-///   (UCP_FEATURE_WAKEUP) and its own eventfd.
+/// - One `ucx_runtime` per process holds the ucp context and worker. One thread at a time drives
+///   the worker (every UCX call happens on the driving thread): the runtime's progress thread, or a
+///   thread waiting in `ucx_client::call_sync`, while the progress thread steps aside. The progress
+///   thread polls for a while after the last event (longer while replies are awaited), then sleeps
+///   in epoll on the worker's event fd (UCP_FEATURE_WAKEUP) and its own eventfd.
 /// - `ucx_server` listens on HOST:PORT with a `ucp_listener` (port 0 picks a free port; `port()`
-///   reports it) and answers requests through a handler on a worker pool (or on the progress thread
+///   reports it) and answers requests through a handler on a worker pool (or on the driving thread
 ///   when `workers == 0`, for handlers that never block).
 /// - `ucx_client` is one endpoint to one server, created from the server's address. Replies are
-///   matched to requests by batch id; callbacks run on the runtime's progress thread.
+///   matched to requests by batch id; callbacks run on the driving thread.
 /// - A frame's header travels in the AM header, its rows in the AM payload; UCX picks eager or
 ///   rendezvous (the rendezvous case is received with ucp_am_recv_data_nbx straight into the
 ///   batch's buffer, allocated only after the header was validated).
@@ -22,7 +23,7 @@
 ///   heartbeat instead. Both ends of a link must use the same setting.
 /// - A malformed frame (any `decode` error, an unexpected kind) closes only the connection it came
 ///   on; it is counted under its reason and the server keeps serving the others.
-/// - Timeouts are enforced by the progress thread; a reply that arrives later is dropped and counted.
+/// - Timeouts are enforced by the driving thread; a reply that arrives later is dropped and counted.
 #include "transport/link.hpp"
 
 #include <chrono>
@@ -111,7 +112,7 @@ struct ucx_server_options {
   uint16_t port = 0;  ///< 0: pick a free port
   /// UCP_ERR_HANDLING_MODE_PEER on accepted endpoints. Must match the clients'.
   bool peer_error_handling = true;
-  /// Handler threads; 0 runs the handler on the progress thread (only for handlers that never block).
+  /// Handler threads; 0 runs the handler on the driving thread (only for handlers that never block).
   unsigned workers = 1;
 };
 
