@@ -1,6 +1,7 @@
 // The cluster's processes: switchyard coordinator | expert-host | router.
 #include "actors/roles.hpp"
 #include "api/http_server.hpp"
+#include "apps/cli.hpp"
 #include "apps/commands.hpp"
 
 #include <spdlog/spdlog.h>
@@ -14,30 +15,6 @@
 namespace sy::apps {
 
 namespace {
-
-[[noreturn]] void fail(const std::string& msg) {
-  std::fprintf(stderr, "error: %s\n", msg.c_str());
-  throw CLI::RuntimeError(1);
-}
-
-std::atomic<bool> stop_flag{false};
-
-void wait_for_signal() {
-  std::signal(SIGINT, [](int) { stop_flag = true; });
-  std::signal(SIGTERM, [](int) { stop_flag = true; });
-  while (!stop_flag) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-}
-
-std::pair<std::string, uint16_t> host_port(const std::string& s, const char* flag) {
-  const auto colon = s.rfind(':');
-  int port = -1;
-  if (colon != std::string::npos) try {
-      port = std::stoi(s.substr(colon + 1));
-    } catch (const std::exception&) {
-    }
-  if (port < 0 || port > 65535) fail(std::string(flag) + ": expected HOST:PORT, got '" + s + "'");
-  return {s.substr(0, colon), static_cast<uint16_t>(port)};
-}
 
 /// Values from a TOML config file for the options not given on the command line. Keys are the
 /// options' long names without dashes, `-` written `_` (listen, model, hosts, replicas,
@@ -113,7 +90,7 @@ void add_cluster_commands(CLI::App& app) {
       f.integer("heartbeat_misses", o_miss, a->hb_misses, 1, 1000);
       f.check_all_used();
       if (a->model.empty()) fail("coordinator: --model (or the config key 'model') is required");
-      auto [host, port] = host_port(a->listen, "--listen");
+      auto [host, port] = parse_host_port(a->listen, "--listen");
       actors::coordinator_options co{host, port, a->model, a->hosts, a->replicas, {}};
       co.heartbeat.interval = std::chrono::milliseconds(a->hb_ms);
       co.heartbeat.misses = a->hb_misses;
@@ -121,7 +98,7 @@ void add_cluster_commands(CLI::App& app) {
       if (!c) fail(model::describe(c.error()));
       std::printf("coordinator listening on %s:%u\n", host.c_str(), static_cast<unsigned>((*c)->port()));
       std::fflush(stdout);
-      wait_for_signal();
+      wait_for_stop_signal();
       (*c)->stop();
     });
   }
@@ -141,8 +118,8 @@ void add_cluster_commands(CLI::App& app) {
     cmd->add_option("--threads", a->threads, "Compute threads (0 = all cores)");
     cmd->add_flag("--no-peer-error-handling", a->no_peer_errors, "UCX without peer failure detection (allows shared memory)");
     cmd->callback([a] {
-      auto [ch, cp] = host_port(a->coordinator, "--coordinator");
-      auto [lh, lp] = host_port(a->listen, "--listen");
+      auto [ch, cp] = parse_host_port(a->coordinator, "--coordinator");
+      auto [lh, lp] = parse_host_port(a->listen, "--listen");
       actors::expert_host_options o;
       o.coordinator_host = ch;
       o.coordinator_port = cp;
@@ -157,7 +134,7 @@ void add_cluster_commands(CLI::App& app) {
       if (!h) fail(model::describe(h.error()));
       std::printf("expert host serving token batches on %s:%u\n", lh.c_str(), static_cast<unsigned>((*h)->data_port()));
       std::fflush(stdout);
-      wait_for_signal();
+      wait_for_stop_signal();
       (*h)->stop();
     });
   }
@@ -179,8 +156,8 @@ void add_cluster_commands(CLI::App& app) {
     cmd->add_flag("--wire-bf16", a->bf16, "Send hidden rows as bf16 (half the bytes; answers then differ from local f32 in rounding)");
     cmd->add_flag("--no-peer-error-handling", a->no_peer_errors, "UCX without peer failure detection");
     cmd->callback([a] {
-      auto [ch, cp] = host_port(a->coordinator, "--coordinator");
-      auto [hh, hp] = host_port(a->http, "--http");
+      auto [ch, cp] = parse_host_port(a->coordinator, "--coordinator");
+      auto [hh, hp] = parse_host_port(a->http, "--http");
       actors::router_options o;
       o.coordinator_host = ch;
       o.coordinator_port = cp;
@@ -207,7 +184,7 @@ void add_cluster_commands(CLI::App& app) {
       if (!server) fail(model::describe(server.error()));
       std::printf("router serving HTTP on %s:%u\n", hh.c_str(), static_cast<unsigned>((*server)->port()));
       std::fflush(stdout);
-      wait_for_signal();
+      wait_for_stop_signal();
       (*server)->stop();
       rp->stop();
     });

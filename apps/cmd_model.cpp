@@ -1,4 +1,5 @@
 // Model tools: logits, generate, make-model, inspect.
+#include "apps/cli.hpp"
 #include "apps/commands.hpp"
 #include "apps/progress.hpp"
 #include "model/generate.hpp"
@@ -18,11 +19,6 @@ namespace sy::apps {
 namespace {
 
 namespace m = sy::model;
-
-[[noreturn]] void fail(const std::string& msg) {
-  std::fprintf(stderr, "error: %s\n", msg.c_str());
-  throw CLI::RuntimeError(1);
-}
 
 std::unique_ptr<m::model_weights> load_or_fail(const std::string& dir) {
   progress_printer progress("loading weights");

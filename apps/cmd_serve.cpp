@@ -2,6 +2,7 @@
 // behind the HTTP API.
 #include "actors/embedded_cluster.hpp"
 #include "api/http_server.hpp"
+#include "apps/cli.hpp"
 #include "apps/commands.hpp"
 #include "apps/progress.hpp"
 #include "model/make_model.hpp"
@@ -18,13 +19,6 @@ namespace sy::apps {
 namespace {
 
 namespace fs = std::filesystem;
-
-[[noreturn]] void fail(const std::string& msg) {
-  std::fprintf(stderr, "error: %s\n", msg.c_str());
-  throw CLI::RuntimeError(1);
-}
-
-std::atomic<bool> stop_requested{false};
 
 /// The demo model `serve` makes when given none: a small Mixtral-shaped checkpoint, made once.
 fs::path demo_model() {
@@ -45,19 +39,6 @@ fs::path demo_model() {
   std::fprintf(stderr, "making the demo model in %s (once)\n", dir.c_str());
   if (auto e = model::make_model(dir, o)) fail(model::describe(e));
   return dir;
-}
-
-std::pair<std::string, uint16_t> parse_host_port(const std::string& s, const char* flag) {
-  auto colon = s.rfind(':');
-  if (colon == std::string::npos) fail(std::string(flag) + ": expected HOST:PORT, got '" + s + "'");
-  int port = 0;
-  try {
-    port = std::stoi(s.substr(colon + 1));
-  } catch (const std::exception&) {
-    port = -1;
-  }
-  if (port < 0 || port > 65535) fail(std::string(flag) + ": port must be 0..65535 in '" + s + "'");
-  return {s.substr(0, colon), static_cast<uint16_t>(port)};
 }
 
 }  // namespace
@@ -101,8 +82,6 @@ void add_serve_command(CLI::App& app) {
     svc.submit = [c](scheduler::generation_request r) { return c->submit(std::move(r)); };
     auto server = api::http_server::start(hc, svc);
     if (!server) fail(model::describe(server.error()));
-    std::signal(SIGINT, [](int) { stop_requested = true; });
-    std::signal(SIGTERM, [](int) { stop_requested = true; });
     if (!c->wait_ready(std::chrono::minutes(10))) fail("the cluster did not become ready (see the log)");
     std::printf("serving %s on http://%s:%u with %d expert hosts x %d replicas (placement epoch %llu)\n",
                 cfg.model.c_str(), host.c_str(), static_cast<unsigned>((*server)->port()), cfg.hosts, cfg.replicas,
@@ -110,7 +89,7 @@ void add_serve_command(CLI::App& app) {
     std::printf("try: curl -s http://%s:%u/v1/completions -d '{\"prompt\": [1, 2, 3], \"max_tokens\": 8}'\n", host.c_str(),
                 static_cast<unsigned>((*server)->port()));
     std::fflush(stdout);
-    while (!stop_requested) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    wait_for_stop_signal();
     std::fprintf(stderr, "shutting down\n");
     (*server)->stop();
     c->shutdown();

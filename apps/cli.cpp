@@ -1,0 +1,39 @@
+#include "apps/cli.hpp"
+
+#include <CLI/CLI.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <thread>
+
+namespace sy::apps {
+
+namespace {
+std::atomic<bool> stop_requested{false};
+}
+
+void fail(const std::string& msg) {
+  std::fprintf(stderr, "error: %s\n", msg.c_str());
+  throw CLI::RuntimeError(1);
+}
+
+std::pair<std::string, uint16_t> parse_host_port(const std::string& s, const char* flag) {
+  const auto colon = s.rfind(':');
+  int port = -1;
+  if (colon != std::string::npos) try {
+      port = std::stoi(s.substr(colon + 1));
+    } catch (const std::exception&) {
+    }
+  if (port < 0 || port > 65535) fail(std::string(flag) + ": expected HOST:PORT with a port in 0..65535, got '" + s + "'");
+  return {s.substr(0, colon), static_cast<uint16_t>(port)};
+}
+
+void wait_for_stop_signal() {
+  std::signal(SIGINT, [](int) { stop_requested = true; });
+  std::signal(SIGTERM, [](int) { stop_requested = true; });
+  while (!stop_requested) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+}
+
+}  // namespace sy::apps
