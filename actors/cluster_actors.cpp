@@ -2,38 +2,271 @@
 
 #include "actors/messages.hpp"
 #include "model/error.hpp"
+#include "scheduler/planner.hpp"
 
 #include <caf/all.hpp>
+#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include <set>
+
 namespace sy::actors {
+namespace {
+
+using coordinator_ptr = caf::stateful_actor<coordinator_state>*;
+
+std::vector<std::pair<int, int>> unflatten(const std::vector<int>& flat) {
+  std::vector<std::pair<int, int>> out;
+  for (size_t i = 0; i + 1 < flat.size(); i += 2) out.emplace_back(flat[i], flat[i + 1]);
+  return out;
+}
+
+void broadcast(coordinator_ptr self) {
+  for (auto& s : self->state.subscribers) self->send(s, placement_atom::value, self->state.placement, self->state.hosts);
+}
+
+void finish_job(coordinator_ptr self, const std::string& summary) {
+  auto& st = self->state;
+  if (!st.job) return;
+  for (auto& rp : st.job->promises) rp.deliver(summary);
+  st.job.reset();
+}
+
+/// Every router has left the old epoch: the replicas no longer in the table get nothing more, so
+/// their hosts drop them.
+void unload_old(coordinator_ptr self) {
+  auto& st = self->state;
+  auto& job = *st.job;
+  size_t n = 0;
+  for (size_t h = 0; h < job.removed.size() && h < st.host_actors.size(); ++h)
+    if (!job.removed[h].empty() && st.hosts[h].up) {
+      self->send(st.host_actors[h], remove_atom::value, job.removed[h]);
+      n += job.removed[h].size() / 2;
+    }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - job.started).count();
+  spdlog::info("coordinator: rebalance done in {:.2f} s: epoch {}, {} replicas unloaded", secs, job.epoch, n);
+  finish_job(self, job.summary);
+}
+
+/// The new replicas are loaded: route to them under a new epoch.
+void publish(coordinator_ptr self) {
+  auto& st = self->state;
+  auto& job = *st.job;
+  const uint64_t epoch = st.placement.epoch + 1;
+  // Readiness and host state may have moved on while loading: keep the target's table, mark its
+  // replicas ready (their hosts answered), and keep the newest epoch.
+  st.placement = job.target;
+  st.placement.epoch = epoch;
+  job.epoch = epoch;
+  job.waiting.clear();
+  for (auto& r : st.subscribers) job.waiting.push_back(r.address());
+  spdlog::info("coordinator: rebalance published epoch {}; waiting for {} router(s) to drain the old one", epoch,
+               job.waiting.size());
+  broadcast(self);
+  if (job.waiting.empty()) unload_old(self);
+  else self->delayed_send(self, st.rebalance.ack_timeout, ack_timeout_atom::value, epoch);
+}
+
+void fold_window(coordinator_ptr self) {
+  auto& st = self->state;
+  if (st.window.empty()) return;
+  bool any = false;
+  for (auto& row : st.window)
+    for (double x : row) any = any || x > 0;
+  if (!any) return;
+  if (!st.have_load) {
+    st.smoothed = st.window;
+    st.have_load = true;
+  } else {
+    const double a = st.rebalance.smoothing;
+    for (size_t l = 0; l < st.window.size(); ++l)
+      for (size_t e = 0; e < st.window[l].size(); ++e) st.smoothed[l][e] = (1 - a) * st.smoothed[l][e] + a * st.window[l][e];
+  }
+  for (auto& row : st.window) std::fill(row.begin(), row.end(), 0.0);
+}
+
+std::string json_status(const char* status, const std::string& reason) {
+  return nlohmann::json{{"status", status}, {"reason", reason}}.dump();
+}
+
+/// Plans a round from the smoothed load and the current placement, and starts applying it.
+/// `rp` (when given) is answered with the summary at the end.
+void start_rebalance(coordinator_ptr self, std::optional<caf::response_promise> rp) {
+  auto& st = self->state;
+  auto answer = [&](const std::string& s) {
+    if (rp) rp->deliver(s);
+  };
+  if (st.job) {
+    if (rp) st.job->promises.push_back(*rp);  // answered when the running round ends
+    return;
+  }
+  if (!st.planned) return answer(json_status("skipped", "the experts are not placed yet"));
+  fold_window(self);
+  const auto& cfg = st.cfg;
+  std::vector<int> up;  // planner GPU g = host up[g]
+  for (auto& h : st.hosts)
+    if (h.up) up.push_back(h.id);
+  std::vector<int> moe;
+  for (int l = 0; l < cfg.num_layers; ++l)
+    if (cfg.moe_layer[static_cast<size_t>(l)]) moe.push_back(l);
+  const int experts = cfg.gating.num_experts;
+  if (up.empty() || moe.empty()) return answer(json_status("skipped", "no host is up"));
+  int cap = experts;
+  for (int h : up) cap = std::min(cap, st.hosts[static_cast<size_t>(h)].slots / static_cast<int>(moe.size()));
+  if (cap * static_cast<int>(up.size()) < experts)
+    return answer(json_status("failed", "the hosts that are up have " + std::to_string(cap) + " slots per layer each; " +
+                                            std::to_string(experts) + " experts need a replica"));
+  scheduler::planner_problem prob;
+  prob.layers = static_cast<int>(moe.size());
+  prob.experts = experts;
+  prob.gpus = static_cast<int>(up.size());
+  prob.slots = cap * prob.gpus;
+  bool observed = st.have_load;
+  for (int l : moe) {
+    std::vector<double> row(static_cast<size_t>(experts), 1.0);
+    if (st.have_load && static_cast<size_t>(l) < st.smoothed.size()) row = st.smoothed[static_cast<size_t>(l)];
+    prob.load.push_back(std::move(row));
+  }
+  // The current placement as a plan over the hosts that are up (shares renormalised over them).
+  scheduler::plan prev;
+  prev.layers.assign(moe.size(), std::vector<std::vector<scheduler::placed_replica>>(up.size()));
+  std::vector<int> gpu_of(st.hosts.size(), -1);
+  for (size_t g = 0; g < up.size(); ++g) gpu_of[static_cast<size_t>(up[g])] = static_cast<int>(g);
+  for (size_t i = 0; i < moe.size(); ++i)
+    for (int e = 0; e < experts; ++e) {
+      const auto& rs = st.placement.table[static_cast<size_t>(moe[i])][static_cast<size_t>(e)];
+      double total = 0;
+      for (const auto& r : rs)
+        if (r.ready && gpu_of[static_cast<size_t>(r.host)] >= 0) total += r.share;
+      for (const auto& r : rs)
+        if (r.ready && gpu_of[static_cast<size_t>(r.host)] >= 0) {
+          auto& dst = prev.layers[i][static_cast<size_t>(gpu_of[static_cast<size_t>(r.host)])];
+          if (static_cast<int>(dst.size()) < cap) dst.push_back({e, total > 0 ? r.share / total : 1.0});
+        }
+    }
+  const bool prev_ok = !scheduler::validate(prob, prev);
+  scheduler::planner_options po;
+  if (st.rebalance.max_moves >= 0) po.max_moves = st.rebalance.max_moves;
+  auto plan = scheduler::plan_placement(prob, prev_ok ? &prev : nullptr, po);
+  if (!plan) return answer(json_status("failed", model::describe(plan.error())));
+  const double before = prev_ok ? scheduler::balancedness(prob, prev) : 0.0;
+  const double after = plan->balancedness;
+  const int64_t moves = prev_ok ? scheduler::count_moves(prev, *plan) : -1;
+  nlohmann::json summary{{"balancedness_before", before}, {"balancedness_after", after}, {"moves", moves},
+                         {"load_observed", observed}, {"hosts", up.size()}, {"slots_per_layer", cap}};
+  if (prev_ok && (after - before < st.rebalance.min_gain || moves == 0)) {
+    summary["status"] = "skipped";
+    summary["reason"] = moves == 0 ? "the placement is already the plan" : "the gain is below rebalance.min_gain";
+    spdlog::info("coordinator: rebalance skipped: balancedness {:.4f} → {:.4f}, {} moves", before, after, moves);
+    return answer(summary.dump());
+  }
+  // The target table: the plan's replicas on their hosts, ready (loaded before it is published).
+  rebalance_job job;
+  job.started = std::chrono::steady_clock::now();
+  job.target = st.placement;
+  job.added.assign(st.hosts.size(), {});
+  job.removed.assign(st.hosts.size(), {});
+  std::vector<int> next_slot(st.hosts.size(), 0);
+  for (size_t i = 0; i < moe.size(); ++i) {
+    const int l = moe[i];
+    std::vector<std::vector<replica>> row(static_cast<size_t>(experts));
+    for (size_t g = 0; g < up.size(); ++g)
+      for (const auto& r : plan->layers[i][g]) {
+        const int h = up[g];
+        uint32_t version = 1;
+        bool had = false;
+        for (const auto& old : st.placement.table[static_cast<size_t>(l)][static_cast<size_t>(r.expert)])
+          if (old.host == h && old.ready) had = true, version = old.version;
+        row[static_cast<size_t>(r.expert)].push_back({h, next_slot[static_cast<size_t>(h)]++, version, r.share, true});
+        if (!had) {
+          job.added[static_cast<size_t>(h)].push_back(l);
+          job.added[static_cast<size_t>(h)].push_back(r.expert);
+        }
+      }
+    for (int e = 0; e < experts; ++e)
+      for (const auto& old : st.placement.table[static_cast<size_t>(l)][static_cast<size_t>(e)]) {
+        bool kept = false;
+        for (const auto& r : row[static_cast<size_t>(e)]) kept = kept || r.host == old.host;
+        if (!kept) {
+          job.removed[static_cast<size_t>(old.host)].push_back(l);
+          job.removed[static_cast<size_t>(old.host)].push_back(e);
+        }
+      }
+    job.target.table[static_cast<size_t>(l)] = std::move(row);
+  }
+  summary["status"] = "done";
+  job.summary = summary.dump();
+  if (rp) job.promises.push_back(*rp);
+  int adding = 0, replicas = 0;
+  for (auto& a : job.added)
+    if (!a.empty()) ++adding, replicas += static_cast<int>(a.size() / 2);
+  spdlog::info("coordinator: rebalance: balancedness {:.4f} → {:.4f}; loading {} new replicas on {} hosts", before, after,
+               replicas, adding);
+  st.job = std::move(job);
+  ++st.rebalances;
+  st.moves += static_cast<uint64_t>(replicas);
+  if (adding == 0) return publish(self);
+  st.job->loads_pending = adding;
+  for (size_t h = 0; h < st.job->added.size(); ++h) {
+    if (st.job->added[h].empty()) continue;
+    self->request(st.host_actors[h], st.rebalance.load_timeout, add_atom::value, st.job->added[h])
+        .then(
+            [self](ready_atom) {
+              auto& job = self->state.job;
+              if (!job || job->failed) return;
+              if (--job->loads_pending == 0) publish(self);
+            },
+            [self, h](caf::error& err) {
+              auto& st = self->state;
+              if (!st.job || st.job->failed) return;
+              // Nothing was published: the old placement keeps serving. Drop what was loaded.
+              st.job->failed = true;
+              const std::string why = st.hosts[h].name + " could not load its new replicas: " + model::describe(err);
+              spdlog::error("coordinator: rebalance abandoned: {}", why);
+              for (size_t k = 0; k < st.job->added.size(); ++k)
+                if (k != h && !st.job->added[k].empty() && st.hosts[k].up)
+                  self->send(st.host_actors[k], remove_atom::value, st.job->added[k]);
+              finish_job(self, json_status("failed", why));
+            });
+  }
+}
+
+}  // namespace
 
 /// Keeps the cluster's state: hosts, the placement table and its epoch. Plans once the expected
 /// hosts have registered, marks replicas ready as hosts load them, and pushes every new epoch to
 /// the routers. A host that goes down (its actor terminates) is marked down under a new epoch.
 caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, model::model_config cfg, int expected,
-                                int replicas, heartbeat_config heartbeat) {
+                                int replicas, heartbeat_config heartbeat, rebalance_config rebalance) {
+  self->state.rebalance = rebalance;
   self->state.cfg = std::move(cfg);
   self->state.heartbeat = heartbeat;
   self->state.expected = expected;
   self->state.replicas = replicas;
-  auto broadcast = [self] {
-    for (auto& s : self->state.subscribers) self->send(s, placement_atom::value, self->state.placement, self->state.hosts);
-  };
-  auto mark_down = [self, broadcast](size_t i, const char* why) {
+  auto mark_down = [self](size_t i, const char* why) {
     auto& st = self->state;
     if (!st.hosts[i].up) return;
     st.hosts[i].up = false;
     ++st.placement.epoch;
     spdlog::warn("coordinator: host {} is down ({}); placement epoch {}", st.hosts[i].name, why, st.placement.epoch);
-    broadcast();
+    broadcast(self);
   };
   self->set_down_handler([self, mark_down](caf::down_msg& dm) {
     auto& st = self->state;
     for (size_t i = 0; i < st.host_actors.size(); ++i)
       if (st.host_actors[i].address() == dm.source) mark_down(i, "its actor or process is gone");
+    // A router that is gone has nothing to drain.
+    auto& subs = st.subscribers;
+    subs.erase(std::remove_if(subs.begin(), subs.end(), [&](const caf::actor& a) { return a.address() == dm.source; }), subs.end());
+    if (st.job && st.job->epoch > 0) {
+      auto& w = st.job->waiting;
+      w.erase(std::remove(w.begin(), w.end(), dm.source), w.end());
+      if (w.empty()) unload_old(self);
+    }
   });
   if (heartbeat.interval.count() > 0) self->delayed_send(self, heartbeat.interval, tick_atom::value);
+  if (rebalance.report_interval.count() > 0) self->delayed_send(self, rebalance.report_interval, load_tick_atom::value);
+  if (rebalance.interval.count() > 0) self->delayed_send(self, rebalance.interval, rebalance_tick_atom::value);
   return {
       [self](register_atom, const std::string& name, const std::string& address, int slots) -> int {
         auto& st = self->state;
@@ -57,7 +290,7 @@ caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, mo
         }
         return id;
       },
-      [self, broadcast](ready_atom, int host) {
+      [self](ready_atom, int host) {
         auto& st = self->state;
         for (auto& layer : st.placement.table)
           for (auto& rs : layer)
@@ -65,7 +298,7 @@ caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, mo
               if (r.host == host) r.ready = true;
         ++st.placement.epoch;
         spdlog::info("coordinator: host {} ready; placement epoch {}", host, st.placement.epoch);
-        broadcast();
+        broadcast(self);
       },
       [self, mark_down](tick_atom) {
         auto& st = self->state;
@@ -79,8 +312,43 @@ caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, mo
         }
         self->delayed_send(self, st.heartbeat.interval, tick_atom::value);
       },
+      [self](load_atom, const std::vector<std::vector<double>>& counts) {
+        auto& st = self->state;
+        if (st.window.size() != counts.size()) st.window.assign(counts.size(), std::vector<double>(counts.empty() ? 0 : counts[0].size(), 0.0));
+        for (size_t l = 0; l < counts.size(); ++l)
+          for (size_t e = 0; e < counts[l].size() && e < st.window[l].size(); ++e) st.window[l][e] += counts[l][e];
+      },
+      [self](load_tick_atom) {
+        fold_window(self);
+        self->delayed_send(self, self->state.rebalance.report_interval, load_tick_atom::value);
+      },
+      [self](rebalance_tick_atom) {
+        start_rebalance(self, std::nullopt);
+        self->delayed_send(self, self->state.rebalance.interval, rebalance_tick_atom::value);
+      },
+      [self](rebalance_atom) -> caf::result<std::string> {
+        auto rp = self->make_response_promise<std::string>();
+        start_rebalance(self, rp);
+        return rp;
+      },
+      [self](epoch_ack_atom, uint64_t epoch) {
+        auto& st = self->state;
+        if (!st.job || st.job->epoch == 0 || epoch < st.job->epoch) return;
+        auto& w = st.job->waiting;
+        w.erase(std::remove(w.begin(), w.end(), self->current_sender()), w.end());
+        if (w.empty()) unload_old(self);
+      },
+      [self](ack_timeout_atom, uint64_t epoch) {
+        auto& st = self->state;
+        if (!st.job || st.job->epoch != epoch) return;
+        spdlog::warn("coordinator: {} router(s) did not leave epoch {} in time; unloading anyway (their batches to "
+                     "unloaded replicas are refused and retried on the new ones)",
+                     st.job->waiting.size(), epoch - 1);
+        unload_old(self);
+      },
       [self](subscribe_atom) {
         auto s = caf::actor_cast<caf::actor>(self->current_sender());
+        self->monitor(s);
         self->state.subscribers.push_back(s);
         if (self->state.planned) self->send(s, placement_atom::value, self->state.placement, self->state.hosts);
       },
@@ -108,14 +376,49 @@ caf::behavior host_actor(caf::event_based_actor* self, caf::actor coordinator, s
         spdlog::info("{}: holds {} experts", core->name(), experts.size());
         self->send(coordinator, ready_atom::value, id);
       },
+      [=](add_atom, const std::vector<int>& flat) -> caf::result<ready_atom> {
+        auto experts = unflatten(flat);
+        const auto t0 = std::chrono::steady_clock::now();
+        if (auto err = core->add(*cfg, *ckpt, experts)) {
+          spdlog::error("{}: loading {} new replicas failed: {}", core->name(), experts.size(), model::describe(err));
+          return err;
+        }
+        spdlog::info("{}: loaded {} new replicas in {:.2f} s; holds {}", core->name(), experts.size(),
+                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), core->held());
+        return ready_atom::value;
+      },
+      [=](remove_atom, const std::vector<int>& flat) {
+        auto experts = unflatten(flat);
+        core->remove(experts);
+        spdlog::info("{}: unloaded {} replicas; holds {}", core->name(), experts.size(), core->held());
+      },
   };
 }
 
 /// Follows the coordinator's placement epochs for the router's executor.
-caf::behavior router_actor(caf::event_based_actor* self, caf::actor coordinator, std::shared_ptr<cluster_executor> exec) {
+caf::behavior router_actor(caf::event_based_actor* self, caf::actor coordinator, std::shared_ptr<cluster_executor> exec,
+                           std::chrono::milliseconds report_interval) {
   self->send(coordinator, subscribe_atom::value);
+  if (report_interval.count() > 0) self->delayed_send(self, report_interval, load_tick_atom::value);
   return {
-      [=](placement_atom, placement_table p, std::vector<host_info> hosts) { exec->update(std::move(p), std::move(hosts)); },
+      [=](placement_atom, placement_table p, std::vector<host_info> hosts) {
+        const uint64_t epoch = p.epoch;
+        exec->update(std::move(p), std::move(hosts));
+        self->send(self, drain_check_atom::value, epoch);
+      },
+      [=](drain_check_atom, uint64_t epoch) {
+        // Acknowledged once no step pinned to an older epoch is running (steps are short).
+        if (exec->drained(epoch)) self->send(coordinator, epoch_ack_atom::value, epoch);
+        else self->delayed_send(self, std::chrono::milliseconds(2), drain_check_atom::value, epoch);
+      },
+      [=](load_tick_atom) {
+        auto counts = exec->take_counts();
+        bool any = false;
+        for (auto& row : counts)
+          for (double x : row) any = any || x > 0;
+        if (any) self->send(coordinator, load_atom::value, std::move(counts));
+        self->delayed_send(self, report_interval, load_tick_atom::value);
+      },
   };
 }
 
@@ -124,6 +427,9 @@ void register_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<host_info>("sy::host_info");
   cfg.add_message_type<std::vector<host_info>>("sy::host_info_list");
   cfg.add_message_type<placement_table>("sy::placement_table");
+  cfg.add_message_type<std::vector<int>>("sy::int_list");
+  cfg.add_message_type<std::vector<double>>("sy::double_list");
+  cfg.add_message_type<std::vector<std::vector<double>>>("sy::load_matrix");
 }
 
 }  // namespace sy::actors

@@ -13,6 +13,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,34 @@ struct heartbeat_config {
   int misses = 3;
 };
 
+/// Live rebalancing (DESIGN.md §5): routers report the tokens each expert receives every
+/// `report_interval`; the coordinator smooths them (exponential moving average per report) and,
+/// every `interval` (0 = only on demand) or when asked, plans from the current placement with the
+/// planner (scheduler/planner.hpp), loads the new replicas, publishes the new epoch, waits until
+/// every router has drained the old one, then unloads the replicas no longer needed.
+struct rebalance_config {
+  std::chrono::milliseconds interval{0};
+  std::chrono::milliseconds report_interval{500};
+  double smoothing = 0.3;     ///< weight of the newest report in the moving average
+  int64_t max_moves = -1;     ///< replicas added per round (-1 = no limit)
+  double min_gain = 0.01;     ///< skip a round that raises balancedness by less
+  std::chrono::milliseconds load_timeout{120000};  ///< hosts loading new replicas
+  std::chrono::milliseconds ack_timeout{10000};    ///< routers leaving the old epoch
+};
+
+/// A rebalance under way.
+struct rebalance_job {
+  placement_table target;
+  std::vector<std::vector<int>> added, removed;  ///< per host, flattened (layer, expert) pairs
+  int loads_pending = 0;
+  bool failed = false;
+  uint64_t epoch = 0;                  ///< published epoch the routers must drain to
+  std::vector<caf::actor_addr> waiting;  ///< routers that have not acknowledged it yet
+  std::vector<caf::response_promise> promises;
+  std::string summary;                 ///< JSON: before/after balancedness, moves, epoch
+  std::chrono::steady_clock::time_point started;
+};
+
 struct coordinator_state {
   model::model_config cfg;
   heartbeat_config heartbeat;
@@ -37,6 +66,12 @@ struct coordinator_state {
   placement_table placement;
   bool planned = false;
   std::vector<caf::actor> subscribers;
+  rebalance_config rebalance;
+  std::vector<std::vector<double>> window;  ///< tokens reported since the last average, [layer][expert]
+  std::vector<std::vector<double>> smoothed;
+  bool have_load = false;
+  std::optional<rebalance_job> job;
+  uint64_t rebalances = 0, moves = 0;
   static inline const char* name = "coordinator";
 };
 
@@ -44,8 +79,11 @@ struct coordinator_state {
 /// hosts have registered, marks replicas ready as hosts load them, and pushes every new epoch to
 /// the routers. A host that goes down (its actor terminates, or its process's connection drops) is
 /// marked down under a new epoch.
+///
+/// It also runs live rebalancing (see rebalance_config); `rebalance_atom` asks for a round now and
+/// is answered with a JSON summary once it is over (or skipped).
 caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, model::model_config cfg, int expected,
-                                int replicas, heartbeat_config heartbeat);
+                                int replicas, heartbeat_config heartbeat, rebalance_config rebalance);
 
 /// Registers with the coordinator (name, data address, slots), loads the experts it is assigned,
 /// reports ready, and answers heartbeats (until sent `freeze_atom`, which simulates a hang).
@@ -53,8 +91,11 @@ caf::behavior host_actor(caf::event_based_actor* self, caf::actor coordinator, s
                          std::string data_address, std::shared_ptr<const model::model_config> cfg,
                          std::shared_ptr<const model::checkpoint> ckpt);
 
-/// Follows the coordinator's placement epochs for a router's executor.
-caf::behavior router_actor(caf::event_based_actor* self, caf::actor coordinator, std::shared_ptr<cluster_executor> exec);
+/// Follows the coordinator's placement epochs for a router's executor, acknowledges each once the
+/// router has no step left on an older one, and reports the tokens per expert every
+/// `report_interval`.
+caf::behavior router_actor(caf::event_based_actor* self, caf::actor coordinator, std::shared_ptr<cluster_executor> exec,
+                           std::chrono::milliseconds report_interval);
 
 /// Registers the control-plane message types, so they can cross processes.
 void register_message_types(caf::actor_system_config& cfg);

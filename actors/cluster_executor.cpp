@@ -22,6 +22,11 @@ uint64_t cluster_executor::epoch() const {
   return latest_ ? latest_->placement.epoch : 0;
 }
 
+placement_table cluster_executor::placement() const {
+  std::lock_guard lock(mu_);
+  return latest_ ? latest_->placement : placement_table{};
+}
+
 int cluster_executor::hosts_up() const {
   std::lock_guard lock(mu_);
   if (!latest_) return 0;
@@ -30,11 +35,31 @@ int cluster_executor::hosts_up() const {
   return n;
 }
 
-void cluster_executor::begin_step() {
-  std::lock_guard lock(mu_);
-  step_ = latest_;
-  failed_.assign(step_ ? step_->hosts.size() : 0, false);
+std::vector<std::vector<double>> cluster_executor::take_counts() {
+  std::lock_guard lock(counts_mu_);
+  auto out = counts_;
+  for (auto& row : counts_) std::fill(row.begin(), row.end(), 0.0);
+  return out;
 }
+
+bool cluster_executor::drained(uint64_t epoch) const { return !in_step_ || step_epoch_ >= epoch; }
+
+void cluster_executor::begin_step() {
+  {
+    std::lock_guard lock(mu_);
+    step_ = latest_;
+  }
+  failed_.assign(step_ ? step_->hosts.size() : 0, false);
+  const uint64_t e = step_ ? step_->placement.epoch : 0;
+  step_epoch_ = e;
+  in_step_ = true;
+  if (e != sent_epoch_) {
+    sent_.clear();
+    sent_epoch_ = e;
+  }
+}
+
+void cluster_executor::end_step() { in_step_ = false; }
 
 caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, const std::vector<std::vector<float>>& inputs,
                                  std::vector<std::vector<float>>& outputs) {
@@ -43,16 +68,32 @@ caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, co
   if (!step_) return make_error(model_errc::unsupported, "no placement yet: the cluster is not ready");
   const auto& p = step_->placement;
   const auto& hosts = step_->hosts;
+  {
+    std::lock_guard lock(counts_mu_);
+    if (counts_.size() != static_cast<size_t>(p.layers)) counts_.assign(static_cast<size_t>(p.layers), std::vector<double>(static_cast<size_t>(p.experts), 0.0));
+    for (const auto& b : plan.batches)
+      if (layer < p.layers && b.expert < p.experts)
+        counts_[static_cast<size_t>(layer)][static_cast<size_t>(b.expert)] += static_cast<double>(b.tokens.size());
+  }
   outputs.resize(plan.batches.size());
-  std::vector<size_t> pending(plan.batches.size());
-  for (size_t i = 0; i < pending.size(); ++i) pending[i] = i;
+  // A piece is rows [off, off + n) of batch i; a whole batch is sent without copying.
+  struct piece {
+    size_t batch;
+    int64_t off, n;
+  };
+  std::vector<piece> pending;
+  for (size_t i = 0; i < plan.batches.size(); ++i) {
+    const auto n = static_cast<int64_t>(plan.batches[i].tokens.size());
+    outputs[i].resize(inputs[i].size());
+    pending.push_back({i, 0, n});
+  }
   caf::error last;
-  // Each round sends every pending batch to a live replica not yet failed; batches of a host that
-  // fails go back to pending for the next round. Bounded by the replica count.
-  for (int round = 0; !pending.empty(); ++round) {
-    std::map<int, std::vector<size_t>> by_host;
-    for (size_t i : pending) {
-      const int e = plan.batches[i].expert;
+  // Each round sends every pending piece to live replicas not yet failed, split by share; pieces
+  // of a host that fails go back to pending for the next round. Bounded by the replica count.
+  while (!pending.empty()) {
+    std::map<int, std::vector<piece>> by_host;
+    for (const auto& pc : pending) {
+      const int e = plan.batches[pc.batch].expert;
       const auto& rs = p.table[static_cast<size_t>(layer)][static_cast<size_t>(e)];
       std::vector<const replica*> live;
       double total = 0;
@@ -65,38 +106,74 @@ caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, co
         return make_error(model_errc::io_error, "layer " + std::to_string(layer) + " expert " + std::to_string(e) +
                                                     " has no live replica" +
                                                     (last ? " (last failure: " + model::describe(last) + ")" : std::string()));
-      // Weighted round robin by traffic share.
-      const double pick = static_cast<double>(rr_++ % 1000) / 1000.0 * total;
-      double acc = 0;
-      const replica* chosen = live.back();
-      for (const auto* r : live) {
-        acc += r->share;
-        if (pick < acc) {
-          chosen = r;
-          break;
-        }
+      if (live.size() == 1) {
+        by_host[live[0]->host].push_back(pc);
+        sent_[{layer, e, live[0]->host}] += static_cast<double>(pc.n);
+        continue;
       }
-      by_host[chosen->host].push_back(i);
+      // Smooth weighted round robin per row: each row goes to the replica furthest below its
+      // share of everything sent to this expert under this epoch.
+      std::vector<double*> sent;
+      double sum = 0;
+      for (const auto* r : live) {
+        sent.push_back(&sent_[{layer, e, r->host}]);
+        sum += *sent.back();
+      }
+      std::vector<int64_t> take(live.size(), 0);
+      for (int64_t row = 0; row < pc.n; ++row) {
+        sum += 1;
+        size_t best = 0;
+        double best_deficit = -1e300;
+        for (size_t k = 0; k < live.size(); ++k) {
+          const double share = total > 0 ? live[k]->share / total : 1.0 / static_cast<double>(live.size());
+          const double deficit = share * sum - *sent[k];
+          if (deficit > best_deficit) best = k, best_deficit = deficit;
+        }
+        *sent[best] += 1;
+        ++take[best];
+      }
+      int64_t off = pc.off;
+      for (size_t k = 0; k < live.size(); ++k)
+        if (take[k] > 0) {
+          by_host[live[k]->host].push_back({pc.batch, off, take[k]});
+          off += take[k];
+        }
     }
     // Every host of this round is asked at once; their answers are awaited together.
     struct call {
       int host;
-      std::vector<size_t> idx;
+      std::vector<piece> pieces;
       std::vector<int> experts;
+      std::vector<std::vector<float>> in_copy, out_copy;  ///< for pieces that are part of a batch
       std::vector<const std::vector<float>*> in;
       std::vector<std::vector<float>*> out;
       std::future<caf::error> result;
     };
     std::vector<call> calls;
     calls.reserve(by_host.size());
-    for (auto& [h, idx] : by_host) {
+    for (auto& [h, pieces] : by_host) {
       auto& c = calls.emplace_back();
       c.host = h;
-      c.idx = idx;
-      for (size_t i : idx) {
-        c.experts.push_back(plan.batches[i].expert);
-        c.in.push_back(&inputs[i]);
-        c.out.push_back(&outputs[i]);
+      c.pieces = pieces;
+      size_t parts = 0;
+      for (const auto& pc : pieces)
+        parts += pc.n != static_cast<int64_t>(plan.batches[pc.batch].tokens.size()) ? 1 : 0;
+      c.in_copy.reserve(parts);
+      c.out_copy.reserve(parts);
+      for (const auto& pc : pieces) {
+        c.experts.push_back(plan.batches[pc.batch].expert);
+        const auto whole = static_cast<int64_t>(plan.batches[pc.batch].tokens.size());
+        if (pc.n == whole) {
+          c.in.push_back(&inputs[pc.batch]);
+          c.out.push_back(&outputs[pc.batch]);
+        } else {
+          const int64_t hidden = static_cast<int64_t>(inputs[pc.batch].size()) / whole;
+          const auto* src = inputs[pc.batch].data() + pc.off * hidden;
+          c.in_copy.emplace_back(src, src + pc.n * hidden);
+          c.out_copy.emplace_back();
+          c.in.push_back(&c.in_copy.back());
+          c.out.push_back(&c.out_copy.back());
+        }
       }
       const auto& hi = hosts[static_cast<size_t>(h)];
       auto& ch = channels_[hi.data_address];
@@ -109,14 +186,25 @@ caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, co
         c.result = unreachable.get_future();
       }
     }
-    std::vector<size_t> retry;
+    std::vector<piece> retry;
     for (auto& c : calls) {
       if (auto err = c.result.get()) {
         failed_[static_cast<size_t>(c.host)] = true;
         channels_.erase(hosts[static_cast<size_t>(c.host)].data_address);  // reconnect if it comes back
         last = std::move(err);
-        retry.insert(retry.end(), c.idx.begin(), c.idx.end());
-        retries_ += c.idx.size();
+        retry.insert(retry.end(), c.pieces.begin(), c.pieces.end());
+        retries_ += c.pieces.size();
+        continue;
+      }
+      // Rows of split batches go back into place.
+      size_t k = 0;
+      for (size_t j = 0; j < c.pieces.size(); ++j) {
+        const auto& pc = c.pieces[j];
+        const auto whole = static_cast<int64_t>(plan.batches[pc.batch].tokens.size());
+        if (pc.n == whole) continue;
+        const int64_t hidden = static_cast<int64_t>(inputs[pc.batch].size()) / whole;
+        std::copy(c.out_copy[k].begin(), c.out_copy[k].end(), outputs[pc.batch].begin() + pc.off * hidden);
+        ++k;
       }
     }
     pending.swap(retry);

@@ -1,8 +1,10 @@
 #pragma once
-/// The router's expert executor across hosts: for each step it pins one placement epoch, splits a
-/// layer's dispatch plan by the replica chosen for each expert (by traffic share), calls each host
-/// once, and re-sends the batches of a host that failed or refused to another replica of the same
-/// expert (an expert FFN is a pure function, so a retry is safe).
+/// The router's expert executor across hosts: for each step it pins one placement epoch, splits
+/// each expert's rows over its replicas by their traffic shares (a smooth weighted round robin per
+/// row, so the shares hold over time even for one-row batches), calls each host once, and re-sends
+/// the rows of a host that failed or refused to another replica of the same expert (an expert FFN
+/// is a pure function of each row, so a retry is safe). It counts the tokens each expert receives,
+/// which the router reports to the coordinator for rebalancing.
 #include "actors/expert_host.hpp"
 #include "actors/placement.hpp"
 
@@ -10,6 +12,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <tuple>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -26,10 +29,19 @@ class cluster_executor final : public model::expert_executor {
   void update(placement_table p, std::vector<host_info> hosts);
   [[nodiscard]] bool ready() const;
   [[nodiscard]] uint64_t epoch() const;
+  /// The newest placement received.
+  [[nodiscard]] placement_table placement() const;
   [[nodiscard]] int hosts_up() const;
   [[nodiscard]] uint64_t retries() const { return retries_; }
 
+  /// Tokens routed to each (layer, expert) since the last call, [layer][expert]; resets them.
+  [[nodiscard]] std::vector<std::vector<double>> take_counts();
+  /// True once no step pinned to an epoch older than `epoch` is running: replicas that only
+  /// older epochs route to receive nothing more from this router.
+  [[nodiscard]] bool drained(uint64_t epoch) const;
+
   void begin_step() override;
+  void end_step() override;
   [[nodiscard]] caf::error run(int layer, const model::dispatch_plan& plan, const std::vector<std::vector<float>>& inputs,
                                std::vector<std::vector<float>>& outputs) override;
 
@@ -44,8 +56,14 @@ class cluster_executor final : public model::expert_executor {
   std::shared_ptr<const view> latest_;
   std::shared_ptr<const view> step_;  ///< pinned by begin_step (engine thread only)
   std::vector<bool> failed_;          ///< hosts that failed during the current step
-  uint64_t rr_ = 0;                   ///< round robin over replicas, weighted by share
+  /// Rows sent per (layer, expert, host) under the pinned epoch: the share-following split.
+  std::map<std::tuple<int, int, int>, double> sent_;
+  uint64_t sent_epoch_ = 0;
   std::atomic<uint64_t> retries_{0};
+  std::atomic<uint64_t> step_epoch_{0};
+  std::atomic<bool> in_step_{false};
+  mutable std::mutex counts_mu_;
+  std::vector<std::vector<double>> counts_;
 };
 
 }  // namespace sy::actors

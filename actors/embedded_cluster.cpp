@@ -45,7 +45,7 @@ caf::expected<std::unique_ptr<embedded_cluster>> embedded_cluster::start(const e
   if (!ck) return ck.error();
   p->ckpt = std::make_shared<const model::checkpoint>(std::move(*ck));
   const int64_t needed = static_cast<int64_t>(p->mcfg->num_moe_layers()) * p->mcfg->gating.num_experts * cfg.replicas;
-  const int slots = cfg.slots > 0 ? cfg.slots : static_cast<int>((needed + cfg.hosts - 1) / cfg.hosts);
+  const int slots = cfg.slots > 0 ? cfg.slots : static_cast<int>((needed * 3 / 2 + cfg.hosts - 1) / cfg.hosts);
   for (int h = 0; h < cfg.hosts; ++h)
     p->hosts.push_back(std::make_shared<expert_host_core>("expert-host-" + std::to_string(h), slots));
   // In-process data plane: a host's address names its index here.
@@ -61,8 +61,8 @@ caf::expected<std::unique_ptr<embedded_cluster>> embedded_cluster::start(const e
 
   p->sys_cfg.set("scheduler.max-threads", 2);
   p->sys = std::make_unique<caf::actor_system>(p->sys_cfg);
-  p->coordinator = p->sys->spawn(coordinator_actor, *p->mcfg, cfg.hosts, cfg.replicas, cfg.heartbeat);
-  p->router = p->sys->spawn(router_actor, p->coordinator, p->router_half->executor());
+  p->coordinator = p->sys->spawn(coordinator_actor, *p->mcfg, cfg.hosts, cfg.replicas, cfg.heartbeat, cfg.rebalance);
+  p->router = p->sys->spawn(router_actor, p->coordinator, p->router_half->executor(), cfg.rebalance.report_interval);
   for (int h = 0; h < cfg.hosts; ++h)
     p->host_actors.push_back(p->sys->spawn(host_actor, p->coordinator, p->hosts[static_cast<size_t>(h)],
                                            "inproc://" + std::to_string(h), p->mcfg, p->ckpt));
@@ -86,6 +86,25 @@ void embedded_cluster::kill_host(int h) {
 void embedded_cluster::freeze_host(int h) {
   if (h < 0 || h >= static_cast<int>(impl_->host_actors.size())) return;
   caf::anon_send(impl_->host_actors[static_cast<size_t>(h)], freeze_atom::value);
+}
+
+caf::expected<std::string> embedded_cluster::rebalance(std::chrono::milliseconds timeout) {
+  caf::scoped_actor self{*impl_->sys};
+  caf::expected<std::string> out = model::make_error(model::model_errc::io_error, "no answer from the coordinator");
+  self->request(impl_->coordinator, timeout, rebalance_atom::value)
+      .receive([&](const std::string& summary) { out = summary; },
+               [&](caf::error& err) {
+                 out = model::make_error(model::model_errc::io_error, "rebalance: " + impl_->sys->render(err));
+               });
+  return out;
+}
+
+placement_table embedded_cluster::placement() const { return impl_->router_half->executor()->placement(); }
+
+std::vector<uint64_t> embedded_cluster::host_batches() const {
+  std::vector<uint64_t> out;
+  for (auto& h : impl_->hosts) out.push_back(h->batches_served());
+  return out;
 }
 
 int embedded_cluster::hosts_up() const { return impl_->router_half->executor()->hosts_up(); }

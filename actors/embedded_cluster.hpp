@@ -14,13 +14,14 @@ struct embedded_config {
   std::filesystem::path model;
   int hosts = 4;
   int replicas = 1;
-  int slots = 0;  ///< per host; 0 = enough for an even spread
+  int slots = 0;  ///< per host; 0 = an even spread plus half as much again (room to rebalance)
   scheduler::batcher_config batcher;
   int threads = 0;  ///< compute threads (0 = all cores)
   /// How long queued work waits for every expert to have a live replica (at start, or after a
   /// host is lost) before its steps run anyway and fail with the reason.
   std::chrono::milliseconds replica_wait{10000};
   heartbeat_config heartbeat;
+  rebalance_config rebalance;
 };
 
 class embedded_cluster {
@@ -45,6 +46,12 @@ class embedded_cluster {
   void kill_host(int h);
   /// Fault injection for tests: host h's actor stops answering (a hang); its data plane still works.
   void freeze_host(int h);
+  /// Plans and applies a rebalancing round now; the coordinator's JSON summary when it is over.
+  [[nodiscard]] caf::expected<std::string> rebalance(std::chrono::milliseconds timeout = std::chrono::minutes(5));
+  /// The placement the router uses now.
+  [[nodiscard]] placement_table placement() const;
+  /// Batches each host has served (tests: who carried the load).
+  [[nodiscard]] std::vector<uint64_t> host_batches() const;
   /// Hosts the router's current placement counts as up.
   [[nodiscard]] int hosts_up() const;
   /// Stops accepting, fails what is queued, finishes the engine thread, stops the actors.

@@ -23,6 +23,31 @@ caf::error expert_host_core::load(const model::model_config& cfg, const model::c
   return {};
 }
 
+caf::error expert_host_core::add(const model::model_config& cfg, const model::checkpoint& ckpt,
+                                 std::span<const std::pair<int, int>> experts, const model::progress_fn& progress) {
+  std::map<std::pair<int, int>, std::shared_ptr<const model::expert_weights>> loaded;
+  size_t done = 0;
+  for (auto [l, e] : experts) {
+    {
+      std::lock_guard lock(mu_);
+      if (experts_.count({l, e})) continue;
+    }
+    auto w = model::load_expert(cfg, ckpt, l, e);
+    if (!w) return w.error();
+    done += w->bytes();
+    loaded[{l, e}] = std::make_shared<const model::expert_weights>(std::move(*w));
+    if (progress) progress(done, done);
+  }
+  std::lock_guard lock(mu_);
+  experts_.merge(loaded);
+  return {};
+}
+
+void expert_host_core::remove(std::span<const std::pair<int, int>> experts) {
+  std::lock_guard lock(mu_);
+  for (const auto& k : experts) experts_.erase(k);
+}
+
 size_t expert_host_core::held() const {
   std::lock_guard lock(mu_);
   return experts_.size();

@@ -28,6 +28,14 @@ class expert_host_core {
   [[nodiscard]] caf::error load(const model::model_config& cfg, const model::checkpoint& ckpt,
                                 std::span<const std::pair<int, int>> experts, const model::progress_fn& progress = {});
 
+  /// Loads more (layer, expert) pairs next to those held (a rebalance's new replicas; a pair
+  /// already held is kept). Above `slots` only while a rebalance moves replicas: the coordinator
+  /// removes the old ones once no router routes to them.
+  [[nodiscard]] caf::error add(const model::model_config& cfg, const model::checkpoint& ckpt,
+                               std::span<const std::pair<int, int>> experts, const model::progress_fn& progress = {});
+  /// Drops pairs (a batch already running keeps its weights until it ends).
+  void remove(std::span<const std::pair<int, int>> experts);
+
   /// Computes experts[i] on inputs[i] into outputs[i]. Refuses a batch for an expert it does not hold
   /// (the router then retries elsewhere), and everything while marked dead.
   [[nodiscard]] caf::error serve(int layer, std::span<const int> experts, std::span<const std::vector<float>* const> inputs,

@@ -16,6 +16,15 @@ using placement_atom = caf::atom_constant<caf::atom("placement")>;
 using heartbeat_atom = caf::atom_constant<caf::atom("heartbeat")>;
 using tick_atom = caf::atom_constant<caf::atom("tick")>;
 using freeze_atom = caf::atom_constant<caf::atom("freeze")>;
+using load_atom = caf::atom_constant<caf::atom("load")>;             ///< router → coordinator: tokens per expert
+using rebalance_atom = caf::atom_constant<caf::atom("rebalance")>;   ///< → coordinator: plan and apply now
+using add_atom = caf::atom_constant<caf::atom("addexp")>;           ///< coordinator → host: load these replicas
+using remove_atom = caf::atom_constant<caf::atom("rmexp")>;         ///< coordinator → host: drop these replicas
+using epoch_ack_atom = caf::atom_constant<caf::atom("epochack")>;   ///< router → coordinator: drained up to epoch
+using drain_check_atom = caf::atom_constant<caf::atom("draincheck")>;
+using load_tick_atom = caf::atom_constant<caf::atom("loadtick")>;
+using rebalance_tick_atom = caf::atom_constant<caf::atom("rbtick")>;
+using ack_timeout_atom = caf::atom_constant<caf::atom("acktimeout")>;
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, replica& x) {

@@ -57,7 +57,7 @@ caf::expected<std::unique_ptr<coordinator_process>> coordinator_process::start(c
   if (!mc) return mc.error();
   auto p = std::make_unique<impl>();
   p->sys = make_system(p->cfg);
-  p->coordinator = p->sys->spawn(coordinator_actor, *mc, o.hosts, o.replicas, o.heartbeat);
+  p->coordinator = p->sys->spawn(coordinator_actor, *mc, o.hosts, o.replicas, o.heartbeat, o.rebalance);
   auto port = p->sys->middleman().publish(p->coordinator, o.port, o.host.c_str(), true);
   if (!port)
     return model::make_error(model::model_errc::io_error, "--listen: cannot publish the coordinator on " + o.host + ":" +
@@ -177,7 +177,7 @@ caf::expected<std::unique_ptr<router_process>> router_process::start(const route
   p->sys = make_system(p->cfg);
   auto coord = connect_coordinator(*p->sys, o.coordinator_host, o.coordinator_port);
   if (!coord) return coord.error();
-  p->router = p->sys->spawn(router_actor, *coord, p->core->executor());
+  p->router = p->sys->spawn(router_actor, *coord, p->core->executor(), o.report_interval);
   return std::unique_ptr<router_process>(new router_process(std::move(p)));
 }
 

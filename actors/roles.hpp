@@ -20,6 +20,7 @@ struct coordinator_options {
   int hosts = 1;     ///< expert hosts to wait for before placing
   int replicas = 1;  ///< per expert, on distinct hosts
   heartbeat_config heartbeat;
+  rebalance_config rebalance;
 };
 
 class coordinator_process {
@@ -69,6 +70,7 @@ struct router_options {
   bool peer_error_handling = true;
   std::chrono::milliseconds batch_timeout{5000};
   std::chrono::milliseconds replica_wait{10000};
+  std::chrono::milliseconds report_interval{500};  ///< tokens per expert to the coordinator
   int threads = 0;
 };
 

@@ -70,7 +70,7 @@ void add_cluster_commands(CLI::App& app) {
     auto* cmd = app.add_subcommand("coordinator", "Run the cluster's coordinator (membership, placement, epochs)");
     struct args {
       std::string config, listen = "127.0.0.1:0", model;
-      int hosts = 1, replicas = 1, hb_ms = 500, hb_misses = 3;
+      int hosts = 1, replicas = 1, hb_ms = 500, hb_misses = 3, rb_ms = 0, rb_moves = -1;
     };
     auto a = std::make_shared<args>();
     cmd->add_option("--config", a->config, "Cluster config (TOML); flags given here override its keys");
@@ -80,6 +80,10 @@ void add_cluster_commands(CLI::App& app) {
     auto* o_repl = cmd->add_option("--replicas", a->replicas, "Replicas per expert, on distinct hosts")->check(CLI::Range(1, 64));
     auto* o_hb = cmd->add_option("--heartbeat-interval-ms", a->hb_ms, "Heartbeat period (0 = off)")->check(CLI::Range(0, 600000));
     auto* o_miss = cmd->add_option("--heartbeat-misses", a->hb_misses, "Missed heartbeats before a host is down")->check(CLI::Range(1, 1000));
+    auto* o_rb = cmd->add_option("--rebalance-interval-ms", a->rb_ms, "Rebalance every this often (0 = only when asked: switchyard ctl rebalance)")
+                     ->check(CLI::Range(0, 86400000));
+    auto* o_rbm = cmd->add_option("--rebalance-max-moves", a->rb_moves, "Replicas added per rebalance round (-1 = no limit)")
+                      ->check(CLI::Range(-1, 1 << 30));
     cmd->callback([=] {
       config_file f(a->config);
       f.str("listen", o_listen, a->listen);
@@ -88,10 +92,14 @@ void add_cluster_commands(CLI::App& app) {
       f.integer("replicas", o_repl, a->replicas, 1, 64);
       f.integer("heartbeat_interval_ms", o_hb, a->hb_ms, 0, 600000);
       f.integer("heartbeat_misses", o_miss, a->hb_misses, 1, 1000);
+      f.integer("rebalance_interval_ms", o_rb, a->rb_ms, 0, 86400000);
+      f.integer("rebalance_max_moves", o_rbm, a->rb_moves, -1, 1 << 30);
       f.check_all_used();
       if (a->model.empty()) fail("coordinator: --model (or the config key 'model') is required");
       auto [host, port] = parse_host_port(a->listen, "--listen");
-      actors::coordinator_options co{host, port, a->model, a->hosts, a->replicas, {}};
+      actors::coordinator_options co{host, port, a->model, a->hosts, a->replicas, {}, {}};
+      co.rebalance.interval = std::chrono::milliseconds(a->rb_ms);
+      co.rebalance.max_moves = a->rb_moves;
       co.heartbeat.interval = std::chrono::milliseconds(a->hb_ms);
       co.heartbeat.misses = a->hb_misses;
       auto c = actors::coordinator_process::start(co);

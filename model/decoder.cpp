@@ -41,6 +41,10 @@ caf::error decoder::step(std::span<sequence_step> batch, moe_probe* probe) {
   offsets.push_back(total);
   if (total == 0) return {};
   experts_.begin_step();
+  struct step_guard {
+    expert_executor& e;
+    ~step_guard() { e.end_step(); }
+  } guard{experts_};
   std::vector<attention_seq> seqs;
   for (size_t i = 0; i < batch.size(); ++i) seqs.push_back({batch[i].cache, offsets[i], offsets[i + 1]});
 

@@ -20,6 +20,8 @@ struct planned_tensor {
   enum class fill { random, ones, zeros } how = fill::random;
   float scale = 0.02f;
   bool scale_of_previous = false;  ///< the F32 weight_scale_inv of the FP8 tensor before it
+  int64_t hot = 0;                 ///< the first `hot` elements are `hot_value` (a skewed gate bias)
+  float hot_value = 0;
   size_t bytes() const {
     size_t n = dtype_size(type);
     for (auto d : shape) n *= static_cast<size_t>(d);
@@ -58,7 +60,7 @@ void fill_chunk(const planned_tensor& t, uint64_t seed, size_t first, size_t cou
   const float a = t.scale * std::sqrt(3.0f);
   for (size_t i = 0; i < count; ++i) {
     const float u = static_cast<float>(splitmix(s) >> 40) * (1.0f / 16777216.0f);  // [0,1)
-    const float v = (2 * u - 1) * a;
+    const float v = first + i < static_cast<size_t>(t.hot) ? t.hot_value : (2 * u - 1) * a;
     if (es == 4) {
       std::memcpy(out + i * 4, &v, 4);
     } else if (t.type == dtype::bf16) {
@@ -138,8 +140,12 @@ std::vector<planned_tensor> plan(const make_model_options& o, const model_config
     }
     t.push_back({n.moe(l, s.router + ".weight"), {c.gating.num_experts, h}, wd});
     if (c.gating.has_score_bias)
+    {
       t.push_back({n.moe(l, s.router + ".e_score_correction_bias"), {c.gating.num_experts}, dtype::f32,
                    planned_tensor::fill::random, 0.05f});
+      t.back().hot = o.hot_experts;
+      t.back().hot_value = o.hot_bias;
+    }
     for (int e = 0; e < c.gating.num_experts; ++e) {
       qmat(n.expert(l, e, s.expert_gate), c.moe_intermediate_size, h);
       qmat(n.expert(l, e, s.expert_up), c.moe_intermediate_size, h);

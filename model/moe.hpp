@@ -65,6 +65,8 @@ class expert_executor {
   /// Called by the decoder before a step's first layer: a distributed executor pins one placement
   /// epoch for the whole step here.
   virtual void begin_step() {}
+  /// Called by the decoder when that step is over (also when it failed).
+  virtual void end_step() {}
   [[nodiscard]] virtual caf::error run(int layer, const dispatch_plan& plan,
                                        const std::vector<std::vector<float>>& inputs,
                                        std::vector<std::vector<float>>& outputs) = 0;

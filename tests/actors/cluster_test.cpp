@@ -3,6 +3,7 @@
 #include "actors/embedded_cluster.hpp"
 #include "actors/placement.hpp"
 #include "api/http_server.hpp"
+#include "model/error.hpp"
 #include "model/safetensors.hpp"
 
 #include <arpa/inet.h>
@@ -263,4 +264,70 @@ TEST_CASE("embedded cluster: a hung host is found by the coordinator's heartbeat
   CHECK(found < std::chrono::seconds(2));  // 3 misses of 50 ms, with slack for a loaded machine
   auto out = generate(**c, ref.prompts, static_cast<int>(ref.greedy[0].size()));
   for (size_t i = 0; i < 2; ++i) CHECK(out[i].tokens == ref.greedy[i]);
+}
+
+TEST_CASE("embedded cluster: rebalancing while requests run loses none of them and follows the load", "[actors]") {
+  auto ref = read_reference("qwen3moe_e16k4");
+  actors::embedded_config cfg;
+  cfg.replica_wait = std::chrono::milliseconds(300);
+  cfg.model = fixture("qwen3moe_e16k4");
+  cfg.hosts = 4;
+  cfg.replicas = 1;
+  cfg.rebalance.report_interval = std::chrono::milliseconds(10);
+  cfg.rebalance.min_gain = 0;  // apply any improvement: this test wants the moves
+  auto started = actors::embedded_cluster::start(cfg);
+  REQUIRE(started);
+  auto& c = *started;
+  REQUIRE(c->wait_ready(std::chrono::seconds(30)));
+  const auto before = c->placement();
+  // Some traffic first, so the coordinator has a load estimate.
+  auto warm = generate(*c, ref.prompts, 4);
+  for (auto& w : warm) REQUIRE_FALSE(w.error);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<size_t> which;
+  for (int copy = 0; copy < 16; ++copy)
+    for (size_t i = 0; i < ref.prompts.size(); ++i) {
+      prompts.push_back(ref.prompts[i]);
+      which.push_back(i);
+    }
+  std::string summary;
+  std::thread rebalancer([&] {
+    while (c->running() == 0) std::this_thread::yield();
+    auto s = c->rebalance();
+    summary = s ? *s : sy::model::describe(s.error());
+  });
+  auto out = generate(*c, prompts, static_cast<int>(ref.greedy[0].size()));
+  rebalancer.join();
+  INFO(summary);
+  for (size_t i = 0; i < out.size(); ++i) {
+    INFO("request " << i);
+    CHECK_FALSE(out[i].error);
+    CHECK(out[i].tokens == ref.greedy[which[i]]);
+  }
+  auto j = nlohmann::json::parse(summary);
+  REQUIRE(j["status"] == "done");
+  CHECK(j["load_observed"] == true);
+  CHECK(j["balancedness_after"].get<double>() > j["balancedness_before"].get<double>());
+  CHECK(j["moves"].get<int>() > 0);
+  const auto after = c->placement();
+  CHECK(after.epoch > before.epoch);
+  // More replicas than one per expert now, every expert still served, shares summing to 1.
+  size_t replicas_before = 0, replicas_after = 0;
+  for (int l = 0; l < after.layers; ++l) {
+    for (const auto& rs : before.table[static_cast<size_t>(l)]) replicas_before += rs.size();
+    for (const auto& rs : after.table[static_cast<size_t>(l)]) {
+      replicas_after += rs.size();
+      if (!after.moe_layer[static_cast<size_t>(l)]) continue;
+      REQUIRE_FALSE(rs.empty());
+      double sum = 0;
+      for (const auto& r : rs) sum += r.share;
+      CHECK(std::abs(sum - 1.0) < 1e-6);
+    }
+  }
+  CHECK(replicas_after > replicas_before);
+  // Requests after the rebalance still give the reference answers.
+  auto again = generate(*c, ref.prompts, static_cast<int>(ref.greedy[0].size()));
+  for (size_t i = 0; i < again.size(); ++i) CHECK(again[i].tokens == ref.greedy[i]);
 }
