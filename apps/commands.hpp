@@ -9,5 +9,7 @@ void add_model_commands(CLI::App& app);
 void add_serve_command(CLI::App& app);
 /// Registers the cluster's processes: `coordinator`, `expert-host`, `router`.
 void add_cluster_commands(CLI::App& app);
+/// Registers `tokenize` (text ↔ token ids through a tokenizer.json).
+void add_tokenize_command(CLI::App& app);
 
 }  // namespace sy::apps
