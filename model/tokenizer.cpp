@@ -196,7 +196,7 @@ void tokenizer::impl::parse_added_tokens(const json& list) {
     a.id = static_cast<int32_t>(tok::get_int(e, "id", path, -1, 0, (int64_t{1} << 24) - 1));
     if (a.id < 0) tok::fail_at(model_errc::missing_key, path + ".id", "is missing");
     a.content = tok::get_string(e, "content", path);
-    if (a.content.empty()) tok::fail_at(model_errc::bad_value, path + ".content", "must not be empty");
+    if (a.content.empty()) continue;  // `tokenizers` skips empty added tokens too
     a.special = tok::get_bool(e, "special", path, false);
     a.lstrip = tok::get_bool(e, "lstrip", path, false);
     a.rstrip = tok::get_bool(e, "rstrip", path, false);

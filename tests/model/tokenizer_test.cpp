@@ -660,3 +660,37 @@ TEST_CASE("tokenizer: switchyard tokenize encodes and decodes JSON lines", "[tok
   CHECK(r.status != 0);
   CHECK(r.output.find("/nonexistent") != std::string::npos);
 }
+
+TEST_CASE("tokenizer: truncation and padding of tokenizer.json apply to one sequence", "[tokenizer]") {
+  json j = tokenizer_json(bpe({"<s>", "a", "b", "c", "d", "<pad>"}));
+  j["added_tokens"] = {added(0, "<s>", true), added(5, "<pad>", true)};
+  j["post_processor"] = {{"type", "RobertaProcessing"}, {"cls", {"<s>", 0}}, {"sep", {"<s>", 0}}};
+  j["truncation"] = {{"direction", "Right"}, {"max_length", 4}, {"strategy", "LongestFirst"}, {"stride", 0}};
+  using ids = std::vector<int32_t>;
+  CHECK(enc(make(j), "abcd") == ids{1, 2, 3, 4});
+  CHECK(enc(make(j), "abcd", true) == ids{0, 1, 2, 0});  // room is kept for the two added tokens
+  j["truncation"]["direction"] = "Left";
+  CHECK(enc(make(j), "abcd") == ids{1, 2, 3, 4});
+  CHECK(enc(make(j), "abcdab") == ids{3, 4, 1, 2});
+  j["truncation"] = nullptr;
+  j["padding"] = {{"strategy", {{"Fixed", 6}}}, {"direction", "Right"}, {"pad_to_multiple_of", nullptr},
+                  {"pad_id", 5}, {"pad_type_id", 0}, {"pad_token", "<pad>"}};
+  CHECK(enc(make(j), "ab") == ids{1, 2, 5, 5, 5, 5});
+  j["padding"]["strategy"] = "BatchLongest";
+  j["padding"]["pad_to_multiple_of"] = 4;
+  j["padding"]["direction"] = "Left";
+  CHECK(enc(make(j), "abcda") == ids{5, 5, 5, 1, 2, 3, 4, 1});
+}
+
+TEST_CASE("tokenizer: Append and ByteLevel normalizers, BertPreTokenizer, CharDelimiterSplit", "[tokenizer]") {
+  auto with = [](const char* key, json part) {
+    json j = tokenizer_json(bpe({"a"}));
+    j[key] = part;
+    return make(j);
+  };
+  using v = std::vector<std::string>;
+  CHECK(pieces(with("normalizer", {{"type", "Append"}, {"append", "</w>"}}), "ab") == v{"ab</w>"});
+  CHECK(pieces(with("normalizer", {{"type", "ByteLevel"}}), "a b\xC3\xA9") == v{"aĠbÃ©"});
+  CHECK(pieces(with("pre_tokenizer", {{"type", "BertPreTokenizer"}}), "Hi, you  there!") == v{"Hi", ",", "you", "there", "!"});
+  CHECK(pieces(with("pre_tokenizer", {{"type", "CharDelimiterSplit"}, {"delimiter", "|"}}), "a|b||c") == v{"a", "b", "c"});
+}
