@@ -183,6 +183,9 @@ std::optional<regex> regex::compile(std::string_view pattern, std::string& error
   auto c = std::make_shared<compiled>();
   OnigErrorInfo info;
   const auto* p = reinterpret_cast<const OnigUChar*>(pattern.data());
+  // Compiling touches Oniguruma's global tables; searches on compiled patterns are reentrant.
+  static std::mutex compile_mu;
+  std::lock_guard lock(compile_mu);
   const int r = onig_new(&c->re, p, p + pattern.size(), ONIG_OPTION_NONE, ONIG_ENCODING_UTF8, ONIG_SYNTAX_DEFAULT, &info);
   if (r != ONIG_NORMAL) {
     c->re = nullptr;
