@@ -74,8 +74,12 @@ std::unique_ptr<bpe_model> bpe_model::parse(const json& j, const std::string& pa
       const auto ia = m->token_to_id(a), ib = m->token_to_id(b);
       if (!ia) fail_at(model_errc::bad_value, where, "token " + quote(a) + " is not in the vocabulary");
       if (!ib) fail_at(model_errc::bad_value, where, "token " + quote(b) + " is not in the vocabulary");
-      const std::string merged =
-          a + (!m->prefix_.empty() && b.compare(0, m->prefix_.size(), m->prefix_) == 0 ? b.substr(m->prefix_.size()) : b);
+      // The merged token is a + b without its first prefix-length bytes, whether or not b starts
+      // with the prefix (what `tokenizers` does).
+      const size_t cut = m->prefix_.size();
+      if (b.size() < cut || (cut < b.size() && (static_cast<unsigned char>(b[cut]) & 0xC0) == 0x80))
+        fail_at(model_errc::bad_value, where, "token " + quote(b) + " cannot lose the length of continuing_subword_prefix " + quote(m->prefix_));
+      const std::string merged = a + b.substr(cut);
       const auto in = m->token_to_id(merged);
       if (!in) fail_at(model_errc::bad_value, where, "merged token " + quote(merged) + " is not in the vocabulary");
       // A pair listed twice keeps its last rank, as `tokenizers` does when it builds its map.
