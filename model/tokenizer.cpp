@@ -273,7 +273,7 @@ caf::expected<std::unique_ptr<tokenizer::impl>> build(std::string_view tokenizer
       json cfg;
       try {
         cfg = json::parse(config_json);
-      } catch (const json::exception& e) {
+      } catch (const json::parse_error& e) {
         return make_error(model_errc::bad_format, config_name + ": not valid JSON: " + e.what());
       }
       p->parse_config(cfg);
@@ -283,8 +283,11 @@ caf::expected<std::unique_ptr<tokenizer::impl>> build(std::string_view tokenizer
     if (msg.starts_with(" ")) msg.erase(0, 1);  // a key at the top level has an empty parent path
     if (msg.starts_with(".")) msg.erase(0, 1);
     return make_error(e.code, *current + ": " + msg);
-  } catch (const json::exception& e) {
+  } catch (const json::parse_error& e) {
     return make_error(model_errc::bad_format, *current + ": not valid JSON: " + e.what());
+  } catch (const std::exception& e) {
+    // A JSON value of a shape the parser did not check for, or memory running out.
+    return make_error(model_errc::bad_format, *current + ": cannot be read: " + e.what());
   }
   if (p->settings.chat_template.empty()) p->settings.chat_template = std::move(chat_template_file);
   if (p->settings.bos_token) p->bos = p->lookup(*p->settings.bos_token);
