@@ -234,3 +234,36 @@ TEST_CASE("multi-process: an expert host killed with SIGKILL mid-run loses no re
       if (which[k] == i) CHECK(got[k] == calm);
   }
 }
+
+TEST_CASE("multi-process: a rebalance (switchyard ctl rebalance) while requests run loses none and changes no answer", "[multiprocess]") {
+  ::setenv("SWITCHYARD_ADMIN_TOKEN", "multiprocess-test-token", 1);  // inherited by the router and ctl
+  auto ref = read_reference("qwen3moe_e16k4");
+  auto c = start_cluster("qwen3moe_e16k4", 3, 1);
+  std::vector<std::future<std::pair<int, std::string>>> calls;
+  for (int k = 0; k < 12; ++k)
+    calls.push_back(std::async(std::launch::async, [&, k] {
+      return http_post(c.http, json{{"prompt", ref.prompts[static_cast<size_t>(k % 2)]}, {"max_tokens", 64}}.dump());
+    }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  child ctl({"ctl", "rebalance", "--router", "127.0.0.1:" + std::to_string(c.http)});
+  const std::string status = ctl.wait_for(std::regex("\"status\": \"([a-z]+)\""));
+  CHECK(status == "done");
+  std::vector<std::vector<int32_t>> got(calls.size());
+  for (size_t k = 0; k < calls.size(); ++k) {
+    auto [st, body] = calls[k].get();
+    INFO("request " << k << ": " << body);
+    REQUIRE(st == 200);
+    got[k] = json::parse(body)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
+    REQUIRE(got[k].size() == 64);
+    CHECK(std::vector<int32_t>(got[k].begin(), got[k].begin() + 8) == ref.greedy[k % 2]);
+  }
+  // Every answer equals one made after the rebalance, on the new placement.
+  for (size_t i = 0; i < 2; ++i) {
+    auto [s2, b2] = http_post(c.http, json{{"prompt", ref.prompts[i]}, {"max_tokens", 64}}.dump());
+    REQUIRE(s2 == 200);
+    auto calm = json::parse(b2)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
+    for (size_t k = 0; k < calls.size(); ++k)
+      if (k % 2 == i) CHECK(got[k] == calm);
+  }
+  ::unsetenv("SWITCHYARD_ADMIN_TOKEN");
+}
