@@ -30,6 +30,8 @@ void finish_job(coordinator_ptr self, const std::string& summary) {
   if (!st.job) return;
   for (auto& rp : st.job->promises) rp.deliver(summary);
   st.job.reset();
+  // A host lost while the round ran may have left experts without a replica.
+  if (st.planned && !st.placement.complete(st.hosts)) self->send(self, replace_lost_atom::value);
 }
 
 /// Every router has left the old epoch: the replicas no longer in the table get nothing more, so
@@ -144,6 +146,24 @@ void start_rebalance(coordinator_ptr self, std::optional<caf::response_promise> 
           if (static_cast<int>(dst.size()) < cap) dst.push_back({e, total > 0 ? r.share / total : 1.0});
         }
     }
+  // Experts with no replica left on a host that is up (their hosts died): placed provisionally on
+  // the survivor with the fewest replicas that has room, so the round plans from what survives.
+  int lost = 0;
+  for (size_t i = 0; i < moe.size(); ++i)
+    for (int e = 0; e < experts; ++e) {
+      bool held = false;
+      for (const auto& g : prev.layers[i])
+        for (const auto& r : g) held = held || r.expert == e;
+      if (held) continue;
+      ++lost;
+      size_t best = prev.layers[i].size();
+      for (size_t g = 0; g < prev.layers[i].size(); ++g)
+        if (static_cast<int>(prev.layers[i][g].size()) < cap &&
+            (best == prev.layers[i].size() || prev.layers[i][g].size() < prev.layers[i][best].size()))
+          best = g;
+      if (best < prev.layers[i].size()) prev.layers[i][best].push_back({e, 1.0});
+    }
+  if (lost > 0) spdlog::warn("coordinator: {} expert replicas have no live host; re-placing them on the survivors", lost);
   const bool prev_ok = !scheduler::validate(prob, prev);
   scheduler::planner_options po;
   if (st.rebalance.max_moves >= 0) po.max_moves = st.rebalance.max_moves;
@@ -153,8 +173,9 @@ void start_rebalance(coordinator_ptr self, std::optional<caf::response_promise> 
   const double after = plan->balancedness;
   const int64_t moves = prev_ok ? scheduler::count_moves(prev, *plan) : -1;
   nlohmann::json summary{{"balancedness_before", before}, {"balancedness_after", after}, {"moves", moves},
-                         {"load_observed", observed}, {"hosts", up.size()}, {"slots_per_layer", cap}};
-  if (prev_ok && (after - before < st.rebalance.min_gain || moves == 0)) {
+                         {"load_observed", observed}, {"hosts", up.size()}, {"slots_per_layer", cap},
+                         {"lost_replaced", lost}};
+  if (prev_ok && lost == 0 && (after - before < st.rebalance.min_gain || moves == 0)) {
     summary["status"] = "skipped";
     summary["reason"] = moves == 0 ? "the placement is already the plan" : "the gain is below rebalance.min_gain";
     spdlog::info("coordinator: rebalance skipped: balancedness {:.4f} → {:.4f}, {} moves", before, after, moves);
@@ -250,6 +271,8 @@ caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, mo
     ++st.placement.epoch;
     spdlog::warn("coordinator: host {} is down ({}); placement epoch {}", st.hosts[i].name, why, st.placement.epoch);
     broadcast(self);
+    // Experts whose every replica was there are re-placed on the survivors (when they have room).
+    if (st.planned && !st.placement.complete(st.hosts)) self->send(self, replace_lost_atom::value);
   };
   self->set_down_handler([self, mark_down](caf::down_msg& dm) {
     auto& st = self->state;
@@ -341,6 +364,10 @@ caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, mo
       [self](rebalance_tick_atom) {
         start_rebalance(self, std::nullopt);
         self->delayed_send(self, self->state.rebalance.interval, rebalance_tick_atom::value);
+      },
+      [self](replace_lost_atom) {
+        auto& st = self->state;
+        if (st.planned && !st.job && !st.placement.complete(st.hosts)) start_rebalance(self, std::nullopt);
       },
       [self](rebalance_atom) -> caf::result<std::string> {
         auto rp = self->make_response_promise<std::string>();

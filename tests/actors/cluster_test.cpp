@@ -382,3 +382,47 @@ TEST_CASE("HTTP: admin routes need the bearer token, stay closed without one, an
   CHECK_FALSE(api::constant_time_equal("abc", "ab"));
   (*server)->stop();
 }
+
+TEST_CASE("embedded cluster: with one replica, a lost host's experts are re-placed on the survivors and no request fails", "[actors]") {
+  auto ref = read_reference("qwen3moe_e16k4");
+  actors::embedded_config cfg;
+  cfg.model = fixture("qwen3moe_e16k4");
+  cfg.hosts = 3;
+  cfg.replicas = 1;
+  cfg.replica_wait = std::chrono::seconds(20);  // queued steps wait this long for a replica to return
+  auto started = actors::embedded_cluster::start(cfg);
+  REQUIRE(started);
+  auto& c = *started;
+  REQUIRE(c->wait_ready(std::chrono::seconds(30)));
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<size_t> which;
+  for (int copy = 0; copy < 8; ++copy)
+    for (size_t i = 0; i < ref.prompts.size(); ++i) {
+      prompts.push_back(ref.prompts[i]);
+      which.push_back(i);
+    }
+  std::thread killer([&] {
+    while (c->running() == 0) std::this_thread::yield();
+    c->kill_host(1);
+  });
+  auto out = generate(*c, prompts, static_cast<int>(ref.greedy[0].size()));
+  killer.join();
+  for (size_t i = 0; i < out.size(); ++i) {
+    INFO("request " << i << ": " << sy::model::describe(out[i].error));
+    CHECK_FALSE(out[i].error);
+    CHECK(out[i].tokens == ref.greedy[which[i]]);
+  }
+  CHECK(c->hosts_up() == 2);
+  const auto p = c->placement();
+  // Every expert has a replica, and they all sit on the two survivors (host ids are the
+  // coordinator's registration order, so the dead one is whichever no longer appears).
+  std::set<int> holders;
+  for (int l = 0; l < p.layers; ++l) {
+    if (!p.moe_layer[static_cast<size_t>(l)]) continue;
+    for (const auto& rs : p.table[static_cast<size_t>(l)]) {
+      REQUIRE_FALSE(rs.empty());
+      for (const auto& r : rs) holders.insert(r.host);
+    }
+  }
+  CHECK(holders.size() == 2);
+}
