@@ -107,6 +107,9 @@ std::vector<uint64_t> embedded_cluster::host_batches() const {
   return out;
 }
 
+void embedded_cluster::drain() { impl_->router_half->drain(); }
+bool embedded_cluster::idle() const { return impl_->router_half->idle(); }
+
 int embedded_cluster::hosts_up() const { return impl_->router_half->executor()->hosts_up(); }
 
 void embedded_cluster::shutdown() {

@@ -54,6 +54,9 @@ class embedded_cluster {
   [[nodiscard]] std::vector<uint64_t> host_batches() const;
   /// Hosts the router's current placement counts as up.
   [[nodiscard]] int hosts_up() const;
+  /// Graceful shutdown: refuses new requests, lets the accepted ones finish (see `idle`).
+  void drain();
+  [[nodiscard]] bool idle() const;
   /// Stops accepting, fails what is queued, finishes the engine thread, stops the actors.
   void shutdown();
 

@@ -194,6 +194,9 @@ caf::expected<std::string> router_process::rebalance(std::chrono::milliseconds t
   return out;
 }
 
+void router_process::drain() { impl_->core->drain(); }
+bool router_process::idle() const { return impl_->core->idle(); }
+
 bool router_process::ready() const { return impl_->core->ready(); }
 bool router_process::wait_ready(std::chrono::milliseconds timeout) const { return impl_->core->wait_ready(timeout); }
 uint64_t router_process::epoch() const { return impl_->core->executor()->epoch(); }

@@ -83,6 +83,8 @@ class router_process {
   [[nodiscard]] uint64_t epoch() const;
   [[nodiscard]] caf::error submit(scheduler::generation_request r);
   [[nodiscard]] const model::model_config& config() const;
+  void drain();
+  [[nodiscard]] bool idle() const;
   /// Asks the coordinator for a rebalancing round; its JSON summary once it is over.
   [[nodiscard]] caf::expected<std::string> rebalance(std::chrono::milliseconds timeout = std::chrono::minutes(5));
   void stop();

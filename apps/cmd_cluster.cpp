@@ -2,6 +2,7 @@
 #include "actors/roles.hpp"
 #include "api/http_server.hpp"
 #include "apps/cli.hpp"
+#include "apps/http_options.hpp"
 #include "apps/commands.hpp"
 
 #include <spdlog/spdlog.h>
@@ -149,14 +150,15 @@ void add_cluster_commands(CLI::App& app) {
   {
     auto* cmd = app.add_subcommand("router", "Run a router: the dense model, gating, batching, and the HTTP API");
     struct args {
-      std::string coordinator, model, http = "127.0.0.1:8080";
+      std::string coordinator, model;
+      http_options http;
       int threads = 0, max_running = 64, max_queue = 256, budget = 512;
       bool bf16 = false, no_peer_errors = false;
     };
     auto a = std::make_shared<args>();
     cmd->add_option("--coordinator", a->coordinator, "Coordinator HOST:PORT")->required();
     cmd->add_option("--model", a->model, "Model folder")->required();
-    cmd->add_option("--http", a->http, "HTTP listen address HOST:PORT (port 0 = any)");
+    add_http_options(cmd, a->http);
     cmd->add_option("--threads", a->threads, "Compute threads (0 = all cores)");
     cmd->add_option("--max-running", a->max_running, "Sequences decoding at once")->check(CLI::Range(1, 1 << 16));
     cmd->add_option("--max-queue", a->max_queue, "Queued requests before 503")->check(CLI::Range(0, 1 << 20));
@@ -165,7 +167,8 @@ void add_cluster_commands(CLI::App& app) {
     cmd->add_flag("--no-peer-error-handling", a->no_peer_errors, "UCX without peer failure detection");
     cmd->callback([a] {
       auto [ch, cp] = parse_host_port(a->coordinator, "--coordinator");
-      auto [hh, hp] = parse_host_port(a->http, "--http");
+      auto hc = make_http_config(a->http);
+      auto tok = load_serving_tokenizer(a->http.tokenizer, a->model);
       actors::router_options o;
       o.coordinator_host = ch;
       o.coordinator_port = cp;
@@ -179,22 +182,19 @@ void add_cluster_commands(CLI::App& app) {
       auto r = actors::router_process::start(o);
       if (!r) fail(model::describe(r.error()));
       auto* rp = r->get();
-      api::http_config hc;
-      hc.host = hh;
-      hc.port = hp;
-      hc.admin_token = admin_token_from_env();
       api::completion_service svc;
       svc.model_name = std::filesystem::path(a->model).filename().string();
       svc.vocab_size = rp->config().vocab_size;
       svc.max_context = rp->config().max_position_embeddings;
       svc.ready = [rp] { return rp->ready(); };
+      svc.tokenizer = tok;
       svc.submit = [rp](scheduler::generation_request req) { return rp->submit(std::move(req)); };
       svc.rebalance = [rp] { return rp->rebalance(); };
       auto server = api::http_server::start(hc, svc);
       if (!server) fail(model::describe(server.error()));
-      std::printf("router serving HTTP on %s:%u\n", hh.c_str(), static_cast<unsigned>((*server)->port()));
+      std::printf("router serving HTTP on %s:%u\n", hc.host.c_str(), static_cast<unsigned>((*server)->port()));
       std::fflush(stdout);
-      wait_for_stop_signal();
+      serve_until_stopped(**server, [rp] { rp->drain(); }, [rp] { return rp->idle(); }, a->http);
       (*server)->stop();
       rp->stop();
     });
