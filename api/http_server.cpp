@@ -164,6 +164,14 @@ class session : public std::enable_shared_from_this<session> {
       if (svc_.ready()) return reply(http::status::ok, R"({"status":"ready"})", ka);
       return reply(http::status::service_unavailable, R"({"status":"not ready"})", ka, 1);
     }
+    const bool inference = target == "/v1/completions" || target == "/v1/chat/completions" || target == "/tokenize" ||
+                           target == "/detokenize" || target == "/v1/models";
+    if (inference && !cfg_.api_token.empty()) {
+      const std::string auth(req[http::field::authorization]);
+      if (!auth.starts_with("Bearer ") || !constant_time_equal(auth.substr(7), cfg_.api_token))
+        return reply(http::status::unauthorized,
+                     error_body("authentication_error", "missing or wrong bearer token (Authorization: Bearer ...)", ""), ka);
+    }
     if (target == "/v1/models") {
       if (!allow(http::verb::get, "GET")) return;
       json m = {{"id", svc_.model_name}, {"object", "model"}, {"created", now_seconds()}, {"owned_by", "switchyard"},
@@ -171,8 +179,6 @@ class session : public std::enable_shared_from_this<session> {
       return reply(http::status::ok, json{{"object", "list"}, {"data", json::array({m})}}.dump(), ka);
     }
     if (target.starts_with("/admin/")) return admin(target, req, ka);
-    const bool inference = target == "/v1/completions" || target == "/v1/chat/completions" || target == "/tokenize" ||
-                           target == "/detokenize";
     if (!inference) return reply(http::status::not_found, error_body("invalid_request_error", "no route " + target, ""), ka);
     if (!allow(http::verb::post, "POST")) return;
     if (st_.draining)
@@ -613,9 +619,10 @@ class session : public std::enable_shared_from_this<session> {
 
 const std::vector<route_info>& routes() {
   static const std::vector<route_info> all{
-      {"GET", "/healthz", false},          {"GET", "/readyz", false},       {"GET", "/v1/models", false},
-      {"POST", "/v1/completions", false},  {"POST", "/v1/chat/completions", false},
-      {"POST", "/tokenize", false},        {"POST", "/detokenize", false},  {"POST", "/admin/rebalance", true},
+      {"GET", "/healthz", false, false},          {"GET", "/readyz", false, false},
+      {"GET", "/v1/models", false, true},         {"POST", "/v1/completions", false, true},
+      {"POST", "/v1/chat/completions", false, true}, {"POST", "/tokenize", false, true},
+      {"POST", "/detokenize", false, true},       {"POST", "/admin/rebalance", true, false},
   };
   return all;
 }

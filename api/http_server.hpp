@@ -35,6 +35,8 @@ struct http_config {
   int max_choices = 64;             ///< prompts × n per request
   /// Bearer token for /admin/* routes. Empty: the admin routes stay closed (401), never open.
   std::string admin_token;
+  /// When set, the inference routes (completions, models, tokenize) need this bearer token too.
+  std::string api_token;
 };
 
 /// What the HTTP front needs from the serving core.
@@ -75,7 +77,8 @@ class http_server {
 struct route_info {
   const char* method;
   const char* path;
-  bool admin;
+  bool admin;      ///< needs the admin token (closed without one)
+  bool inference;  ///< needs the API token when one is configured
 };
 [[nodiscard]] const std::vector<route_info>& routes();
 

@@ -5,6 +5,7 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstdio>
 #include <thread>
 
@@ -30,6 +31,7 @@ api::http_config make_http_config(const http_options& o) {
   hc.header_timeout = std::chrono::milliseconds(o.header_timeout_ms);
   hc.max_prompt_tokens = o.max_prompt_tokens;
   hc.admin_token = admin_token_from_env();
+  if (const char* t = std::getenv("SWITCHYARD_API_TOKEN"); t && *t) hc.api_token = t;
   return hc;
 }
 
