@@ -27,8 +27,13 @@ namespace net = boost::asio;
 using tcp = net::ip::tcp;
 using json = nlohmann::json;
 
+namespace {
+/// Text that reaches JSON may come from a client or a model: invalid UTF-8 is replaced, never thrown.
+std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+}  // namespace
+
 std::string error_body(const std::string& type, const std::string& message, const std::string& param) {
-  return json{{"error", {{"type", type}, {"message", message}, {"param", param.empty() ? json(nullptr) : json(param)}, {"code", nullptr}}}}.dump();
+  return dump(json{{"error", {{"type", type}, {"message", message}, {"param", param.empty() ? json(nullptr) : json(param)}, {"code", nullptr}}}});
 }
 
 namespace {
@@ -52,7 +57,7 @@ int64_t now_seconds() {
 std::string bad_request_body(const bad_request& b) {
   json j = json::parse(error_body("invalid_request_error", b.message, b.param));
   if (b.n_prompt_tokens >= 0) j["error"]["n_prompt_tokens"] = b.n_prompt_tokens;
-  return j.dump();
+  return dump(j);
 }
 
 /// Longest suffix of `text` that is a proper prefix of one of `stops` (held back while streaming,
@@ -72,7 +77,10 @@ size_t held_back(const std::string& text, const std::vector<std::string>& stops)
 
 class session : public std::enable_shared_from_this<session> {
  public:
-  session(tcp::socket s, server_state& st) : stream_(std::move(s)), st_(st), cfg_(st.cfg), svc_(st.svc) { ++st_.connections; }
+  session(tcp::socket s, server_state& st)
+      : stream_(std::move(s)), timer_(stream_.get_executor()), st_(st), cfg_(st.cfg), svc_(st.svc) {
+    ++st_.connections;
+  }
   ~session() { --st_.connections; }
 
   void run() { read(true); }
@@ -85,20 +93,34 @@ class session : public std::enable_shared_from_this<session> {
     parser_->header_limit(static_cast<std::uint32_t>(std::min<size_t>(cfg_.max_header_bytes, UINT32_MAX)));
     parser_->body_limit(cfg_.max_body_bytes);
     // The first request's head must come within the header timeout; on a kept-alive connection the
-    // next one may wait up to the idle timeout.
-    stream_.expires_after(first || buffer_.size() > 0 ? cfg_.header_timeout : cfg_.idle_timeout);
+    // next one may wait up to the idle timeout. (A timer of our own rather than the stream's: when
+    // the stream's expires, it closes the socket, and a 408 could not be sent.)
+    stream_.expires_never();
+    arm(first || buffer_.size() > 0 ? cfg_.header_timeout : cfg_.idle_timeout);
     http::async_read_header(stream_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) {
       self->on_header(ec);
     });
   }
 
+  void arm(std::chrono::milliseconds t) {
+    timed_out_ = false;
+    timer_.expires_after(t);
+    timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec) return;  // cancelled: the read finished in time
+      self->timed_out_ = true;
+      beast::error_code ignored;
+      self->stream_.socket().cancel(ignored);
+    });
+  }
+
   void on_header(beast::error_code ec) {
+    timer_.cancel();
     if (ec == http::error::header_limit)
       return reply(http::status::request_header_fields_too_large,
                    error_body("invalid_request_error", "request headers larger than " + std::to_string(cfg_.max_header_bytes) + " bytes", ""),
                    false);
-    if (ec == beast::error::timeout) {
-      if (parser_->got_some())
+    if (timed_out_) {
+      if (parser_->got_some() || buffer_.size() > 0)
         return reply(http::status::request_timeout, error_body("invalid_request_error", "the request head did not arrive in time", ""), false);
       return close();  // an idle keep-alive connection
     }
@@ -106,13 +128,14 @@ class session : public std::enable_shared_from_this<session> {
       return reply(http::status::payload_too_large, error_body("invalid_request_error", "request body too large", ""), false);
     if (ec) return close();  // closed or malformed
     if (parser_->is_done()) return handle(parser_->release());
-    stream_.expires_after(cfg_.body_timeout);
+    arm(cfg_.body_timeout);
     http::async_read(stream_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec2, size_t) {
+      self->timer_.cancel();
       if (ec2 == http::error::body_limit)
         return self->reply(http::status::payload_too_large,
                            error_body("invalid_request_error", "request body larger than " + std::to_string(self->cfg_.max_body_bytes) + " bytes", ""),
                            false);
-      if (ec2 == beast::error::timeout)
+      if (self->timed_out_)
         return self->reply(http::status::request_timeout, error_body("invalid_request_error", "the request body did not arrive in time", ""), false);
       if (ec2) return self->close();
       self->handle(self->parser_->release());
@@ -176,7 +199,7 @@ class session : public std::enable_shared_from_this<session> {
       if (!allow(http::verb::get, "GET")) return;
       json m = {{"id", svc_.model_name}, {"object", "model"}, {"created", now_seconds()}, {"owned_by", "switchyard"},
                 {"max_model_len", svc_.max_context}};
-      return reply(http::status::ok, json{{"object", "list"}, {"data", json::array({m})}}.dump(), ka);
+      return reply(http::status::ok, dump(json{{"object", "list"}, {"data", json::array({m})}}), ka);
     }
     if (target.starts_with("/admin/")) return admin(target, req, ka);
     if (!inference) return reply(http::status::not_found, error_body("invalid_request_error", "no route " + target, ""), ka);
@@ -231,14 +254,14 @@ class session : public std::enable_shared_from_this<session> {
     auto& r = std::get<tokenize_request>(parsed);
     auto ids = svc_.tokenizer->encode(r.text, r.add_special_tokens);
     if (!ids) return reply(http::status::bad_request, error_body("invalid_request_error", model::describe(ids.error()), "prompt"), ka);
-    reply(http::status::ok, json{{"tokens", *ids}, {"count", ids->size()}, {"max_model_len", svc_.max_context}}.dump(), ka);
+    reply(http::status::ok, dump(json{{"tokens", *ids}, {"count", ids->size()}, {"max_model_len", svc_.max_context}}), ka);
   }
 
   void detokenize(const std::string& body, bool ka) {
     auto parsed = parse_detokenize(body, st_.limits);
     if (auto* bad = std::get_if<bad_request>(&parsed)) return reply(http::status::bad_request, bad_request_body(*bad), ka);
     auto& r = std::get<detokenize_request>(parsed);
-    reply(http::status::ok, json{{"prompt", svc_.tokenizer->decode(r.tokens, false)}}.dump(), ka);
+    reply(http::status::ok, dump(json{{"prompt", svc_.tokenizer->decode(r.tokens, false)}}), ka);
   }
 
   // ---- completions ----------------------------------------------------------------------------
@@ -326,6 +349,7 @@ class session : public std::enable_shared_from_this<session> {
       r.sampling = req.sampling;
       r.sampling.seed += i;
       r.stop_token_ids = req.stop_token_ids;
+      r.stop_at_eos = !req.ignore_eos;
       r.logprobs = req.logprobs;
       r.cancel = rs->cancel;
       r.on_token = [self, rs, i](const scheduler::token_event& ev) { return self->on_token(*rs, i, ev); };
@@ -403,7 +427,7 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   void send_event(const request_state& rs, json choice_j) {
-    auto data = std::make_shared<std::string>("data: " + chunk(rs, json::array({std::move(choice_j)})).dump() + "\n\n");
+    auto data = std::make_shared<std::string>("data: " + dump(chunk(rs, json::array({std::move(choice_j)}))) + "\n\n");
     net::post(stream_.get_executor(), [self = shared_from_this(), data] { self->queue_write(data); });
   }
 
@@ -471,7 +495,7 @@ class session : public std::enable_shared_from_this<session> {
     // Server-side timings (an extension): time to first token and to the last, from admission to
     // the queue, the slowest choice's.
     res["timing"] = {{"first_token_ms", ttft}, {"total_ms", total}};
-    respond_after_watch(http::status::ok, res.dump(), 0);
+    respond_after_watch(http::status::ok, dump(res), 0);
   }
 
   // ---- client disconnect while a plain (non-streamed) answer is computed ----------------------
@@ -543,7 +567,7 @@ class session : public std::enable_shared_from_this<session> {
     if (rs->req.include_usage) {
       json u = chunk(*rs, json::array());
       u["usage"] = usage(*rs);
-      usage_event = std::make_shared<std::string>("data: " + u.dump() + "\n\n");
+      usage_event = std::make_shared<std::string>("data: " + dump(u) + "\n\n");
     }
     net::post(stream_.get_executor(), [self = shared_from_this(), usage_event] {
       --self->st_.active;
@@ -595,6 +619,8 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   beast::tcp_stream stream_;
+  net::steady_timer timer_;
+  bool timed_out_ = false;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   server_state& st_;

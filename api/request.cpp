@@ -135,6 +135,10 @@ std::variant<completion_request, bad_request> parse_completion(const std::string
     if (!j["skip_special_tokens"].is_boolean()) return bad_request{"skip_special_tokens", "skip_special_tokens must be a boolean"};
     out.skip_special_tokens = j["skip_special_tokens"].get<bool>();
   }
+  if (present(j, "ignore_eos")) {
+    if (!j["ignore_eos"].is_boolean()) return bad_request{"ignore_eos", "ignore_eos must be a boolean"};
+    out.ignore_eos = j["ignore_eos"].get<bool>();
+  }
   if (present(j, "logprobs")) {
     if (!j["logprobs"].is_number_integer() || j["logprobs"].get<int64_t>() < 0 || j["logprobs"].get<int64_t>() > 20)
       return bad_request{"logprobs", "logprobs must be an integer in [0, 20]"};

@@ -44,6 +44,7 @@ struct completion_request {
   bool stream = false;
   bool include_usage = true;                ///< usage in the last streamed chunk
   bool skip_special_tokens = true;
+  bool ignore_eos = false;                  ///< vLLM's extension: generate max_tokens regardless
 };
 
 /// POST /v1/completions. `prompt`: text, a list of token ids, or a list of either.
