@@ -163,7 +163,7 @@ TEST_CASE("embedded cluster: a host failing while requests run loses none of the
     }
   std::atomic<bool> killed{false};
   std::thread killer([&] {
-    while (c->running() == 0) std::this_thread::yield();
+    for (auto t0 = std::chrono::steady_clock::now(); c->running() == 0 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20);) std::this_thread::yield();
     c->kill_host(1);
     killed = true;
   });
@@ -296,7 +296,7 @@ TEST_CASE("embedded cluster: rebalancing while requests run loses none of them a
     }
   std::string summary;
   std::thread rebalancer([&] {
-    while (c->running() == 0) std::this_thread::yield();
+    for (auto t0 = std::chrono::steady_clock::now(); c->running() == 0 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20);) std::this_thread::yield();
     auto s = c->rebalance();
     summary = s ? *s : sy::model::describe(s.error());
   });
@@ -404,7 +404,7 @@ TEST_CASE("embedded cluster: with one replica, a lost host's experts are re-plac
       which.push_back(i);
     }
   std::thread killer([&] {
-    while (c->running() == 0) std::this_thread::yield();
+    for (auto t0 = std::chrono::steady_clock::now(); c->running() == 0 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20);) std::this_thread::yield();
     c->kill_host(1);
   });
   auto out = generate(*c, prompts, static_cast<int>(ref.greedy[0].size()));
