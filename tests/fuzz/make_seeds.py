@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Writes the hand-made seeds of the fuzz corpora (tests/fuzz/corpus/<target>/seed-*).
+"""Writes the fuzz corpora (tests/fuzz/corpus/<target>/): hand-made seeds (seed-*) and the inputs
+that reproduced bugs the fuzzers found, since fixed (regress-*).
 
-Run from anywhere: python3 tests/fuzz/make_seeds.py. Files the fuzzers found (crash-*, regression
-files) live beside the seeds and are not touched. See docs/fuzzing.md.
+Run from anywhere: python3 tests/fuzz/make_seeds.py (rewrites those files; nothing else in the
+folders is touched). See docs/fuzzing.md.
 """
 import json
 import os
@@ -12,10 +13,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "corpus")
 
 
-def write(target, name, data):
+def write(target, name, data, prefix="seed-"):
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
-    path = os.path.join(CORPUS, target, "seed-" + name)
+    path = os.path.join(CORPUS, target, prefix + name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
@@ -136,13 +137,6 @@ HTTP = {
     "stream-echo-logprobs": completion(prompt=[300, 301, 302], stream=True, echo=True, n=2, seed=1),
     "stream-stop": completion(prompt="ab ab ab", stream=True, stop=["b a"], seed=1),
     "stream-no-usage": completion(prompt=[1, 2], stream=True, stream_options={"include_usage": False}),
-    "refuse-after-first": completion(prompt=[3, 4], n=3, max_tokens=12),
-    "refuse-after-first-stream": completion(prompt=[3, 4], n=3, max_tokens=12, stream=True),
-    "refuse-after-first-then-more": completion(prompt=[3, 4], n=3, max_tokens=12) + completion(prompt=[5], seed=1)
-                                    + completion(prompt=[6], stream=True),
-    "refuse-after-first-stream-then-more": completion(prompt=[3, 4], n=2, max_tokens=12, stream=True, seed=1)
-                                           + completion(prompt=[5], stream=True) + completion(prompt=[6]),
-    "head-then-get": req("HEAD", "/v1/models") + req("HEAD", "/nope") + req("GET", "/healthz"),
     "refuse-all": completion(prompt=[3], max_tokens=13),
     "refuse-invalid": completion(prompt=[3], max_tokens=14, stream=True),
     "engine-error": completion(prompt=[3], max_tokens=15, n=2),
@@ -161,7 +155,6 @@ HTTP = {
     "admin-get": req("GET", "/admin/rebalance", headers=["Authorization: Bearer fuzz-admin-token"]),
     "not-found": req("GET", "/nope/\xc3\x28"),
     "wrong-method": req("DELETE", "/v1/completions"),
-    "head": req("HEAD", "/healthz"),
     "get-completions": req("GET", "/v1/completions"),
     "http10": req("GET", "/healthz", version="1.0"),
     "http10-keepalive": req("GET", "/healthz", version="1.0", headers=["Connection: keep-alive"]),
@@ -189,6 +182,24 @@ HTTP = {
 }
 for name, data in HTTP.items():
     write("http", name, data)
+
+# Inputs that reproduced bugs the HTTP fuzz target found (fixed; see docs/fuzzing.md).
+HTTP_REGRESSIONS = {
+    # 405 to HEAD carried its body: the next response on the connection was misread.
+    "head-body": req("HEAD", "/healthz"),
+    "head-then-get": req("HEAD", "/v1/models") + req("HEAD", "/nope") + req("GET", "/healthz"),
+    # Refused at the 2nd choice after the 1st had already finished: the active count leaked.
+    "refused-after-first-active-count": completion(prompt=[3, 4], n=3, max_tokens=12),
+    # Refused mid-stream: the 1st choice's events came after [DONE].
+    "refused-stream-events-after-done": completion(prompt=[3, 4], n=3, max_tokens=12, stream=True),
+    # The session's 'refused' flag was never reset: later requests on the connection went unanswered.
+    "refused-then-more": completion(prompt=[3, 4], n=3, max_tokens=12) + completion(prompt=[5], seed=1)
+                         + completion(prompt=[6], stream=True),
+    "refused-stream-then-more": completion(prompt=[3, 4], n=2, max_tokens=12, stream=True, seed=1)
+                                + completion(prompt=[5], stream=True) + completion(prompt=[6]),
+}
+for name, data in HTTP_REGRESSIONS.items():
+    write("http", name, data, prefix="regress-")
 
 # ---- wire: headers as received, and batches / errors to round-trip --------------------------------
 MAGIC, VERSION = 0x42545953, 1
@@ -243,10 +254,18 @@ WIRE = {
     "round-trip-bf16": b"\x02" + bytes([0x06]) + bytes(range(1, 40)) + b"\x7f\xc0\xff\xff\x80\x7f\x00\x00",
     "round-trip-f32-reply": b"\x02" + bytes([0x15]) + bytes(range(40, 120)) + b"\x00\x00\xc0\x7f\x01\x00\x80\x7f",
     "round-trip-error": b"\x03" + bytes([9]) + b"\x01" * 20 + "message é".encode(),
-    "round-trip-error-long": b"\x03" + bytes([9]) + b"\x02" * 20 + b"x" + "é".encode() * 600,
-    "round-trip-error-code0": b"\x03\x00" + b"\x03" * 20 + b"x",
 }
 for name, data in WIRE.items():
     write("wire", name, data)
+
+# Inputs that reproduced bugs the wire fuzz target found (fixed; see docs/fuzzing.md).
+WIRE_REGRESSIONS = {
+    # encode_error of an empty caf::error dereferenced null (CAF's category()).
+    "encode-empty-error": b"\x03\x00" + b"\x03" * 20 + b"x",
+    # A message over 1024 bytes was cut inside a UTF-8 character.
+    "error-message-cut-utf8": b"\x03" + bytes([9]) + b"\x02" * 20 + b"x" + "é".encode() * 600,
+}
+for name, data in WIRE_REGRESSIONS.items():
+    write("wire", name, data, prefix="regress-")
 
 print("seeds written under", CORPUS)
