@@ -1,5 +1,7 @@
 #include "api/http_server.hpp"
 
+#include "api/dashboard.hpp"
+#include "metrics/metrics.hpp"
 #include "model/error.hpp"
 
 #include <boost/asio.hpp>
@@ -113,16 +115,35 @@ class session : public std::enable_shared_from_this<session> {
     parser_->body_limit(cfg_.max_body_bytes);
     stream_.expires_after(std::chrono::seconds(60));
     http::async_read(stream_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) {
-      if (ec == http::error::body_limit) return self->reply(http::status::payload_too_large,
-                                                            error_body("invalid_request_error", "request body too large", ""), false);
+      if (ec == http::error::body_limit) {
+        self->begin(self->parser_->get().target());
+        return self->reply(http::status::payload_too_large,
+                           error_body("invalid_request_error", "request body too large", ""), false);
+      }
       if (ec) return;  // closed, timed out, or malformed: drop the connection
       self->handle(self->parser_->release());
     });
   }
 
-  void reply(http::status st, std::string body, bool keep_alive, int retry_after = 0) {
+  /// The routes with a label of their own; anything else is counted as "other".
+  static std::string_view route_of(std::string_view path) {
+    for (std::string_view r : {"/v1/completions", "/healthz", "/readyz", "/metrics", "/dashboard", "/dashboard/data"})
+      if (path == r) return r;
+    return "other";
+  }
+
+  /// A request starts: its route label and the clock of its duration.
+  void begin(std::string_view target) {
+    route_ = route_of(target.substr(0, target.find('?')));
+    started_ = std::chrono::steady_clock::now();
+  }
+
+  void reply(http::status st, std::string body, bool keep_alive, int retry_after = 0,
+             std::string_view content_type = "application/json") {
+    metrics::http_request(route_, static_cast<int>(st),
+                          std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count());
     auto res = std::make_shared<http::response<http::string_body>>(st, 11);
-    res->set(http::field::content_type, "application/json");
+    res->set(http::field::content_type, content_type);
     res->set(http::field::server, "switchyard");
     if (retry_after > 0) res->set(http::field::retry_after, std::to_string(retry_after));
     res->keep_alive(keep_alive);
@@ -140,7 +161,21 @@ class session : public std::enable_shared_from_this<session> {
 
   void handle(http::request<http::string_body> req) {
     const bool ka = req.keep_alive();
-    const std::string target(req.target());
+    begin(req.target());
+    const std::string target(req.target().substr(0, req.target().find('?')));
+    const bool get = req.method() == http::verb::get;
+    if (target == "/metrics") {
+      if (!get) return reply(http::status::method_not_allowed, error_body("invalid_request_error", "use GET", ""), ka);
+      return reply(http::status::ok, metrics::serialize(), ka, 0, metrics::content_type);
+    }
+    if (target == "/dashboard") {
+      if (!get) return reply(http::status::method_not_allowed, error_body("invalid_request_error", "use GET", ""), ka);
+      return reply(http::status::ok, std::string(dashboard_page()), ka, 0, "text/html; charset=utf-8");
+    }
+    if (target == "/dashboard/data") {
+      if (!get) return reply(http::status::method_not_allowed, error_body("invalid_request_error", "use GET", ""), ka);
+      return reply(http::status::ok, dashboard_data(svc_.model_name, svc_.cluster ? svc_.cluster() : cluster_view{}), ka);
+    }
     if (target == "/healthz") {
       if (req.method() != http::verb::get) return reply(http::status::method_not_allowed, error_body("invalid_request_error", "use GET", ""), ka);
       return reply(http::status::ok, R"({"status":"ok"})", ka);
@@ -239,6 +274,8 @@ class session : public std::enable_shared_from_this<session> {
   const completion_service& svc_;
   const http_config& cfg_;
   std::atomic<uint64_t>& ids_;
+  std::string_view route_ = "other";
+  std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 };
 
 }  // namespace

@@ -1,6 +1,9 @@
 #pragma once
-/// The HTTP front (Boost.Beast): an OpenAI-style `POST /v1/completions` with token-id prompts, and
-/// `GET /healthz`, `GET /readyz`. Beast stays inside http_server.cpp.
+/// The HTTP front (Boost.Beast): an OpenAI-style `POST /v1/completions` with token-id prompts,
+/// `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus text format), and `GET /dashboard`
+/// (a self-contained page) with its data at `GET /dashboard/data`. Beast stays inside
+/// http_server.cpp. Every response is counted in `switchyard_http_requests_total{route,status}`.
+#include "api/dashboard.hpp"
 #include "scheduler/batcher.hpp"
 
 #include <cstdint>
@@ -24,6 +27,8 @@ struct completion_service {
   int64_t max_context = 0;                 ///< prompt + max_tokens must fit
   std::function<bool()> ready;             ///< every expert has a ready replica
   std::function<caf::error(scheduler::generation_request)> submit;
+  /// The router's view of the cluster for /dashboard/data (placement, hosts); optional.
+  std::function<cluster_view()> cluster;
 };
 
 class http_server {

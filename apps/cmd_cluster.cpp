@@ -1,8 +1,10 @@
 // The cluster's processes: switchyard coordinator | expert-host | router.
 #include "actors/roles.hpp"
 #include "api/http_server.hpp"
+#include "api/metrics_server.hpp"
 #include "apps/cli.hpp"
 #include "apps/commands.hpp"
+#include "apps/observe.hpp"
 
 #include <spdlog/spdlog.h>
 #include <toml++/toml.h>
@@ -18,7 +20,8 @@ namespace {
 
 /// Values from a TOML config file for the options not given on the command line. Keys are the
 /// options' long names without dashes, `-` written `_` (listen, model, hosts, replicas,
-/// heartbeat_interval_ms, heartbeat_misses). Errors name the file and the key.
+/// heartbeat_interval_ms, heartbeat_misses), and the [metrics] table (metrics.listen,
+/// metrics.per_expert). Errors name the file and the key.
 class config_file {
  public:
   config_file(const std::string& path) : path_(path) {
@@ -29,8 +32,13 @@ class config_file {
       fail(path + ": " + std::string(e.description()) + " (line " + std::to_string(e.source().begin.line) + ")");
     }
     for (auto& [k, v] : table_) {
-      (void)v;
-      known_.push_back(std::string(k.str()));
+      if (auto* sub = v.as_table())
+        for (auto& [k2, v2] : *sub) {
+          (void)v2;
+          known_.push_back(std::string(k.str()) + "." + std::string(k2.str()));
+        }
+      else
+        known_.push_back(std::string(k.str()));
     }
   }
   void str(const char* key, CLI::Option* opt, std::string& dst) {
@@ -56,7 +64,7 @@ class config_file {
  private:
   toml::node* take(const char* key) {
     used_.push_back(key);
-    return table_.get(key);
+    return table_.at_path(key).node();
   }
   std::string path_;
   toml::table table_;
@@ -69,7 +77,7 @@ void add_cluster_commands(CLI::App& app) {
   {
     auto* cmd = app.add_subcommand("coordinator", "Run the cluster's coordinator (membership, placement, epochs)");
     struct args {
-      std::string config, listen = "127.0.0.1:0", model;
+      std::string config, listen = "127.0.0.1:0", model, metrics, per_expert = "all";
       int hosts = 1, replicas = 1, hb_ms = 500, hb_misses = 3, rb_ms = 0, rb_moves = -1;
     };
     auto a = std::make_shared<args>();
@@ -84,8 +92,13 @@ void add_cluster_commands(CLI::App& app) {
                      ->check(CLI::Range(0, 86400000));
     auto* o_rbm = cmd->add_option("--rebalance-max-moves", a->rb_moves, "Replicas added per rebalance round (-1 = no limit)")
                       ->check(CLI::Range(-1, 1 << 30));
+    auto* o_metrics = cmd->add_option("--metrics", a->metrics, "Serve /metrics on HOST:PORT (port 0 = any; default: not served)");
+    auto* o_per_expert = cmd->add_option("--metrics-per-expert", a->per_expert,
+                                         "Per-(layer, expert) metric series: all, off, or top:N (the N hottest)");
     cmd->callback([=] {
       config_file f(a->config);
+      f.str("metrics.listen", o_metrics, a->metrics);
+      f.str("metrics.per_expert", o_per_expert, a->per_expert);
       f.str("listen", o_listen, a->listen);
       f.str("model", o_model, a->model);
       f.integer("hosts", o_hosts, a->hosts, 1, 4096);
@@ -95,6 +108,8 @@ void add_cluster_commands(CLI::App& app) {
       f.integer("rebalance_interval_ms", o_rb, a->rb_ms, 0, 86400000);
       f.integer("rebalance_max_moves", o_rbm, a->rb_moves, -1, 1 << 30);
       f.check_all_used();
+      configure_metrics(a->per_expert, true,
+                        o_per_expert->count() || a->config.empty() ? "--metrics-per-expert" : a->config + ": key 'metrics.per_expert'");
       if (a->model.empty()) fail("coordinator: --model (or the config key 'model') is required");
       auto [host, port] = parse_host_port(a->listen, "--listen");
       actors::coordinator_options co{host, port, a->model, a->hosts, a->replicas, {}, {}};
@@ -105,15 +120,24 @@ void add_cluster_commands(CLI::App& app) {
       auto c = actors::coordinator_process::start(co);
       if (!c) fail(model::describe(c.error()));
       std::printf("coordinator listening on %s:%u\n", host.c_str(), static_cast<unsigned>((*c)->port()));
+      std::unique_ptr<api::metrics_server> ms;
+      if (!a->metrics.empty()) {
+        auto [mh, mp] = parse_host_port(a->metrics, "--metrics");
+        auto m = api::metrics_server::start(mh, mp);
+        if (!m) fail(model::describe(m.error()));
+        ms = std::move(*m);
+        std::printf("coordinator metrics on %s:%u\n", mh.c_str(), static_cast<unsigned>(ms->port()));
+      }
       std::fflush(stdout);
       wait_for_stop_signal();
+      if (ms) ms->stop();
       (*c)->stop();
     });
   }
   {
     auto* cmd = app.add_subcommand("expert-host", "Run an expert host: holds experts, answers token batches over UCX");
     struct args {
-      std::string coordinator, model, listen = "127.0.0.1:0", name;
+      std::string coordinator, model, listen = "127.0.0.1:0", name, metrics;
       int slots = 0, threads = 0;
       bool no_peer_errors = false;
     };
@@ -125,6 +149,7 @@ void add_cluster_commands(CLI::App& app) {
     cmd->add_option("--name", a->name, "Host name (default expert-host-PID)");
     cmd->add_option("--threads", a->threads, "Compute threads (0 = all cores)");
     cmd->add_flag("--no-peer-error-handling", a->no_peer_errors, "UCX without peer failure detection (allows shared memory)");
+    cmd->add_option("--metrics", a->metrics, "Serve /metrics on HOST:PORT (port 0 = any; default: not served)");
     cmd->callback([a] {
       auto [ch, cp] = parse_host_port(a->coordinator, "--coordinator");
       auto [lh, lp] = parse_host_port(a->listen, "--listen");
@@ -141,17 +166,26 @@ void add_cluster_commands(CLI::App& app) {
       auto h = actors::expert_host_process::start(o);
       if (!h) fail(model::describe(h.error()));
       std::printf("expert host serving token batches on %s:%u\n", lh.c_str(), static_cast<unsigned>((*h)->data_port()));
+      std::unique_ptr<api::metrics_server> ms;
+      if (!a->metrics.empty()) {
+        auto [mh, mp] = parse_host_port(a->metrics, "--metrics");
+        auto m = api::metrics_server::start(mh, mp);
+        if (!m) fail(model::describe(m.error()));
+        ms = std::move(*m);
+        std::printf("expert host metrics on %s:%u\n", mh.c_str(), static_cast<unsigned>(ms->port()));
+      }
       std::fflush(stdout);
       wait_for_stop_signal();
+      if (ms) ms->stop();
       (*h)->stop();
     });
   }
   {
     auto* cmd = app.add_subcommand("router", "Run a router: the dense model, gating, batching, and the HTTP API");
     struct args {
-      std::string coordinator, model, http = "127.0.0.1:8080";
+      std::string coordinator, model, http = "127.0.0.1:8080", per_expert = "all";
       int threads = 0, max_running = 64, max_queue = 256, budget = 512;
-      bool bf16 = false, no_peer_errors = false;
+      bool bf16 = false, no_peer_errors = false, no_metrics = false;
     };
     auto a = std::make_shared<args>();
     cmd->add_option("--coordinator", a->coordinator, "Coordinator HOST:PORT")->required();
@@ -163,7 +197,11 @@ void add_cluster_commands(CLI::App& app) {
     cmd->add_option("--step-tokens", a->budget, "Tokens per engine step")->check(CLI::Range(1, 1 << 20));
     cmd->add_flag("--wire-bf16", a->bf16, "Send hidden rows as bf16 (half the bytes; answers then differ from local f32 in rounding)");
     cmd->add_flag("--no-peer-error-handling", a->no_peer_errors, "UCX without peer failure detection");
+    cmd->add_option("--metrics-per-expert", a->per_expert,
+                    "Per-(layer, expert) metric series on /metrics: all, off, or top:N (the N hottest)");
+    cmd->add_flag("--no-metrics", a->no_metrics, "Record no metrics");
     cmd->callback([a] {
+      configure_metrics(a->per_expert, !a->no_metrics, "--metrics-per-expert");
       auto [ch, cp] = parse_host_port(a->coordinator, "--coordinator");
       auto [hh, hp] = parse_host_port(a->http, "--http");
       actors::router_options o;
@@ -188,6 +226,7 @@ void add_cluster_commands(CLI::App& app) {
       svc.max_context = rp->config().max_position_embeddings;
       svc.ready = [rp] { return rp->ready(); };
       svc.submit = [rp](scheduler::generation_request req) { return rp->submit(std::move(req)); };
+      svc.cluster = [rp] { return cluster_view_of(rp->placement(), rp->hosts()); };
       auto server = api::http_server::start(hc, svc);
       if (!server) fail(model::describe(server.error()));
       std::printf("router serving HTTP on %s:%u\n", hh.c_str(), static_cast<unsigned>((*server)->port()));
