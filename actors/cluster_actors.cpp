@@ -1,6 +1,7 @@
 #include "actors/cluster_actors.hpp"
 
 #include "actors/messages.hpp"
+#include "actors/observe.hpp"
 #include "model/error.hpp"
 #include "scheduler/planner.hpp"
 
@@ -22,6 +23,7 @@ std::vector<std::pair<int, int>> unflatten(const std::vector<int>& flat) {
 }
 
 void broadcast(coordinator_ptr self) {
+  observe(self->state);
   for (auto& s : self->state.subscribers) self->send(s, placement_atom::value, self->state.placement, self->state.hosts);
 }
 
@@ -320,6 +322,7 @@ caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, mo
       },
       [self](load_tick_atom) {
         fold_window(self);
+        observe(self->state);
         self->delayed_send(self, self->state.rebalance.report_interval, load_tick_atom::value);
       },
       [self](rebalance_tick_atom) {

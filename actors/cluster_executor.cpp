@@ -1,5 +1,6 @@
 #include "actors/cluster_executor.hpp"
 
+#include "metrics/metrics.hpp"
 #include "model/error.hpp"
 
 #include <map>
@@ -33,6 +34,11 @@ int cluster_executor::hosts_up() const {
   int n = 0;
   for (auto& h : latest_->hosts) n += h.up;
   return n;
+}
+
+std::vector<host_info> cluster_executor::hosts() const {
+  std::lock_guard lock(mu_);
+  return latest_ ? latest_->hosts : std::vector<host_info>{};
 }
 
 std::vector<std::vector<double>> cluster_executor::take_counts() {
@@ -72,8 +78,10 @@ caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, co
     std::lock_guard lock(counts_mu_);
     if (counts_.size() != static_cast<size_t>(p.layers)) counts_.assign(static_cast<size_t>(p.layers), std::vector<double>(static_cast<size_t>(p.experts), 0.0));
     for (const auto& b : plan.batches)
-      if (layer < p.layers && b.expert < p.experts)
+      if (layer < p.layers && b.expert < p.experts) {
         counts_[static_cast<size_t>(layer)][static_cast<size_t>(b.expert)] += static_cast<double>(b.tokens.size());
+        metrics::tokens_routed(layer, b.expert, b.tokens.size());
+      }
   }
   outputs.resize(plan.batches.size());
   // A piece is rows [off, off + n) of batch i; a whole batch is sent without copying.

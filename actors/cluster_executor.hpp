@@ -32,6 +32,8 @@ class cluster_executor final : public model::expert_executor {
   /// The newest placement received.
   [[nodiscard]] placement_table placement() const;
   [[nodiscard]] int hosts_up() const;
+  /// The hosts of the newest placement (with their up/down state).
+  [[nodiscard]] std::vector<host_info> hosts() const;
   [[nodiscard]] uint64_t retries() const { return retries_; }
 
   /// Tokens routed to each (layer, expert) since the last call, [layer][expert]; resets them.

@@ -4,6 +4,7 @@
 #include "actors/expert_host.hpp"
 #include "actors/cluster_actors.hpp"
 #include "actors/messages.hpp"
+#include "metrics/metrics.hpp"
 #include "actors/router_core.hpp"
 #include "model/kernels.hpp"
 #include "model/weights.hpp"
@@ -61,6 +62,7 @@ caf::expected<std::unique_ptr<embedded_cluster>> embedded_cluster::start(const e
 
   p->sys_cfg.set("scheduler.max-threads", 2);
   p->sys = std::make_unique<caf::actor_system>(p->sys_cfg);
+  metrics::declare_coordinator();
   p->coordinator = p->sys->spawn(coordinator_actor, *p->mcfg, cfg.hosts, cfg.replicas, cfg.heartbeat, cfg.rebalance);
   p->router = p->sys->spawn(router_actor, p->coordinator, p->router_half->executor(), cfg.rebalance.report_interval);
   for (int h = 0; h < cfg.hosts; ++h)
@@ -108,6 +110,7 @@ std::vector<uint64_t> embedded_cluster::host_batches() const {
 }
 
 int embedded_cluster::hosts_up() const { return impl_->router_half->executor()->hosts_up(); }
+std::vector<host_info> embedded_cluster::hosts() const { return impl_->router_half->executor()->hosts(); }
 
 void embedded_cluster::shutdown() {
   if (!impl_ || impl_->down) return;

@@ -54,6 +54,8 @@ class embedded_cluster {
   [[nodiscard]] std::vector<uint64_t> host_batches() const;
   /// Hosts the router's current placement counts as up.
   [[nodiscard]] int hosts_up() const;
+  /// The hosts of the router's current placement.
+  [[nodiscard]] std::vector<host_info> hosts() const;
   /// Stops accepting, fails what is queued, finishes the engine thread, stops the actors.
   void shutdown();
 

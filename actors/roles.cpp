@@ -3,6 +3,7 @@
 #include "actors/cluster_actors.hpp"
 #include "actors/link_channel.hpp"
 #include "actors/messages.hpp"
+#include "actors/observe.hpp"
 #include "actors/router_core.hpp"
 #include "model/kernels.hpp"
 #include "model/weights.hpp"
@@ -57,6 +58,7 @@ caf::expected<std::unique_ptr<coordinator_process>> coordinator_process::start(c
   if (!mc) return mc.error();
   auto p = std::make_unique<impl>();
   p->sys = make_system(p->cfg);
+  metrics::declare_coordinator();
   p->coordinator = p->sys->spawn(coordinator_actor, *mc, o.hosts, o.replicas, o.heartbeat, o.rebalance);
   auto port = p->sys->middleman().publish(p->coordinator, o.port, o.host.c_str(), true);
   if (!port)
@@ -83,6 +85,7 @@ struct expert_host_process::impl {
   std::unique_ptr<transport::ucx_server> server;
   std::shared_ptr<expert_host_core> core;
   caf::actor actor;
+  std::unique_ptr<metrics::link_watch> link_metrics;  ///< after `server`: gone before it
 };
 
 expert_host_process::expert_host_process(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
@@ -108,6 +111,7 @@ caf::expected<std::unique_ptr<expert_host_process>> expert_host_process::start(c
   auto server = transport::ucx_server::make(p->ucx, host_request_handler(p->core), so);
   if (!server) return server.error();
   p->server = std::move(*server);
+  p->link_metrics = std::make_unique<metrics::link_watch>(name, [s = p->server.get()] { return link_counts_of(s->stats()); });
   p->sys = make_system(p->cfg);
   auto coord = connect_coordinator(*p->sys, o.coordinator_host, o.coordinator_port);
   if (!coord) return coord.error();
@@ -169,7 +173,7 @@ caf::expected<std::unique_ptr<router_process>> router_process::start(const route
       return nullptr;
     }
     return std::make_shared<link_channel>(std::shared_ptr<transport::link_client>(std::move(*c)), hidden, dtype,
-                                          o.batch_timeout);
+                                          o.batch_timeout, h.name);
   };
   auto core = router_core::make(mcfg, *ck, connect, o.batcher, o.replica_wait);
   if (!core) return core.error();
@@ -184,6 +188,9 @@ caf::expected<std::unique_ptr<router_process>> router_process::start(const route
 bool router_process::ready() const { return impl_->core->ready(); }
 bool router_process::wait_ready(std::chrono::milliseconds timeout) const { return impl_->core->wait_ready(timeout); }
 uint64_t router_process::epoch() const { return impl_->core->executor()->epoch(); }
+placement_table router_process::placement() const { return impl_->core->executor()->placement(); }
+int router_process::hosts_up() const { return impl_->core->executor()->hosts_up(); }
+std::vector<host_info> router_process::hosts() const { return impl_->core->executor()->hosts(); }
 caf::error router_process::submit(scheduler::generation_request r) { return impl_->core->submit(std::move(r)); }
 const model::model_config& router_process::config() const { return impl_->core->config(); }
 

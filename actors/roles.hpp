@@ -81,6 +81,10 @@ class router_process {
   [[nodiscard]] bool ready() const;
   [[nodiscard]] bool wait_ready(std::chrono::milliseconds timeout) const;
   [[nodiscard]] uint64_t epoch() const;
+  /// The placement the router uses now, and the hosts it counts as up.
+  [[nodiscard]] placement_table placement() const;
+  [[nodiscard]] int hosts_up() const;
+  [[nodiscard]] std::vector<host_info> hosts() const;
   [[nodiscard]] caf::error submit(scheduler::generation_request r);
   [[nodiscard]] const model::model_config& config() const;
   void stop();
