@@ -10,6 +10,7 @@
 #include <toml++/toml.h>
 
 #include <algorithm>
+#include <optional>
 #include <atomic>
 #include <csignal>
 #include <thread>
@@ -71,6 +72,16 @@ class config_file {
   std::vector<std::string> known_, used_;
 };
 
+/// The /metrics listener of --metrics HOST:PORT (none when empty), and the address it bound.
+std::optional<std::pair<std::unique_ptr<api::metrics_server>, std::string>> start_metrics(const std::string& address) {
+  if (address.empty()) return std::nullopt;
+  auto [host, port] = parse_host_port(address, "--metrics");
+  auto m = api::metrics_server::start(host, port);
+  if (!m) fail(model::describe(m.error()));
+  const std::string bound = host + ":" + std::to_string((*m)->port());
+  return std::make_pair(std::move(*m), bound);
+}
+
 }  // namespace
 
 void add_cluster_commands(CLI::App& app) {
@@ -117,20 +128,14 @@ void add_cluster_commands(CLI::App& app) {
       co.rebalance.max_moves = a->rb_moves;
       co.heartbeat.interval = std::chrono::milliseconds(a->hb_ms);
       co.heartbeat.misses = a->hb_misses;
+      auto ms = start_metrics(a->metrics);
       auto c = actors::coordinator_process::start(co);
       if (!c) fail(model::describe(c.error()));
       std::printf("coordinator listening on %s:%u\n", host.c_str(), static_cast<unsigned>((*c)->port()));
-      std::unique_ptr<api::metrics_server> ms;
-      if (!a->metrics.empty()) {
-        auto [mh, mp] = parse_host_port(a->metrics, "--metrics");
-        auto m = api::metrics_server::start(mh, mp);
-        if (!m) fail(model::describe(m.error()));
-        ms = std::move(*m);
-        std::printf("coordinator metrics on %s:%u\n", mh.c_str(), static_cast<unsigned>(ms->port()));
-      }
+      if (ms) std::printf("coordinator metrics on %s\n", ms->second.c_str());
       std::fflush(stdout);
       wait_for_stop_signal();
-      if (ms) ms->stop();
+      if (ms) ms->first->stop();
       (*c)->stop();
     });
   }
@@ -163,20 +168,14 @@ void add_cluster_commands(CLI::App& app) {
       o.name = a->name;
       o.threads = a->threads;
       o.peer_error_handling = !a->no_peer_errors;
+      auto ms = start_metrics(a->metrics);
       auto h = actors::expert_host_process::start(o);
       if (!h) fail(model::describe(h.error()));
       std::printf("expert host serving token batches on %s:%u\n", lh.c_str(), static_cast<unsigned>((*h)->data_port()));
-      std::unique_ptr<api::metrics_server> ms;
-      if (!a->metrics.empty()) {
-        auto [mh, mp] = parse_host_port(a->metrics, "--metrics");
-        auto m = api::metrics_server::start(mh, mp);
-        if (!m) fail(model::describe(m.error()));
-        ms = std::move(*m);
-        std::printf("expert host metrics on %s:%u\n", mh.c_str(), static_cast<unsigned>(ms->port()));
-      }
+      if (ms) std::printf("expert host metrics on %s\n", ms->second.c_str());
       std::fflush(stdout);
       wait_for_stop_signal();
-      if (ms) ms->stop();
+      if (ms) ms->first->stop();
       (*h)->stop();
     });
   }
