@@ -256,7 +256,10 @@ caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, mo
   self->set_down_handler([self, mark_down](caf::down_msg& dm) {
     auto& st = self->state;
     for (size_t i = 0; i < st.host_actors.size(); ++i)
-      if (st.host_actors[i].address() == dm.source) mark_down(i, "its actor or process is gone");
+      if (st.host_actors[i].address() == dm.source) {
+        st.gone[i] = true;
+        mark_down(i, "its actor or process is gone");
+      }
     // A router that is gone has nothing to drain.
     auto& subs = st.subscribers;
     subs.erase(std::remove_if(subs.begin(), subs.end(), [&](const caf::actor& a) { return a.address() == dm.source; }), subs.end());
@@ -276,6 +279,7 @@ caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, mo
         st.hosts.push_back({id, name, address, slots, true});
         st.host_actors.push_back(caf::actor_cast<caf::actor>(self->current_sender()));
         st.missed.push_back(0);
+        st.gone.push_back(false);
         self->monitor(st.host_actors.back());
         if (static_cast<int>(st.hosts.size()) == st.expected) {
           auto p = plan_initial(st.cfg, st.hosts, st.replicas);
@@ -304,12 +308,24 @@ caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, mo
       },
       [self, mark_down](tick_atom) {
         auto& st = self->state;
+        // Hosts marked down for missed heartbeats are still asked: one that answers again (it was
+        // stalled, or cut off for a while) comes back with the replicas it holds.
         for (size_t i = 0; i < st.host_actors.size(); ++i) {
-          if (!st.hosts[i].up) continue;
+          if (st.gone[i]) continue;
           self->request(st.host_actors[i], st.heartbeat.interval, heartbeat_atom::value)
-              .then([self, i](heartbeat_atom) { self->state.missed[i] = 0; },
+              .then([self, i](heartbeat_atom) {
+                      auto& s = self->state;
+                      s.missed[i] = 0;
+                      if (!s.hosts[i].up && !s.gone[i]) {
+                        s.hosts[i].up = true;
+                        ++s.placement.epoch;
+                        spdlog::warn("coordinator: host {} answers again; placement epoch {}", s.hosts[i].name, s.placement.epoch);
+                        broadcast(self);
+                      }
+                    },
                     [self, i, mark_down](caf::error&) {
-                      if (++self->state.missed[i] >= self->state.heartbeat.misses) mark_down(i, "missed heartbeats");
+                      if (++self->state.missed[i] >= self->state.heartbeat.misses && self->state.hosts[i].up)
+                        mark_down(i, "missed heartbeats");
                     });
         }
         self->delayed_send(self, st.heartbeat.interval, tick_atom::value);
@@ -379,16 +395,25 @@ caf::behavior host_actor(caf::event_based_actor* self, caf::actor coordinator, s
         spdlog::info("{}: holds {} experts", core->name(), experts.size());
         self->send(coordinator, ready_atom::value, id);
       },
-      [=](add_atom, const std::vector<int>& flat) -> caf::result<ready_atom> {
-        auto experts = unflatten(flat);
-        const auto t0 = std::chrono::steady_clock::now();
-        if (auto err = core->add(*cfg, *ckpt, experts)) {
-          spdlog::error("{}: loading {} new replicas failed: {}", core->name(), experts.size(), model::describe(err));
-          return err;
-        }
-        spdlog::info("{}: loaded {} new replicas in {:.2f} s; holds {}", core->name(), experts.size(),
-                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), core->held());
-        return ready_atom::value;
+      [=](add_atom, const std::vector<int>& flat) {
+        // Loading takes a while: a worker of its own does it, so this actor keeps answering
+        // heartbeats (the coordinator would take a busy host for a hung one). Its answer goes to
+        // the coordinator directly.
+        auto worker = self->spawn<caf::detached>([core, cfg, ckpt](caf::event_based_actor* w) -> caf::behavior {
+          return {[=](add_atom, const std::vector<int>& flat) -> caf::result<ready_atom> {
+            w->quit();
+            auto experts = unflatten(flat);
+            const auto t0 = std::chrono::steady_clock::now();
+            if (auto err = core->add(*cfg, *ckpt, experts)) {
+              spdlog::error("{}: loading {} new replicas failed: {}", core->name(), experts.size(), model::describe(err));
+              return err;
+            }
+            spdlog::info("{}: loaded {} new replicas in {:.2f} s; holds {}", core->name(), experts.size(),
+                         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), core->held());
+            return ready_atom::value;
+          }};
+        });
+        return self->delegate(worker, add_atom::value, flat);
       },
       [=](remove_atom, const std::vector<int>& flat) {
         auto experts = unflatten(flat);

@@ -59,6 +59,7 @@ struct coordinator_state {
   model::model_config cfg;
   heartbeat_config heartbeat;
   std::vector<int> missed;  ///< consecutive heartbeats missed, per host
+  std::vector<bool> gone;   ///< the host's actor or process has terminated (never comes back)
   int expected = 0;
   int replicas = 1;
   std::vector<host_info> hosts;

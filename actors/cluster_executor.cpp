@@ -3,9 +3,15 @@
 #include "metrics/metrics.hpp"
 #include "model/error.hpp"
 
+#include <algorithm>
 #include <map>
 
 namespace sy::actors {
+namespace {
+/// Below this many rows per replica an expert's batch is not split: reading the expert's weights
+/// costs as much for a few rows as for one, so splitting would multiply that cost.
+constexpr int64_t kMinSplitRows = 32;
+}  // namespace
 
 void cluster_executor::update(placement_table p, std::vector<host_info> hosts) {
   auto v = std::make_shared<const view>(view{std::move(p), std::move(hosts)});
@@ -100,6 +106,9 @@ caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, co
   // of a host that fails go back to pending for the next round. Bounded by the replica count.
   while (!pending.empty()) {
     std::map<int, std::vector<piece>> by_host;
+    std::map<int, double> round_rows;  ///< rows given to each host in this round
+    // Largest pieces first, so the small ones fill in around them.
+    std::stable_sort(pending.begin(), pending.end(), [](const piece& a, const piece& b) { return a.n > b.n; });
     for (const auto& pc : pending) {
       const int e = plan.batches[pc.batch].expert;
       const auto& rs = p.table[static_cast<size_t>(layer)][static_cast<size_t>(e)];
@@ -117,33 +126,55 @@ caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, co
       if (live.size() == 1) {
         by_host[live[0]->host].push_back(pc);
         sent_[{layer, e, live[0]->host}] += static_cast<double>(pc.n);
+        round_rows[live[0]->host] += static_cast<double>(pc.n);
         continue;
       }
-      // Smooth weighted round robin per row: each row goes to the replica furthest below its
-      // share of everything sent to this expert under this epoch.
+      // Deficits: how far each replica is below its share of the rows sent to this expert under
+      // this epoch. A piece too small to be worth splitting (an expert's weights cost as much to
+      // read for a few rows as for one) goes whole to one replica: the one furthest below its
+      // share, less the rows this round already gives its host (its queue in this layer). Larger
+      // pieces are split over the replicas furthest behind, at least kMinSplitRows rows each, row
+      // by row to the one furthest below its share (a smooth weighted round robin).
       std::vector<double*> sent;
+      std::vector<double> share;
       double sum = 0;
       for (const auto* r : live) {
         sent.push_back(&sent_[{layer, e, r->host}]);
         sum += *sent.back();
+        share.push_back(total > 0 ? r->share / total : 1.0 / static_cast<double>(live.size()));
       }
+      std::vector<size_t> order(live.size());
+      for (size_t k = 0; k < order.size(); ++k) order[k] = k;
+      auto score = [&](size_t k) {
+        return share[k] * (sum + static_cast<double>(pc.n)) - *sent[k] - round_rows[live[k]->host];
+      };
+      std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return score(a) > score(b); });
+      const size_t parts = std::clamp<size_t>(static_cast<size_t>(pc.n / kMinSplitRows), 1, live.size());
       std::vector<int64_t> take(live.size(), 0);
-      for (int64_t row = 0; row < pc.n; ++row) {
-        sum += 1;
-        size_t best = 0;
-        double best_deficit = -1e300;
-        for (size_t k = 0; k < live.size(); ++k) {
-          const double share = total > 0 ? live[k]->share / total : 1.0 / static_cast<double>(live.size());
-          const double deficit = share * sum - *sent[k];
-          if (deficit > best_deficit) best = k, best_deficit = deficit;
+      if (parts == 1) {
+        take[order[0]] = pc.n;
+        *sent[order[0]] += static_cast<double>(pc.n);
+      } else {
+        double part_share = 0;
+        for (size_t j = 0; j < parts; ++j) part_share += share[order[j]];
+        for (int64_t row = 0; row < pc.n; ++row) {
+          sum += 1;
+          size_t best = order[0];
+          double best_deficit = -1e300;
+          for (size_t j = 0; j < parts; ++j) {
+            const size_t k = order[j];
+            const double deficit = share[k] / part_share * sum - *sent[k];
+            if (deficit > best_deficit) best = k, best_deficit = deficit;
+          }
+          *sent[best] += 1;
+          ++take[best];
         }
-        *sent[best] += 1;
-        ++take[best];
       }
       int64_t off = pc.off;
       for (size_t k = 0; k < live.size(); ++k)
         if (take[k] > 0) {
           by_host[live[k]->host].push_back({pc.batch, off, take[k]});
+          round_rows[live[k]->host] += static_cast<double>(take[k]);
           off += take[k];
         }
     }

@@ -138,6 +138,7 @@ struct router_process::impl {
   caf::actor_system_config cfg;
   std::unique_ptr<caf::actor_system> sys;
   caf::actor router;
+  caf::actor coordinator;
   bool down = false;
 };
 
@@ -181,8 +182,20 @@ caf::expected<std::unique_ptr<router_process>> router_process::start(const route
   p->sys = make_system(p->cfg);
   auto coord = connect_coordinator(*p->sys, o.coordinator_host, o.coordinator_port);
   if (!coord) return coord.error();
+  p->coordinator = *coord;
   p->router = p->sys->spawn(router_actor, *coord, p->core->executor(), o.report_interval);
   return std::unique_ptr<router_process>(new router_process(std::move(p)));
+}
+
+caf::expected<std::string> router_process::rebalance(std::chrono::milliseconds timeout) {
+  caf::scoped_actor self{*impl_->sys};
+  caf::expected<std::string> out = model::make_error(model::model_errc::io_error, "no answer from the coordinator");
+  self->request(impl_->coordinator, timeout, rebalance_atom::value)
+      .receive([&](const std::string& summary) { out = summary; },
+               [&](caf::error& err) {
+                 out = model::make_error(model::model_errc::io_error, "rebalance: " + impl_->sys->render(err));
+               });
+  return out;
 }
 
 bool router_process::ready() const { return impl_->core->ready(); }

@@ -87,6 +87,8 @@ class router_process {
   [[nodiscard]] std::vector<host_info> hosts() const;
   [[nodiscard]] caf::error submit(scheduler::generation_request r);
   [[nodiscard]] const model::model_config& config() const;
+  /// Asks the coordinator for a rebalancing round; its JSON summary once it is over.
+  [[nodiscard]] caf::expected<std::string> rebalance(std::chrono::milliseconds timeout = std::chrono::minutes(5));
   void stop();
   struct impl;
 

@@ -104,8 +104,9 @@ std::variant<parsed_completion, bad_request> parse_completion(const json& j, con
 
 class session : public std::enable_shared_from_this<session> {
  public:
-  session(tcp::socket s, const completion_service& svc, const http_config& cfg, std::atomic<uint64_t>& ids)
-      : stream_(std::move(s)), svc_(svc), cfg_(cfg), ids_(ids) {}
+  session(tcp::socket s, const completion_service& svc, const http_config& cfg, std::atomic<uint64_t>& ids,
+          std::atomic<int>& admin_busy)
+      : stream_(std::move(s)), svc_(svc), cfg_(cfg), ids_(ids), admin_busy_(admin_busy) {}
 
   void run() { read(); }
 
@@ -125,10 +126,10 @@ class session : public std::enable_shared_from_this<session> {
     });
   }
 
-  /// The routes with a label of their own; anything else is counted as "other".
+  /// The routes (routes()) have a label of their own; anything else is counted as "other".
   static std::string_view route_of(std::string_view path) {
-    for (std::string_view r : {"/v1/completions", "/healthz", "/readyz", "/metrics", "/dashboard", "/dashboard/data"})
-      if (path == r) return r;
+    for (const auto& r : routes())
+      if (path == r.path) return r.path;
     return "other";
   }
 
@@ -189,6 +190,35 @@ class session : public std::enable_shared_from_this<session> {
       if (req.method() != http::verb::post)
         return reply(http::status::method_not_allowed, error_body("invalid_request_error", "use POST", ""), ka);
       return completions(req.body(), ka);
+    }
+    if (target.starts_with("/admin/")) {
+      if (cfg_.admin_token.empty())
+        return reply(http::status::unauthorized,
+                     error_body("authentication_error",
+                                "admin routes are closed: start the server with an admin token (SWITCHYARD_ADMIN_TOKEN)", ""),
+                     ka);
+      const std::string auth(req[http::field::authorization]);
+      const std::string prefix = "Bearer ";
+      if (!auth.starts_with(prefix) || !constant_time_equal(auth.substr(prefix.size()), cfg_.admin_token))
+        return reply(http::status::unauthorized,
+                     error_body("authentication_error", "missing or wrong bearer token (Authorization: Bearer ...)", ""), ka);
+      if (target == "/admin/rebalance") {
+        if (req.method() != http::verb::post)
+          return reply(http::status::method_not_allowed, error_body("invalid_request_error", "use POST", ""), ka);
+        if (!svc_.rebalance)
+          return reply(http::status::not_implemented, error_body("server_error", "this server cannot rebalance", ""), ka);
+        // A round takes as long as loading the new replicas: off the I/O threads.
+        ++admin_busy_;
+        std::thread([self = shared_from_this(), ka] {
+          auto r = self->svc_.rebalance();
+          --self->admin_busy_;
+          net::post(self->stream_.get_executor(), [self, ka, r = std::move(r)] {
+            if (r) self->reply(http::status::ok, *r, ka);
+            else self->reply(http::status::service_unavailable, error_body("server_error", model::describe(r.error()), ""), ka);
+          });
+        }).detach();
+        return;
+      }
     }
     return reply(http::status::not_found, error_body("invalid_request_error", "no route " + target, ""), ka);
   }
@@ -274,11 +304,37 @@ class session : public std::enable_shared_from_this<session> {
   const completion_service& svc_;
   const http_config& cfg_;
   std::atomic<uint64_t>& ids_;
+  std::atomic<int>& admin_busy_;  ///< admin calls running off the I/O threads (stop waits for them)
   std::string_view route_ = "other";
   std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 };
 
 }  // namespace
+
+const std::vector<route_info>& routes() {
+  static const std::vector<route_info> all{
+      {"GET", "/healthz", false},
+      {"GET", "/readyz", false},
+      {"POST", "/v1/completions", false},
+      {"GET", "/metrics", false},
+      {"GET", "/dashboard", false},
+      {"GET", "/dashboard/data", false},
+      {"POST", "/admin/rebalance", true},
+  };
+  return all;
+}
+
+bool constant_time_equal(const std::string& a, const std::string& b) {
+  // Compares every byte of the longer string; the length difference is folded in too.
+  const size_t n = std::max(a.size(), b.size());
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned char x = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
+    const unsigned char y = i < b.size() ? static_cast<unsigned char>(b[i]) : 0;
+    diff |= static_cast<unsigned char>(x ^ y);
+  }
+  return diff == 0;
+}
 
 struct http_server::impl {
   http_config cfg;
@@ -287,12 +343,13 @@ struct http_server::impl {
   tcp::acceptor acceptor{io};
   std::vector<std::thread> threads;
   std::atomic<uint64_t> ids{0};
+  std::atomic<int> admin_busy{0};
   uint16_t port = 0;
 
   void accept() {
     acceptor.async_accept(net::make_strand(io), [this](beast::error_code ec, tcp::socket s) {
       if (ec) return;  // acceptor closed
-      std::make_shared<session>(std::move(s), svc, cfg, ids)->run();
+      std::make_shared<session>(std::move(s), svc, cfg, ids, admin_busy)->run();
       accept();
     });
   }
@@ -326,6 +383,8 @@ uint16_t http_server::port() const { return impl_->port; }
 
 void http_server::stop() {
   if (!impl_ || impl_->threads.empty()) return;
+  // An admin call still running would post its answer to a destroyed context: let it end first.
+  for (int i = 0; i < 6000 && impl_->admin_busy > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   net::post(impl_->io, [p = impl_.get()] {
     beast::error_code ec;
     p->acceptor.close(ec);

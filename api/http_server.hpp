@@ -1,8 +1,9 @@
 #pragma once
 /// The HTTP front (Boost.Beast): an OpenAI-style `POST /v1/completions` with token-id prompts,
-/// `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus text format), and `GET /dashboard`
-/// (a self-contained page) with its data at `GET /dashboard/data`. Beast stays inside
-/// http_server.cpp. Every response is counted in `switchyard_http_requests_total{route,status}`.
+/// `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus text format), `GET /dashboard` (a
+/// self-contained page) with its data at `GET /dashboard/data`, and the admin route
+/// `POST /admin/rebalance` (bearer token). Beast stays inside http_server.cpp. Every response is
+/// counted in `switchyard_http_requests_total{route,status}`.
 #include "api/dashboard.hpp"
 #include "scheduler/batcher.hpp"
 
@@ -10,6 +11,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace sy::api {
 
@@ -18,6 +20,8 @@ struct http_config {
   uint16_t port = 0;                ///< 0 = any free port (see `http_server::port`)
   int threads = 1;                  ///< I/O threads (the model runs on the engine thread)
   size_t max_body_bytes = 1 << 20;  ///< larger bodies get 413
+  /// Bearer token for /admin/* routes. Empty: the admin routes stay closed (401), never open.
+  std::string admin_token;
 };
 
 /// What the HTTP front needs from the serving core.
@@ -29,6 +33,9 @@ struct completion_service {
   std::function<caf::error(scheduler::generation_request)> submit;
   /// The router's view of the cluster for /dashboard/data (placement, hosts); optional.
   std::function<cluster_view()> cluster;
+  /// POST /admin/rebalance: plans and applies a rebalancing round; the coordinator's JSON summary.
+  /// Blocks until the round is over (called off the I/O threads). Unset: 501.
+  std::function<caf::expected<std::string>()> rebalance;
 };
 
 class http_server {
@@ -45,6 +52,17 @@ class http_server {
   explicit http_server(std::unique_ptr<impl> p);
   std::unique_ptr<impl> impl_;
 };
+
+/// Every route with whether it needs the admin token; a test checks each is one or the other.
+struct route_info {
+  const char* method;
+  const char* path;
+  bool admin;
+};
+[[nodiscard]] const std::vector<route_info>& routes();
+
+/// Equal strings, in time that does not depend on where they differ.
+[[nodiscard]] bool constant_time_equal(const std::string& a, const std::string& b);
 
 /// The error body every error response uses: {"error": {"type", "message", "param", "code"}}.
 [[nodiscard]] std::string error_body(const std::string& type, const std::string& message, const std::string& param);

@@ -1,5 +1,9 @@
 #include "apps/cli.hpp"
 
+#include <spdlog/spdlog.h>
+
+#include <cstdlib>
+
 #include <CLI/CLI.hpp>
 
 #include <atomic>
@@ -34,6 +38,13 @@ void wait_for_stop_signal() {
   std::signal(SIGINT, [](int) { stop_requested = true; });
   std::signal(SIGTERM, [](int) { stop_requested = true; });
   while (!stop_requested) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+}
+
+std::string admin_token_from_env() {
+  const char* t = std::getenv("SWITCHYARD_ADMIN_TOKEN");
+  if (t && *t) return t;
+  spdlog::warn("admin routes (/admin/*) are closed: set SWITCHYARD_ADMIN_TOKEN to a secret to open them");
+  return {};
 }
 
 }  // namespace sy::apps

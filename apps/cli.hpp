@@ -12,6 +12,10 @@ namespace sy::apps {
 /// Splits HOST:PORT (port 0..65535); a malformed value fails naming `flag`.
 [[nodiscard]] std::pair<std::string, uint16_t> parse_host_port(const std::string& s, const char* flag);
 
+/// The admin bearer token from SWITCHYARD_ADMIN_TOKEN; without one, logs that /admin/* stays
+/// closed and how to open it.
+[[nodiscard]] std::string admin_token_from_env();
+
 /// Blocks until SIGINT or SIGTERM.
 void wait_for_stop_signal();
 

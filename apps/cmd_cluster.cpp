@@ -219,6 +219,7 @@ void add_cluster_commands(CLI::App& app) {
       api::http_config hc;
       hc.host = hh;
       hc.port = hp;
+      hc.admin_token = admin_token_from_env();
       api::completion_service svc;
       svc.model_name = std::filesystem::path(a->model).filename().string();
       svc.vocab_size = rp->config().vocab_size;
@@ -226,6 +227,7 @@ void add_cluster_commands(CLI::App& app) {
       svc.ready = [rp] { return rp->ready(); };
       svc.submit = [rp](scheduler::generation_request req) { return rp->submit(std::move(req)); };
       svc.cluster = [rp] { return cluster_view_of(rp->placement(), rp->hosts()); };
+      svc.rebalance = [rp] { return rp->rebalance(); };
       auto server = api::http_server::start(hc, svc);
       if (!server) fail(model::describe(server.error()));
       std::printf("router serving HTTP on %s:%u\n", hh.c_str(), static_cast<unsigned>((*server)->port()));

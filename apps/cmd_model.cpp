@@ -190,15 +190,17 @@ void add_make_model(CLI::App& app) {
   cmd->add_option("--q-lora-rank", o->q_lora_rank, "DeepSeek: q LoRA rank (0 = none, -1 = V3 hidden/4, V2 none)");
   cmd->add_option("--kv-lora-rank", o->kv_lora_rank, "DeepSeek: kv LoRA rank (0 = max(16, hidden/8))");
   cmd->add_option("--seed", o->seed, "Weight seed");
-  cmd->add_option("--hot-experts", o->hot_experts, "DeepSeek-V3: skew the gate towards experts 0..N-1 of every layer");
+  cmd->add_option("--hot-experts", o->hot_experts, "DeepSeek-V3: skew the gate towards these experts of every layer (e.g. 0,4)")
+      ->delimiter(',');
   cmd->add_option("--hot-bias", o->hot_bias, "DeepSeek-V3: the score-correction bias those experts get (e.g. 1.0)");
   cmd->add_option("--out", *out, "Output folder")->required();
   cmd->callback([=] {
     auto f = m::family_from_name(*family);
     if (!f) fail("--family: unknown family '" + *family + "' (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3)");
     o->family = *f;
-    if (o->hot_experts < 0 || o->hot_experts > o->experts) fail("--hot-experts must be between 0 and --experts");
-    if (o->hot_experts > 0 && *f != m::family_id::deepseek_v3)
+    for (int e : o->hot_experts)
+      if (e < 0 || e >= o->experts) fail("--hot-experts: expert " + std::to_string(e) + " is not in 0.." + std::to_string(o->experts - 1));
+    if (!o->hot_experts.empty() && *f != m::family_id::deepseek_v3)
       fail("--hot-experts needs a gate with a score-correction bias (--family deepseek_v3)");
     o->weight_dtype = *dtype == "f32" ? m::dtype::f32 : *dtype == "fp8" ? m::dtype::f8_e4m3 : m::dtype::bf16;
     progress_printer progress("writing weights");

@@ -80,6 +80,7 @@ void add_serve_command(CLI::App& app) {
     api::http_config hc;
     hc.host = host;
     hc.port = port;
+    hc.admin_token = admin_token_from_env();
     api::completion_service svc;
     svc.model_name = cfg.model.filename().string();
     svc.vocab_size = c->config().vocab_size;
@@ -87,6 +88,7 @@ void add_serve_command(CLI::App& app) {
     svc.ready = [c] { return c->ready(); };
     svc.submit = [c](scheduler::generation_request r) { return c->submit(std::move(r)); };
     svc.cluster = [c] { return cluster_view_of(c->placement(), c->hosts()); };
+    svc.rebalance = [c] { return c->rebalance(); };
     auto server = api::http_server::start(hc, svc);
     if (!server) fail(model::describe(server.error()));
     if (!c->wait_ready(std::chrono::minutes(10))) fail("the cluster did not become ready (see the log)");

@@ -11,5 +11,9 @@ void add_serve_command(CLI::App& app);
 void add_cluster_commands(CLI::App& app);
 /// Registers `plan` (the expert placement planner on a load file).
 void add_plan_command(CLI::App& app);
+/// Registers `ctl` (operator commands against a router's admin routes).
+void add_ctl_commands(CLI::App& app);
+/// Registers `tokenize` (text ↔ token ids through a tokenizer.json).
+void add_tokenize_command(CLI::App& app);
 
 }  // namespace sy::apps

@@ -17,6 +17,8 @@ int main(int argc, char** argv) {
   sy::apps::add_serve_command(app);
   sy::apps::add_cluster_commands(app);
   sy::apps::add_plan_command(app);
+  sy::apps::add_ctl_commands(app);
+  sy::apps::add_tokenize_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

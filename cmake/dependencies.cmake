@@ -22,6 +22,12 @@ find_package(CLI11 REQUIRED)
 find_package(spdlog REQUIRED)
 find_package(benchmark REQUIRED)
 
+# The tokenizer: Oniguruma (the regex engine Hugging Face `tokenizers` uses, for the same
+# pre-tokenizer semantics) and utf8proc (Unicode normalization and character classes).
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(ONIGURUMA REQUIRED IMPORTED_TARGET oniguruma)
+pkg_check_modules(UTF8PROC REQUIRED IMPORTED_TARGET libutf8proc)
+
 # OpenBLAS's OpenMP build (libopenblas-openmp-dev), found by path: the kernels parallelise with
 # OpenMP around BLAS calls, and the pthread build's own spinning workers would fight them for the
 # cores (measured: 3x slower on 2 cores). Debian's alternatives may point libopenblas.so.0 at the

@@ -170,4 +170,10 @@ class scrape_hook {
 /// Sample lines (series) in an exposition text: lines that are neither empty nor comments.
 [[nodiscard]] size_t count_series(std::string_view exposition);
 
+namespace testing {
+/// Tests only: an empty registry from now on (default options). Handles made before keep
+/// recording into the old one, which is never freed.
+void reset();
+}  // namespace testing
+
 }  // namespace sy::metrics

@@ -219,9 +219,19 @@ class registry_state {
   uint64_t next_hook_ = 0;
 };
 
-/// One process-wide registry, never destroyed (threads may record during static destruction).
+/// One process-wide registry, never destroyed (threads may record during static destruction);
+/// `testing::reset` swaps in a fresh one and leaks the old (handles may still point into it).
+std::atomic<registry_state*> current{nullptr};
 registry_state& reg() {
-  static auto* r = new registry_state();
+  auto* r = current.load(std::memory_order_acquire);
+  if (r) return *r;
+  static std::mutex first_mu;
+  std::lock_guard lock(first_mu);
+  r = current.load(std::memory_order_acquire);
+  if (!r) {
+    r = new registry_state();
+    current.store(r, std::memory_order_release);
+  }
   return *r;
 }
 
@@ -680,6 +690,8 @@ void coordinator(coordinator_view v) {
 
 scrape_hook::scrape_hook(std::function<void()> refresh) : id_(reg().add_hook(std::move(refresh))) {}
 scrape_hook::~scrape_hook() { reg().remove_hook(id_); }
+
+void testing::reset() { current.store(new registry_state(), std::memory_order_release); }
 
 size_t count_series(std::string_view text) {
   size_t n = 0;

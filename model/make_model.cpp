@@ -20,7 +20,7 @@ struct planned_tensor {
   enum class fill { random, ones, zeros } how = fill::random;
   float scale = 0.02f;
   bool scale_of_previous = false;  ///< the F32 weight_scale_inv of the FP8 tensor before it
-  int64_t hot = 0;                 ///< the first `hot` elements are `hot_value` (a skewed gate bias)
+  std::vector<int> hot = {};       ///< elements set to `hot_value` (a skewed gate bias)
   float hot_value = 0;
   size_t bytes() const {
     size_t n = dtype_size(type);
@@ -60,7 +60,9 @@ void fill_chunk(const planned_tensor& t, uint64_t seed, size_t first, size_t cou
   const float a = t.scale * std::sqrt(3.0f);
   for (size_t i = 0; i < count; ++i) {
     const float u = static_cast<float>(splitmix(s) >> 40) * (1.0f / 16777216.0f);  // [0,1)
-    const float v = first + i < static_cast<size_t>(t.hot) ? t.hot_value : (2 * u - 1) * a;
+    float v = (2 * u - 1) * a;
+    for (int k : t.hot)
+      if (static_cast<size_t>(k) == first + i) v = t.hot_value;
     if (es == 4) {
       std::memcpy(out + i * 4, &v, 4);
     } else if (t.type == dtype::bf16) {

@@ -5,6 +5,7 @@
 #include "model/weights.hpp"
 
 #include <filesystem>
+#include <vector>
 
 namespace sy::model {
 
@@ -32,9 +33,9 @@ struct make_model_options {
   int shared_experts = -1;    ///< n_shared_experts; -1: V3 1, V2 2
   dtype weight_dtype = dtype::bf16;  ///< bf16, f32, or f8_e4m3 (DeepSeek: 128×128 block scales)
   uint64_t seed = 0;
-  /// A skewed gate (DeepSeek's e_score_correction_bias): experts 0 .. hot_experts-1 of every layer
-  /// get bias `hot_bias`, so top-k selection prefers them (their weights are unaffected).
-  int hot_experts = 0;
+  /// A skewed gate (DeepSeek's e_score_correction_bias): these experts of every layer get bias
+  /// `hot_bias`, so top-k selection prefers them (the combine weights are unaffected).
+  std::vector<int> hot_experts;
   float hot_bias = 0;
   int64_t shard_bytes = int64_t{2} << 30;
   progress_fn progress;

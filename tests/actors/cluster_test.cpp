@@ -19,6 +19,7 @@
 #include <filesystem>
 #include <future>
 #include <mutex>
+#include <set>
 #include <thread>
 
 using namespace sy;
@@ -82,7 +83,8 @@ std::unique_ptr<actors::embedded_cluster> start(const std::string& name, int hos
 }
 
 /// A minimal HTTP/1.1 client for loopback tests: one request, Connection: close.
-std::pair<int, std::string> http(uint16_t port, const std::string& method, const std::string& path, const std::string& body = "") {
+std::pair<int, std::string> http(uint16_t port, const std::string& method, const std::string& path, const std::string& body = "",
+                                 const std::string& extra_headers = "") {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   REQUIRE(fd >= 0);
   sockaddr_in a{};
@@ -91,7 +93,7 @@ std::pair<int, std::string> http(uint16_t port, const std::string& method, const
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
   std::string req = method + " " + path + " HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n" +
-                    "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+                    "Content-Length: " + std::to_string(body.size()) + "\r\n" + extra_headers + "\r\n" + body;
   REQUIRE(::send(fd, req.data(), req.size(), 0) == static_cast<ssize_t>(req.size()));
   std::string resp;
   char buf[4096];
@@ -330,4 +332,54 @@ TEST_CASE("embedded cluster: rebalancing while requests run loses none of them a
   // Requests after the rebalance still give the reference answers.
   auto again = generate(*c, ref.prompts, static_cast<int>(ref.greedy[0].size()));
   for (size_t i = 0; i < again.size(); ++i) CHECK(again[i].tokens == ref.greedy[i]);
+}
+
+TEST_CASE("HTTP: admin routes need the bearer token, stay closed without one, and rebalance answers", "[actors][http]") {
+  auto c = start("mixtral_e8k2", 2, 1);
+  api::completion_service svc;
+  svc.model_name = "mixtral_e8k2";
+  svc.vocab_size = c->config().vocab_size;
+  svc.max_context = c->config().max_position_embeddings;
+  svc.ready = [&] { return c->ready(); };
+  svc.submit = [&](scheduler::generation_request r) { return c->submit(std::move(r)); };
+  svc.rebalance = [&] { return c->rebalance(); };
+  // Every route is either public by this explicit list or protected.
+  const std::set<std::string> public_routes{"/healthz", "/readyz", "/v1/completions", "/metrics", "/dashboard",
+                                            "/dashboard/data"};
+  for (const auto& r : api::routes()) {
+    INFO(r.path);
+    CHECK(r.admin != (public_routes.count(r.path) == 1));
+  }
+  {
+    auto closed = api::http_server::start({}, svc);  // no admin token configured
+    REQUIRE(closed);
+    for (const auto& r : api::routes()) {
+      if (!r.admin) continue;
+      auto [st, b] = http((*closed)->port(), r.method, r.path, "{}", "Authorization: Bearer anything\r\n");
+      CHECK(st == 401);
+      CHECK_THAT(b, Catch::Matchers::Contains("closed"));
+    }
+    (*closed)->stop();
+  }
+  api::http_config hc;
+  hc.admin_token = "s3cret";
+  auto server = api::http_server::start(hc, svc);
+  REQUIRE(server);
+  const uint16_t port = (*server)->port();
+  for (const auto& r : api::routes()) {
+    if (!r.admin) continue;
+    INFO(r.path);
+    CHECK(http(port, r.method, r.path, "{}").first == 401);
+    CHECK(http(port, r.method, r.path, "{}", "Authorization: Bearer s3creT\r\n").first == 401);
+    CHECK(http(port, r.method, r.path, "{}", "Authorization: Bearer s3cret-and-more\r\n").first == 401);
+  }
+  auto [st, body] = http(port, "POST", "/admin/rebalance", "{}", "Authorization: Bearer s3cret\r\n");
+  CHECK(st == 200);
+  auto j = json::parse(body);
+  CHECK(j.contains("status"));
+  CHECK(http(port, "GET", "/admin/rebalance", "", "Authorization: Bearer s3cret\r\n").first == 405);
+  CHECK(api::constant_time_equal("abc", "abc"));
+  CHECK_FALSE(api::constant_time_equal("abc", "abd"));
+  CHECK_FALSE(api::constant_time_equal("abc", "ab"));
+  (*server)->stop();
 }

@@ -2,8 +2,7 @@
 // (and the series count of a DeepSeek-V3-sized model), link counters across link replacement, and
 // the embedded cluster behind the HTTP server: counters move as the traffic says.
 //
-// Each TEST_CASE runs in its own process (one ctest entry each), so the process-wide registry
-// starts empty in every one.
+// Each TEST_CASE starts from an empty process-wide registry (metrics::testing::reset).
 #include "actors/embedded_cluster.hpp"
 #include "api/http_server.hpp"
 #include "api/metrics_server.hpp"
@@ -93,6 +92,7 @@ size_t series_of(const std::string& text, const std::string& name) {
 }  // namespace
 
 TEST_CASE("metrics: every family follows the naming conventions", "[metrics]") {
+  metrics::testing::reset();
   const std::set<std::string_view> allowed{"layer", "expert", "host", "route", "status", "reason"};
   std::set<std::string_view> names;
   for (const auto& d : metrics::catalog()) {
@@ -121,6 +121,7 @@ TEST_CASE("metrics: every family follows the naming conventions", "[metrics]") {
 }
 
 TEST_CASE("metrics: per-expert mode parses all, off and top:N and nothing else", "[metrics]") {
+  metrics::testing::reset();
   using k = metrics::per_expert_mode::kind;
   CHECK(metrics::parse_per_expert("all") == metrics::per_expert_mode{k::all, 0});
   CHECK(metrics::parse_per_expert("off") == metrics::per_expert_mode{k::off, 0});
@@ -133,6 +134,7 @@ TEST_CASE("metrics: per-expert mode parses all, off and top:N and nothing else",
 }
 
 TEST_CASE("metrics: counters, gauges and histograms move as the events say", "[metrics]") {
+  metrics::testing::reset();
   for (int i = 0; i < 7; ++i) metrics::http_request("/v1/completions", 200, 0.02);
   for (int i = 0; i < 3; ++i) metrics::http_request("/v1/completions", 503, 0.001);
   metrics::sequence_finished("length", 12, 8, 0.030, 0.100);  // TPOT (0.1 - 0.03) / 7 = 0.01
@@ -190,6 +192,7 @@ TEST_CASE("metrics: counters, gauges and histograms move as the events say", "[m
 }
 
 TEST_CASE("metrics: a replaced link's byte and error counts are kept", "[metrics]") {
+  metrics::testing::reset();
   metrics::link_counts a{1000, 500, {{"timeout", 2}}};
   {
     metrics::link_watch w("h1", [&] { return a; });
@@ -260,6 +263,7 @@ series_counts count_for(int first_layer, int layers, int experts, int hosts, int
 }  // namespace
 
 TEST_CASE("metrics: series count of a DeepSeek-V3-sized process (58 MoE layers x 256 experts) by mode", "[metrics]") {
+  metrics::testing::reset();
   // DeepSeek-V3: layers 3..60 are MoE (the first three dense), 256 routed experts; 32 hosts.
   const auto c = count_for(3, 58, 256, 32, 64);
   // Three per-expert families (tokens routed, replicas, weight version), one series per pair each.
@@ -270,6 +274,7 @@ TEST_CASE("metrics: series count of a DeepSeek-V3-sized process (58 MoE layers x
 }
 
 TEST_CASE("metrics: series count of the fixture models by mode", "[metrics]") {
+  metrics::testing::reset();
   // The shapes of tests/data/hf-tiny: mixtral_e8k2 (2 MoE layers x 8), qwen3moe_e16k4 (2 x 16),
   // deepseekv3_e16k4 (layer 1 only x 16); 4 hosts.
   const auto mixtral = count_for(0, 2, 8, 4, 4);
@@ -279,6 +284,7 @@ TEST_CASE("metrics: series count of the fixture models by mode", "[metrics]") {
 
 TEST_CASE("metrics: the embedded cluster over HTTP: N requests are N in the counter; routed tokens = tokens x top-k x MoE layers",
           "[metrics]") {
+  metrics::testing::reset();
   for (auto name : {"mixtral_e8k2", "deepseekv3_e16k4"}) {
     INFO(name);
     actors::embedded_config cfg;
@@ -361,6 +367,7 @@ TEST_CASE("metrics: the embedded cluster over HTTP: N requests are N in the coun
 }
 
 TEST_CASE("metrics: /dashboard is one self-contained page and /dashboard/data has the heatmap and replicas", "[metrics]") {
+  metrics::testing::reset();
   actors::embedded_config cfg;
   cfg.model = fixture("qwen3moe_e16k4");
   cfg.hosts = 2;
@@ -428,6 +435,7 @@ TEST_CASE("metrics: /dashboard is one self-contained page and /dashboard/data ha
 }
 
 TEST_CASE("metrics: the metrics listener serves /metrics and /healthz, 404 and 405 otherwise", "[metrics]") {
+  metrics::testing::reset();
   metrics::declare_coordinator();
   auto s = api::metrics_server::start("127.0.0.1", 0);
   REQUIRE(s);
