@@ -161,6 +161,14 @@ TEST_CASE("prometheus: the rules name only metrics the code exports or rules rec
     CHECK(cfg.find(std::string("job_name: ") + job) != std::string::npos);
 }
 
+TEST_CASE("docs: docs/metrics.md names every metric family", "[metrics]") {
+  const auto doc = read(source / "docs/metrics.md");
+  for (const auto& d : sy::metrics::catalog()) {
+    INFO(d.name);
+    CHECK(doc.find("`" + std::string(d.name) + "`") != std::string::npos);
+  }
+}
+
 TEST_CASE("config: a bad metrics setting fails naming the file and the key, or the flag", "[metrics]") {
   const fs::path dir = fs::path(SY_TEST_TMP) / "metrics_config";
   fs::create_directories(dir);
