@@ -2,6 +2,8 @@
 
 #include "model/error.hpp"
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <map>
 
@@ -34,6 +36,40 @@ uint64_t cluster_executor::epoch() const {
 placement_table cluster_executor::placement() const {
   std::lock_guard lock(mu_);
   return latest_ ? latest_->placement : placement_table{};
+}
+
+std::string cluster_executor::state_json() const {
+  std::shared_ptr<const view> v;
+  {
+    std::lock_guard lock(mu_);
+    v = latest_;
+  }
+  nlohmann::json j;
+  if (!v) return nlohmann::json{{"epoch", 0}, {"hosts", nlohmann::json::array()}, {"layers", nlohmann::json::array()}}.dump();
+  const auto& p = v->placement;
+  std::vector<int> held(v->hosts.size(), 0);
+  auto layers = nlohmann::json::array();
+  for (int l = 0; l < p.layers; ++l) {
+    if (!p.moe_layer[static_cast<size_t>(l)]) continue;
+    auto experts = nlohmann::json::array();
+    for (const auto& rs : p.table[static_cast<size_t>(l)]) {
+      auto reps = nlohmann::json::array();
+      for (const auto& r : rs) {
+        reps.push_back({{"host", r.host}, {"share", r.share}, {"version", r.version}, {"ready", r.ready}});
+        if (r.host >= 0 && static_cast<size_t>(r.host) < held.size()) ++held[static_cast<size_t>(r.host)];
+      }
+      experts.push_back(std::move(reps));
+    }
+    layers.push_back({{"layer", l}, {"experts", std::move(experts)}});
+  }
+  auto hosts = nlohmann::json::array();
+  for (const auto& h : v->hosts)
+    hosts.push_back({{"id", h.id}, {"name", h.name}, {"address", h.data_address}, {"slots", h.slots}, {"up", h.up},
+                     {"replicas", held[static_cast<size_t>(h.id)]}});
+  j["epoch"] = p.epoch;
+  j["hosts"] = std::move(hosts);
+  j["layers"] = std::move(layers);
+  return j.dump();
 }
 
 int cluster_executor::hosts_up() const {

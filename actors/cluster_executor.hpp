@@ -37,6 +37,10 @@ class cluster_executor final : public model::expert_executor {
   [[nodiscard]] uint64_t epoch() const;
   /// The newest placement received.
   [[nodiscard]] placement_table placement() const;
+  /// The cluster as this router sees it, as JSON: {"epoch", "hosts": [{"id", "name", "address",
+  /// "slots", "up", "replicas"}], "layers": [{"layer", "experts": [[{"host", "share", "version",
+  /// "ready"}] per expert]}]} (sparse layers only).
+  [[nodiscard]] std::string state_json() const;
   [[nodiscard]] int hosts_up() const;
   [[nodiscard]] uint64_t retries() const { return retries_; }
 

@@ -99,6 +99,8 @@ caf::expected<std::string> embedded_cluster::rebalance(std::chrono::milliseconds
   return out;
 }
 
+std::string embedded_cluster::state_json() const { return impl_->router_half->executor()->state_json(); }
+
 placement_table embedded_cluster::placement() const { return impl_->router_half->executor()->placement(); }
 
 std::vector<uint64_t> embedded_cluster::host_batches() const {

@@ -48,6 +48,8 @@ class embedded_cluster {
   void freeze_host(int h);
   /// Plans and applies a rebalancing round now; the coordinator's JSON summary when it is over.
   [[nodiscard]] caf::expected<std::string> rebalance(std::chrono::milliseconds timeout = std::chrono::minutes(5));
+  /// The cluster as the router sees it (see cluster_executor::state_json).
+  [[nodiscard]] std::string state_json() const;
   /// The placement the router uses now.
   [[nodiscard]] placement_table placement() const;
   /// Batches each host has served (tests: who carried the load).

@@ -195,6 +195,7 @@ caf::expected<std::string> router_process::rebalance(std::chrono::milliseconds t
 }
 
 void router_process::drain() { impl_->core->drain(); }
+std::string router_process::state_json() const { return impl_->core->executor()->state_json(); }
 bool router_process::idle() const { return impl_->core->idle(); }
 
 bool router_process::ready() const { return impl_->core->ready(); }

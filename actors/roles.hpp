@@ -85,6 +85,7 @@ class router_process {
   [[nodiscard]] const model::model_config& config() const;
   void drain();
   [[nodiscard]] bool idle() const;
+  [[nodiscard]] std::string state_json() const;
   /// Asks the coordinator for a rebalancing round; its JSON summary once it is over.
   [[nodiscard]] caf::expected<std::string> rebalance(std::chrono::milliseconds timeout = std::chrono::minutes(5));
   void stop();

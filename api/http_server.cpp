@@ -229,6 +229,13 @@ class session : public std::enable_shared_from_this<session> {
     if (!auth.starts_with(prefix) || !constant_time_equal(auth.substr(prefix.size()), cfg_.admin_token))
       return reply(http::status::unauthorized,
                    error_body("authentication_error", "missing or wrong bearer token (Authorization: Bearer ...)", ""), ka);
+    if (target == "/admin/cluster") {
+      if (req.method() != http::verb::get)
+        return reply(http::status::method_not_allowed, error_body("invalid_request_error", "use GET", ""), ka);
+      if (!svc_.cluster_state)
+        return reply(http::status::not_implemented, error_body("server_error", "this server has no cluster state", ""), ka);
+      return reply(http::status::ok, svc_.cluster_state(), ka);
+    }
     if (target != "/admin/rebalance")
       return reply(http::status::not_found, error_body("invalid_request_error", "no route " + target, ""), ka);
     if (req.method() != http::verb::post)
@@ -649,6 +656,7 @@ const std::vector<route_info>& routes() {
       {"GET", "/v1/models", false, true},         {"POST", "/v1/completions", false, true},
       {"POST", "/v1/chat/completions", false, true}, {"POST", "/tokenize", false, true},
       {"POST", "/detokenize", false, true},       {"POST", "/admin/rebalance", true, false},
+      {"GET", "/admin/cluster", true, false},
   };
   return all;
 }

@@ -51,6 +51,8 @@ struct completion_service {
   /// POST /admin/rebalance: plans and applies a rebalancing round; the coordinator's JSON summary.
   /// Blocks until the round is over (called off the I/O threads). Unset: 501.
   std::function<caf::expected<std::string>()> rebalance;
+  /// GET /admin/cluster: hosts, slots, state, the placement table and epoch, as JSON. Unset: 501.
+  std::function<std::string()> cluster_state;
 };
 
 class http_server {

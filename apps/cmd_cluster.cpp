@@ -190,6 +190,7 @@ void add_cluster_commands(CLI::App& app) {
       svc.tokenizer = tok;
       svc.submit = [rp](scheduler::generation_request req) { return rp->submit(std::move(req)); };
       svc.rebalance = [rp] { return rp->rebalance(); };
+      svc.cluster_state = [rp] { return rp->state_json(); };
       auto server = api::http_server::start(hc, svc);
       if (!server) fail(model::describe(server.error()));
       std::printf("router serving HTTP on %s:%u\n", hc.host.c_str(), static_cast<unsigned>((*server)->port()));

@@ -82,6 +82,7 @@ void add_serve_command(CLI::App& app) {
     svc.tokenizer = tok;
     svc.submit = [c](scheduler::generation_request r) { return c->submit(std::move(r)); };
     svc.rebalance = [c] { return c->rebalance(); };
+    svc.cluster_state = [c] { return c->state_json(); };
     auto server = api::http_server::start(hc, svc);
     if (!server) fail(model::describe(server.error()));
     if (!c->wait_ready(std::chrono::minutes(10))) fail("the cluster did not become ready (see the log)");
