@@ -381,7 +381,14 @@ class session : public std::enable_shared_from_this<session> {
                      error_body(full ? "server_error" : "invalid_request_error", model::describe(err), ""), ka, full ? 1 : 0);
       }
     }
-    if (!streaming_) watch_disconnect(rs);
+    if (!streaming_) {
+      bool pending;
+      {
+        std::lock_guard lock(rs->mu);
+        pending = rs->left > 0;
+      }
+      if (pending) watch_disconnect(rs);  // nothing to watch for when it is already answered
+    }
   }
 
   /// Engine thread: one more token of choice i. Returns false when a stop string ended it.
