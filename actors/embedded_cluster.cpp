@@ -61,7 +61,8 @@ caf::expected<std::unique_ptr<embedded_cluster>> embedded_cluster::start(const e
 
   p->sys_cfg.set("scheduler.max-threads", 2);
   p->sys = std::make_unique<caf::actor_system>(p->sys_cfg);
-  p->coordinator = p->sys->spawn(coordinator_actor, *p->mcfg, cfg.hosts, cfg.replicas, cfg.heartbeat, cfg.rebalance);
+  p->coordinator = p->sys->spawn(coordinator_actor, *p->mcfg, cfg.hosts, cfg.replicas, cfg.heartbeat, cfg.rebalance,
+                                 std::string{}, std::chrono::milliseconds(10000));
   p->router = p->sys->spawn(router_actor, p->coordinator, p->router_half->executor(), cfg.rebalance.report_interval);
   for (int h = 0; h < cfg.hosts; ++h)
     p->host_actors.push_back(p->sys->spawn(host_actor, p->coordinator, p->hosts[static_cast<size_t>(h)],

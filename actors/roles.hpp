@@ -21,6 +21,8 @@ struct coordinator_options {
   int replicas = 1;  ///< per expert, on distinct hosts
   heartbeat_config heartbeat;
   rebalance_config rebalance;
+  std::string state_file;  ///< empty: no persistence
+  std::chrono::milliseconds recovery_wait{30000};  ///< after a restart, for the recovered hosts
 };
 
 class coordinator_process {

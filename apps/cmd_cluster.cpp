@@ -70,13 +70,14 @@ void add_cluster_commands(CLI::App& app) {
   {
     auto* cmd = app.add_subcommand("coordinator", "Run the cluster's coordinator (membership, placement, epochs)");
     struct args {
-      std::string config, listen = "127.0.0.1:0", model;
+      std::string config, listen = "127.0.0.1:0", model, state;
       int hosts = 1, replicas = 1, hb_ms = 500, hb_misses = 3, rb_ms = 0, rb_moves = -1;
     };
     auto a = std::make_shared<args>();
     cmd->add_option("--config", a->config, "Cluster config (TOML); flags given here override its keys");
     auto* o_listen = cmd->add_option("--listen", a->listen, "Control-plane address HOST:PORT (port 0 = any)");
     auto* o_model = cmd->add_option("--model", a->model, "Model folder");
+    auto* o_state = cmd->add_option("--state", a->state, "State file: every epoch is written there, and a restart recovers from it");
     auto* o_hosts = cmd->add_option("--hosts", a->hosts, "Expert hosts to wait for before placing")->check(CLI::Range(1, 4096));
     auto* o_repl = cmd->add_option("--replicas", a->replicas, "Replicas per expert, on distinct hosts")->check(CLI::Range(1, 64));
     auto* o_hb = cmd->add_option("--heartbeat-interval-ms", a->hb_ms, "Heartbeat period (0 = off)")->check(CLI::Range(0, 600000));
@@ -89,6 +90,7 @@ void add_cluster_commands(CLI::App& app) {
       config_file f(a->config);
       f.str("listen", o_listen, a->listen);
       f.str("model", o_model, a->model);
+      f.str("state_file", o_state, a->state);
       f.integer("hosts", o_hosts, a->hosts, 1, 4096);
       f.integer("replicas", o_repl, a->replicas, 1, 64);
       f.integer("heartbeat_interval_ms", o_hb, a->hb_ms, 0, 600000);
@@ -98,8 +100,14 @@ void add_cluster_commands(CLI::App& app) {
       f.check_all_used();
       if (a->model.empty()) fail("coordinator: --model (or the config key 'model') is required");
       auto [host, port] = parse_host_port(a->listen, "--listen");
-      actors::coordinator_options co{host, port, a->model, a->hosts, a->replicas, {}, {}};
+      actors::coordinator_options co;
+      co.host = host;
+      co.port = port;
+      co.model = a->model;
+      co.hosts = a->hosts;
+      co.replicas = a->replicas;
       co.rebalance.interval = std::chrono::milliseconds(a->rb_ms);
+      co.state_file = a->state;
       co.rebalance.max_moves = a->rb_moves;
       co.heartbeat.interval = std::chrono::milliseconds(a->hb_ms);
       co.heartbeat.misses = a->hb_misses;
