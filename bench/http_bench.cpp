@@ -5,7 +5,11 @@
 // of the layer. Ours runs its whole path — routing, JSON parsing and validation, the batcher
 // callback, the JSON answer — with a completion service that answers at once (max_tokens 1, no
 // model), so what is measured is the HTTP layer. Target: ours ≥ 70 % of the minimal server.
-//   bench_http [--seconds S] [--connections C]
+// With --model DIR it also runs the same completions request on our server in front of an
+// embedded cluster serving that model (max_tokens 1: one prefill and one sampled token), to show
+// how much of a tiny model's request the HTTP layer is.
+//   bench_http [--seconds S] [--connections C] [--model DIR]
+#include "actors/embedded_cluster.hpp"
 #include "api/http_server.hpp"
 
 #include <arpa/inet.h>
@@ -174,9 +178,11 @@ std::string make_request(const std::string& method, const std::string& path, con
 int main(int argc, char** argv) {
   double seconds = 5;
   int connections = 8;
+  std::string model;
   for (int i = 1; i + 1 < argc; ++i) {
     if (std::strcmp(argv[i], "--seconds") == 0) seconds = std::stod(argv[i + 1]);
     if (std::strcmp(argv[i], "--connections") == 0) connections = std::stoi(argv[i + 1]);
+    if (std::strcmp(argv[i], "--model") == 0) model = argv[i + 1];
   }
   // Our server with a completion service that answers at once from its own "engine" thread.
   api::completion_service svc;
@@ -226,5 +232,30 @@ int main(int argc, char** argv) {
                 m.p99_us > 0 ? o.p99_us / m.p99_us : 0);
   }
   (*ours)->stop();
+  if (!model.empty()) {
+    actors::embedded_config ec;
+    ec.model = model;
+    ec.hosts = 2;
+    auto cluster = actors::embedded_cluster::start(ec);
+    if (!cluster || !(*cluster)->wait_ready(std::chrono::seconds(60))) {
+      std::fprintf(stderr, "cannot start the embedded cluster on %s\n", model.c_str());
+      return 1;
+    }
+    auto* c = cluster->get();
+    api::completion_service real;
+    real.model_name = "m";
+    real.vocab_size = c->config().vocab_size;
+    real.max_context = c->config().max_position_embeddings;
+    real.ready = [c] { return c->ready(); };
+    real.submit = [c](scheduler::generation_request r) { return c->submit(std::move(r)); };
+    auto server = api::http_server::start(hc, real);
+    if (!server) return 1;
+    auto r = drive((*server)->port(), routes[1].req, connections, seconds);
+    std::printf("%-38s %-8s %12.0f %10.1f %10.1f %8ld\n", "POST /v1/completions (max_tokens 1)", "ours+model", r.rps, r.p50_us,
+                r.p99_us, r.errors);
+    std::printf("(the same request answered by the embedded cluster on %s)\n", model.c_str());
+    (*server)->stop();
+    c->shutdown();
+  }
   return 0;
 }
