@@ -3,6 +3,8 @@
 #include "metrics/metrics.hpp"
 #include "model/error.hpp"
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <map>
 
@@ -15,8 +17,11 @@ constexpr int64_t kMinSplitRows = 32;
 
 void cluster_executor::update(placement_table p, std::vector<host_info> hosts) {
   auto v = std::make_shared<const view>(view{std::move(p), std::move(hosts)});
-  std::lock_guard lock(mu_);
-  if (!latest_ || v->placement.epoch >= latest_->placement.epoch) latest_ = std::move(v);
+  {
+    std::lock_guard lock(mu_);
+    if (!latest_ || v->placement.epoch >= latest_->placement.epoch) latest_ = std::move(v);
+  }
+  updated_.notify_all();
 }
 
 bool cluster_executor::ready() const {
@@ -32,6 +37,40 @@ uint64_t cluster_executor::epoch() const {
 placement_table cluster_executor::placement() const {
   std::lock_guard lock(mu_);
   return latest_ ? latest_->placement : placement_table{};
+}
+
+std::string cluster_executor::state_json() const {
+  std::shared_ptr<const view> v;
+  {
+    std::lock_guard lock(mu_);
+    v = latest_;
+  }
+  nlohmann::json j;
+  if (!v) return nlohmann::json{{"epoch", 0}, {"hosts", nlohmann::json::array()}, {"layers", nlohmann::json::array()}}.dump();
+  const auto& p = v->placement;
+  std::vector<int> held(v->hosts.size(), 0);
+  auto layers = nlohmann::json::array();
+  for (int l = 0; l < p.layers; ++l) {
+    if (!p.moe_layer[static_cast<size_t>(l)]) continue;
+    auto experts = nlohmann::json::array();
+    for (const auto& rs : p.table[static_cast<size_t>(l)]) {
+      auto reps = nlohmann::json::array();
+      for (const auto& r : rs) {
+        reps.push_back({{"host", r.host}, {"share", r.share}, {"version", r.version}, {"ready", r.ready}});
+        if (r.host >= 0 && static_cast<size_t>(r.host) < held.size()) ++held[static_cast<size_t>(r.host)];
+      }
+      experts.push_back(std::move(reps));
+    }
+    layers.push_back({{"layer", l}, {"experts", std::move(experts)}});
+  }
+  auto hosts = nlohmann::json::array();
+  for (const auto& h : v->hosts)
+    hosts.push_back({{"id", h.id}, {"name", h.name}, {"address", h.data_address}, {"slots", h.slots}, {"up", h.up},
+                     {"replicas", held[static_cast<size_t>(h.id)]}});
+  j["epoch"] = p.epoch;
+  j["hosts"] = std::move(hosts);
+  j["layers"] = std::move(layers);
+  return j.dump();
 }
 
 int cluster_executor::hosts_up() const {
@@ -73,14 +112,36 @@ void cluster_executor::begin_step() {
 
 void cluster_executor::end_step() { in_step_ = false; }
 
+bool cluster_executor::wait_for_replica(int layer, int expert) {
+  // The step's epoch has no live replica of this expert (its hosts failed). An expert FFN of the
+  // same version is the same pure function wherever it runs, so the rest of the step may move to a
+  // newer epoch in which the coordinator has re-placed the expert; wait for one, up to
+  // replica_wait.
+  auto has_live = [&](const view& v) {
+    if (static_cast<size_t>(layer) >= v.placement.table.size()) return false;
+    const auto& rs = v.placement.table[static_cast<size_t>(layer)];
+    if (static_cast<size_t>(expert) >= rs.size()) return false;
+    for (const auto& r : rs[static_cast<size_t>(expert)]) {
+      const auto h = static_cast<size_t>(r.host);
+      if (r.ready && h < v.hosts.size() && v.hosts[h].up && !(h < failed_.size() && failed_[h])) return true;
+    }
+    return false;
+  };
+  std::unique_lock lock(mu_);
+  const bool ok = updated_.wait_for(lock, replica_wait_, [&] { return latest_ && latest_ != step_ && has_live(*latest_); });
+  if (!ok) return false;
+  step_ = latest_;
+  step_epoch_ = step_->placement.epoch;
+  return true;
+}
+
 caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, const std::vector<std::vector<float>>& inputs,
                                  std::vector<std::vector<float>>& outputs) {
   using model::make_error;
   using model::model_errc;
   if (!step_) return make_error(model_errc::unsupported, "no placement yet: the cluster is not ready");
-  const auto& p = step_->placement;
-  const auto& hosts = step_->hosts;
   {
+    const auto& p = step_->placement;
     std::lock_guard lock(counts_mu_);
     if (counts_.size() != static_cast<size_t>(p.layers)) counts_.assign(static_cast<size_t>(p.layers), std::vector<double>(static_cast<size_t>(p.experts), 0.0));
     for (const auto& b : plan.batches)
@@ -105,6 +166,10 @@ caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, co
   // Each round sends every pending piece to live replicas not yet failed, split by share; pieces
   // of a host that fails go back to pending for the next round. Bounded by the replica count.
   while (!pending.empty()) {
+    const auto& p = step_->placement;
+    const auto& hosts = step_->hosts;
+    if (failed_.size() < hosts.size()) failed_.resize(hosts.size(), false);
+    bool repinned = false;
     std::map<int, std::vector<piece>> by_host;
     std::map<int, double> round_rows;  ///< rows given to each host in this round
     // Largest pieces first, so the small ones fill in around them.
@@ -119,6 +184,10 @@ caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, co
           live.push_back(&r);
           total += r.share;
         }
+      if (live.empty() && wait_for_replica(layer, e)) {
+        repinned = true;  // the coordinator re-placed the expert: redo this round on the new epoch
+        break;
+      }
       if (live.empty())
         return make_error(model_errc::io_error, "layer " + std::to_string(layer) + " expert " + std::to_string(e) +
                                                     " has no live replica" +
@@ -178,6 +247,7 @@ caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, co
           off += take[k];
         }
     }
+    if (repinned) continue;
     // Every host of this round is asked at once; their answers are awaited together.
     struct call {
       int host;

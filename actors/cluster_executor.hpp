@@ -9,6 +9,8 @@
 #include "actors/placement.hpp"
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <functional>
 #include <map>
 #include <string>
@@ -25,12 +27,20 @@ class cluster_executor final : public model::expert_executor {
   using connector = std::function<std::shared_ptr<expert_channel>(const host_info&)>;
   explicit cluster_executor(connector connect) : connect_(std::move(connect)) {}
 
+  /// How long a step whose epoch lost every replica of an expert waits for a newer epoch that
+  /// has one (the coordinator re-places lost experts) before the step fails.
+  void set_replica_wait(std::chrono::milliseconds w) { replica_wait_ = w; }
+
   /// A new placement; steps started from now on use it.
   void update(placement_table p, std::vector<host_info> hosts);
   [[nodiscard]] bool ready() const;
   [[nodiscard]] uint64_t epoch() const;
   /// The newest placement received.
   [[nodiscard]] placement_table placement() const;
+  /// The cluster as this router sees it, as JSON: {"epoch", "hosts": [{"id", "name", "address",
+  /// "slots", "up", "replicas"}], "layers": [{"layer", "experts": [[{"host", "share", "version",
+  /// "ready"}] per expert]}]} (sparse layers only).
+  [[nodiscard]] std::string state_json() const;
   [[nodiscard]] int hosts_up() const;
   /// The hosts of the newest placement (with their up/down state).
   [[nodiscard]] std::vector<host_info> hosts() const;
@@ -55,9 +65,12 @@ class cluster_executor final : public model::expert_executor {
   connector connect_;
   std::map<std::string, std::shared_ptr<expert_channel>> channels_;  ///< by data address (engine thread only)
   mutable std::mutex mu_;
+  std::condition_variable updated_;  ///< notified on every new placement
+  std::chrono::milliseconds replica_wait_{10000};
   std::shared_ptr<const view> latest_;
   std::shared_ptr<const view> step_;  ///< pinned by begin_step (engine thread only)
   std::vector<bool> failed_;          ///< hosts that failed during the current step
+  [[nodiscard]] bool wait_for_replica(int layer, int expert);
   /// Rows sent per (layer, expert, host) under the pinned epoch: the share-following split.
   std::map<std::tuple<int, int, int>, double> sent_;
   uint64_t sent_epoch_ = 0;

@@ -14,6 +14,14 @@ caf::error expert_host_core::load(const model::model_config& cfg, const model::c
   std::map<std::pair<int, int>, std::shared_ptr<const model::expert_weights>> loaded;
   size_t done = 0;
   for (auto [l, e] : experts) {
+    {
+      // Already held (a coordinator that recovered re-sends the same assignment): kept, not reloaded.
+      std::lock_guard lock(mu_);
+      if (auto it = experts_.find({l, e}); it != experts_.end()) {
+        loaded[{l, e}] = it->second;
+        continue;
+      }
+    }
     auto w = model::load_expert(cfg, ckpt, l, e);
     if (!w) return w.error();
     done += w->bytes();

@@ -13,6 +13,9 @@
 #include <caf/io/all.hpp>
 #include <spdlog/spdlog.h>
 
+#include <atomic>
+#include <functional>
+#include <mutex>
 #include <thread>
 
 namespace sy::actors {
@@ -39,6 +42,83 @@ caf::expected<caf::actor> connect_coordinator(caf::actor_system& sys, const std:
                                                             ": " + sys.render(last));
 }
 
+/// Keeps an actor connected to the coordinator: whenever the actor ends (it does when the
+/// coordinator goes away), reconnects — retrying until stopped — and spawns it again. The data
+/// plane is not touched meanwhile: hosts keep serving batches and routers keep routing on their
+/// last placement.
+class reconnector {
+ public:
+  using spawn_fn = std::function<caf::actor(caf::actor coordinator)>;
+  reconnector(caf::actor_system& sys, std::string host, uint16_t port, caf::actor coordinator, spawn_fn spawn, std::string who)
+      : sys_(sys), host_(std::move(host)), port_(port), spawn_(std::move(spawn)), who_(std::move(who)) {
+    coordinator_ = coordinator;
+    actor_ = spawn_(coordinator);
+    thread_ = std::thread([this] { loop(); });
+  }
+  ~reconnector() { stop(); }
+
+  void stop() {
+    if (stopping_.exchange(true)) return;
+    caf::actor a;
+    {
+      std::lock_guard lock(mu_);
+      a = actor_;
+    }
+    caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
+    if (thread_.joinable()) thread_.join();
+  }
+
+  [[nodiscard]] caf::actor coordinator() const {
+    std::lock_guard lock(mu_);
+    return coordinator_;
+  }
+
+ private:
+  void loop() {
+    while (!stopping_) {
+      caf::actor a;
+      {
+        std::lock_guard lock(mu_);
+        a = actor_;
+      }
+      {
+        caf::scoped_actor self{sys_};
+        self->monitor(a);
+        self->receive([](const caf::down_msg&) {});
+      }
+      if (stopping_) break;
+      spdlog::warn("{}: lost the coordinator at {}:{}; reconnecting", who_, host_, port_);
+      caf::actor coord;
+      while (!stopping_) {
+        auto c = sys_.middleman().remote_actor(host_, port_);
+        if (c) {
+          coord = *c;
+          break;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      }
+      if (stopping_) break;
+      auto next = spawn_(coord);
+      {
+        std::lock_guard lock(mu_);
+        coordinator_ = coord;
+        actor_ = next;
+      }
+      spdlog::warn("{}: reconnected to the coordinator", who_);
+    }
+  }
+
+  caf::actor_system& sys_;
+  std::string host_;
+  uint16_t port_;
+  spawn_fn spawn_;
+  std::string who_;
+  mutable std::mutex mu_;
+  caf::actor coordinator_, actor_;
+  std::atomic<bool> stopping_{false};
+  std::thread thread_;
+};
+
 }  // namespace
 
 // ---- coordinator ----
@@ -59,7 +139,8 @@ caf::expected<std::unique_ptr<coordinator_process>> coordinator_process::start(c
   auto p = std::make_unique<impl>();
   p->sys = make_system(p->cfg);
   metrics::declare_coordinator();
-  p->coordinator = p->sys->spawn(coordinator_actor, *mc, o.hosts, o.replicas, o.heartbeat, o.rebalance);
+  p->coordinator = p->sys->spawn(coordinator_actor, *mc, o.hosts, o.replicas, o.heartbeat, o.rebalance, o.state_file,
+                                 o.recovery_wait);
   auto port = p->sys->middleman().publish(p->coordinator, o.port, o.host.c_str(), true);
   if (!port)
     return model::make_error(model::model_errc::io_error, "--listen: cannot publish the coordinator on " + o.host + ":" +
@@ -84,7 +165,7 @@ struct expert_host_process::impl {
   std::shared_ptr<transport::ucx_runtime> ucx;
   std::unique_ptr<transport::ucx_server> server;
   std::shared_ptr<expert_host_core> core;
-  caf::actor actor;
+  std::unique_ptr<reconnector> link;
   std::unique_ptr<metrics::link_watch> link_metrics;  ///< after `server`: gone before it
 };
 
@@ -116,8 +197,13 @@ caf::expected<std::unique_ptr<expert_host_process>> expert_host_process::start(c
   auto coord = connect_coordinator(*p->sys, o.coordinator_host, o.coordinator_port);
   if (!coord) return coord.error();
   const std::string address = "ucx://" + o.listen_host + ":" + std::to_string(p->server->port());
-  p->actor = p->sys->spawn(host_actor, *coord, p->core, address, std::make_shared<const model::model_config>(std::move(*mc)),
-                           std::make_shared<const model::checkpoint>(std::move(*ck)));
+  auto cfg = std::make_shared<const model::model_config>(std::move(*mc));
+  auto ckpt = std::make_shared<const model::checkpoint>(std::move(*ck));
+  auto* sys = p->sys.get();
+  p->link = std::make_unique<reconnector>(
+      *sys, o.coordinator_host, o.coordinator_port, *coord,
+      [sys, core = p->core, address, cfg, ckpt](caf::actor c) { return sys->spawn(host_actor, c, core, address, cfg, ckpt); },
+      name);
   return std::unique_ptr<expert_host_process>(new expert_host_process(std::move(p)));
 }
 
@@ -126,7 +212,7 @@ uint16_t expert_host_process::data_port() const { return impl_->server->port(); 
 void expert_host_process::stop() {
   if (!impl_ || !impl_->sys) return;
   impl_->server->stop();
-  caf::anon_send_exit(impl_->actor, caf::exit_reason::user_shutdown);
+  impl_->link.reset();
   impl_->sys.reset();
 }
 
@@ -137,8 +223,7 @@ struct router_process::impl {
   std::unique_ptr<router_core> core;
   caf::actor_system_config cfg;
   std::unique_ptr<caf::actor_system> sys;
-  caf::actor router;
-  caf::actor coordinator;
+  std::unique_ptr<reconnector> link;
   bool down = false;
 };
 
@@ -182,21 +267,28 @@ caf::expected<std::unique_ptr<router_process>> router_process::start(const route
   p->sys = make_system(p->cfg);
   auto coord = connect_coordinator(*p->sys, o.coordinator_host, o.coordinator_port);
   if (!coord) return coord.error();
-  p->coordinator = *coord;
-  p->router = p->sys->spawn(router_actor, *coord, p->core->executor(), o.report_interval);
+  auto* sys = p->sys.get();
+  p->link = std::make_unique<reconnector>(
+      *sys, o.coordinator_host, o.coordinator_port, *coord,
+      [sys, exec = p->core->executor(), ri = o.report_interval](caf::actor c) { return sys->spawn(router_actor, c, exec, ri); },
+      "router");
   return std::unique_ptr<router_process>(new router_process(std::move(p)));
 }
 
 caf::expected<std::string> router_process::rebalance(std::chrono::milliseconds timeout) {
   caf::scoped_actor self{*impl_->sys};
   caf::expected<std::string> out = model::make_error(model::model_errc::io_error, "no answer from the coordinator");
-  self->request(impl_->coordinator, timeout, rebalance_atom::value)
+  self->request(impl_->link->coordinator(), timeout, rebalance_atom::value)
       .receive([&](const std::string& summary) { out = summary; },
                [&](caf::error& err) {
                  out = model::make_error(model::model_errc::io_error, "rebalance: " + impl_->sys->render(err));
                });
   return out;
 }
+
+void router_process::drain() { impl_->core->drain(); }
+std::string router_process::state_json() const { return impl_->core->executor()->state_json(); }
+bool router_process::idle() const { return impl_->core->idle(); }
 
 bool router_process::ready() const { return impl_->core->ready(); }
 bool router_process::wait_ready(std::chrono::milliseconds timeout) const { return impl_->core->wait_ready(timeout); }
@@ -211,7 +303,7 @@ void router_process::stop() {
   if (!impl_ || impl_->down) return;
   impl_->down = true;
   impl_->core->stop();
-  caf::anon_send_exit(impl_->router, caf::exit_reason::user_shutdown);
+  impl_->link.reset();
   impl_->sys.reset();
   impl_->core.reset();  // closes the data-plane links before the UCX runtime goes
 }

@@ -24,6 +24,7 @@ caf::expected<std::unique_ptr<router_core>> router_core::make(std::shared_ptr<co
   if (!dense) return dense.error();
   r->dense_ = std::move(*dense);
   r->exec_ = std::make_shared<cluster_executor>(std::move(connect));
+  r->exec_->set_replica_wait(replica_wait);
   r->decoder_ = std::make_unique<model::decoder>(*r->dense_, *r->exec_);
   r->batcher_ = std::make_unique<scheduler::batcher>(*r->decoder_, batcher);
   r->engine_ = std::thread([raw = r.get()] { raw->run_engine(); });

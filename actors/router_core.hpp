@@ -31,6 +31,9 @@ class router_core {
   [[nodiscard]] caf::error submit(scheduler::generation_request r) { return batcher_->submit(std::move(r)); }
   [[nodiscard]] size_t queued() const { return batcher_->queued(); }
   [[nodiscard]] size_t running() const { return batcher_->running(); }
+  /// Graceful shutdown: refuses new work; queued and running work goes on. `idle()` says when done.
+  void drain() { batcher_->drain(); }
+  [[nodiscard]] bool idle() const { return batcher_->idle(); }
   /// Refuses new work, fails what is queued, and joins the engine thread. Idempotent.
   void stop();
 

@@ -1,5 +1,10 @@
 #include "apps/cli.hpp"
 
+#include "model/error.hpp"
+#include "model/tokenizer.hpp"
+
+#include <filesystem>
+
 #include <spdlog/spdlog.h>
 
 #include <cstdlib>
@@ -45,6 +50,20 @@ std::string admin_token_from_env() {
   if (t && *t) return t;
   spdlog::warn("admin routes (/admin/*) are closed: set SWITCHYARD_ADMIN_TOKEN to a secret to open them");
   return {};
+}
+
+std::shared_ptr<const model::tokenizer> load_serving_tokenizer(const std::string& path, const std::string& model_dir) {
+  std::filesystem::path p = path;
+  if (p.empty()) {
+    p = std::filesystem::path(model_dir) / "tokenizer.json";
+    if (!std::filesystem::exists(p)) {
+      spdlog::warn("no tokenizer.json in {}: prompts must be token ids (--tokenizer FILE adds one)", model_dir);
+      return nullptr;
+    }
+  }
+  auto t = model::tokenizer::load(p);
+  if (!t) fail("--tokenizer: " + model::describe(t.error()));
+  return std::make_shared<const model::tokenizer>(std::move(*t));
 }
 
 }  // namespace sy::apps

@@ -1,8 +1,13 @@
 #pragma once
 /// Small helpers every subcommand shares.
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
+
+namespace sy::model {
+class tokenizer;
+}
 
 namespace sy::apps {
 
@@ -15,6 +20,11 @@ namespace sy::apps {
 /// The admin bearer token from SWITCHYARD_ADMIN_TOKEN; without one, logs that /admin/* stays
 /// closed and how to open it.
 [[nodiscard]] std::string admin_token_from_env();
+
+/// Loads the tokenizer for serving: `path` when given (a tokenizer.json or a folder holding one),
+/// else the model folder's tokenizer.json if there is one; null when there is none (token-id
+/// prompts only). A tokenizer that is there but broken fails naming the file.
+[[nodiscard]] std::shared_ptr<const model::tokenizer> load_serving_tokenizer(const std::string& path, const std::string& model_dir);
 
 /// Blocks until SIGINT or SIGTERM.
 void wait_for_stop_signal();

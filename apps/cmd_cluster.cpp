@@ -3,6 +3,7 @@
 #include "api/http_server.hpp"
 #include "api/metrics_server.hpp"
 #include "apps/cli.hpp"
+#include "apps/http_options.hpp"
 #include "apps/commands.hpp"
 #include "apps/observe.hpp"
 
@@ -88,13 +89,14 @@ void add_cluster_commands(CLI::App& app) {
   {
     auto* cmd = app.add_subcommand("coordinator", "Run the cluster's coordinator (membership, placement, epochs)");
     struct args {
-      std::string config, listen = "127.0.0.1:0", model, metrics, per_expert = "all";
+      std::string config, listen = "127.0.0.1:0", model, state, metrics, per_expert = "all";
       int hosts = 1, replicas = 1, hb_ms = 500, hb_misses = 3, rb_ms = 0, rb_moves = -1;
     };
     auto a = std::make_shared<args>();
     cmd->add_option("--config", a->config, "Cluster config (TOML); flags given here override its keys");
     auto* o_listen = cmd->add_option("--listen", a->listen, "Control-plane address HOST:PORT (port 0 = any)");
     auto* o_model = cmd->add_option("--model", a->model, "Model folder");
+    auto* o_state = cmd->add_option("--state", a->state, "State file: every epoch is written there, and a restart recovers from it");
     auto* o_hosts = cmd->add_option("--hosts", a->hosts, "Expert hosts to wait for before placing")->check(CLI::Range(1, 4096));
     auto* o_repl = cmd->add_option("--replicas", a->replicas, "Replicas per expert, on distinct hosts")->check(CLI::Range(1, 64));
     auto* o_hb = cmd->add_option("--heartbeat-interval-ms", a->hb_ms, "Heartbeat period (0 = off)")->check(CLI::Range(0, 600000));
@@ -112,6 +114,7 @@ void add_cluster_commands(CLI::App& app) {
       f.str("metrics.per_expert", o_per_expert, a->per_expert);
       f.str("listen", o_listen, a->listen);
       f.str("model", o_model, a->model);
+      f.str("state_file", o_state, a->state);
       f.integer("hosts", o_hosts, a->hosts, 1, 4096);
       f.integer("replicas", o_repl, a->replicas, 1, 64);
       f.integer("heartbeat_interval_ms", o_hb, a->hb_ms, 0, 600000);
@@ -123,8 +126,14 @@ void add_cluster_commands(CLI::App& app) {
                         o_per_expert->count() || a->config.empty() ? "--metrics-per-expert" : a->config + ": key 'metrics.per_expert'");
       if (a->model.empty()) fail("coordinator: --model (or the config key 'model') is required");
       auto [host, port] = parse_host_port(a->listen, "--listen");
-      actors::coordinator_options co{host, port, a->model, a->hosts, a->replicas, {}, {}};
+      actors::coordinator_options co;
+      co.host = host;
+      co.port = port;
+      co.model = a->model;
+      co.hosts = a->hosts;
+      co.replicas = a->replicas;
       co.rebalance.interval = std::chrono::milliseconds(a->rb_ms);
+      co.state_file = a->state;
       co.rebalance.max_moves = a->rb_moves;
       co.heartbeat.interval = std::chrono::milliseconds(a->hb_ms);
       co.heartbeat.misses = a->hb_misses;
@@ -182,14 +191,15 @@ void add_cluster_commands(CLI::App& app) {
   {
     auto* cmd = app.add_subcommand("router", "Run a router: the dense model, gating, batching, and the HTTP API");
     struct args {
-      std::string coordinator, model, http = "127.0.0.1:8080", per_expert = "all";
+      std::string coordinator, model, per_expert = "all";
+      http_options http;
       int threads = 0, max_running = 64, max_queue = 256, budget = 512;
       bool bf16 = false, no_peer_errors = false, no_metrics = false;
     };
     auto a = std::make_shared<args>();
     cmd->add_option("--coordinator", a->coordinator, "Coordinator HOST:PORT")->required();
     cmd->add_option("--model", a->model, "Model folder")->required();
-    cmd->add_option("--http", a->http, "HTTP listen address HOST:PORT (port 0 = any)");
+    add_http_options(cmd, a->http);
     cmd->add_option("--threads", a->threads, "Compute threads (0 = all cores)");
     cmd->add_option("--max-running", a->max_running, "Sequences decoding at once")->check(CLI::Range(1, 1 << 16));
     cmd->add_option("--max-queue", a->max_queue, "Queued requests before 503")->check(CLI::Range(0, 1 << 20));
@@ -202,7 +212,8 @@ void add_cluster_commands(CLI::App& app) {
     cmd->callback([a] {
       configure_metrics(a->per_expert, !a->no_metrics, "--metrics-per-expert");
       auto [ch, cp] = parse_host_port(a->coordinator, "--coordinator");
-      auto [hh, hp] = parse_host_port(a->http, "--http");
+      auto hc = make_http_config(a->http);
+      auto tok = load_serving_tokenizer(a->http.tokenizer, a->model);
       actors::router_options o;
       o.coordinator_host = ch;
       o.coordinator_port = cp;
@@ -216,23 +227,21 @@ void add_cluster_commands(CLI::App& app) {
       auto r = actors::router_process::start(o);
       if (!r) fail(model::describe(r.error()));
       auto* rp = r->get();
-      api::http_config hc;
-      hc.host = hh;
-      hc.port = hp;
-      hc.admin_token = admin_token_from_env();
       api::completion_service svc;
       svc.model_name = std::filesystem::path(a->model).filename().string();
       svc.vocab_size = rp->config().vocab_size;
       svc.max_context = rp->config().max_position_embeddings;
       svc.ready = [rp] { return rp->ready(); };
+      svc.tokenizer = tok;
       svc.submit = [rp](scheduler::generation_request req) { return rp->submit(std::move(req)); };
       svc.cluster = [rp] { return cluster_view_of(rp->placement(), rp->hosts()); };
       svc.rebalance = [rp] { return rp->rebalance(); };
+      svc.cluster_state = [rp] { return rp->state_json(); };
       auto server = api::http_server::start(hc, svc);
       if (!server) fail(model::describe(server.error()));
-      std::printf("router serving HTTP on %s:%u\n", hh.c_str(), static_cast<unsigned>((*server)->port()));
+      std::printf("router serving HTTP on %s:%u\n", hc.host.c_str(), static_cast<unsigned>((*server)->port()));
       std::fflush(stdout);
-      wait_for_stop_signal();
+      serve_until_stopped(**server, [rp] { rp->drain(); }, [rp] { return rp->idle(); }, a->http);
       (*server)->stop();
       rp->stop();
     });

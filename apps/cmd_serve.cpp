@@ -3,6 +3,7 @@
 #include "actors/embedded_cluster.hpp"
 #include "api/http_server.hpp"
 #include "apps/cli.hpp"
+#include "apps/http_options.hpp"
 #include "apps/commands.hpp"
 #include "apps/observe.hpp"
 #include "apps/progress.hpp"
@@ -47,13 +48,14 @@ fs::path demo_model() {
 void add_serve_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("serve", "Run the embedded cluster (coordinator, router, expert hosts) with the HTTP API");
   struct args {
-    std::string model, http = "127.0.0.1:8080", per_expert = "all";
+    std::string model, per_expert = "all";
+    http_options http;
     int hosts = 4, replicas = 1, threads = 0, max_running = 64, max_queue = 256, budget = 512;
     bool no_metrics = false;
   };
   auto a = std::make_shared<args>();
   cmd->add_option("--model", a->model, "Model folder (Hugging Face layout); default: a demo model made once");
-  cmd->add_option("--http", a->http, "HTTP listen address HOST:PORT (port 0 = any)");
+  add_http_options(cmd, a->http);
   cmd->add_option("--hosts", a->hosts, "Expert hosts")->check(CLI::Range(1, 1024));
   cmd->add_option("--replicas", a->replicas, "Replicas per expert, on distinct hosts")->check(CLI::Range(1, 64));
   cmd->add_option("--threads", a->threads, "Compute threads (0 = all cores)");
@@ -73,33 +75,31 @@ void add_serve_command(CLI::App& app) {
     cfg.batcher.max_running = a->max_running;
     cfg.batcher.max_queue = a->max_queue;
     cfg.batcher.step_token_budget = a->budget;
-    auto [host, port] = parse_host_port(a->http, "--http");
+    auto hc = make_http_config(a->http);
+    auto tok = load_serving_tokenizer(a->http.tokenizer, cfg.model.string());
     auto cluster = actors::embedded_cluster::start(cfg);
     if (!cluster) fail(model::describe(cluster.error()));
     auto* c = cluster->get();
-    api::http_config hc;
-    hc.host = host;
-    hc.port = port;
-    hc.admin_token = admin_token_from_env();
     api::completion_service svc;
     svc.model_name = cfg.model.filename().string();
     svc.vocab_size = c->config().vocab_size;
     svc.max_context = c->config().max_position_embeddings;
     svc.ready = [c] { return c->ready(); };
+    svc.tokenizer = tok;
     svc.submit = [c](scheduler::generation_request r) { return c->submit(std::move(r)); };
     svc.cluster = [c] { return cluster_view_of(c->placement(), c->hosts()); };
     svc.rebalance = [c] { return c->rebalance(); };
+    svc.cluster_state = [c] { return c->state_json(); };
     auto server = api::http_server::start(hc, svc);
     if (!server) fail(model::describe(server.error()));
     if (!c->wait_ready(std::chrono::minutes(10))) fail("the cluster did not become ready (see the log)");
     std::printf("serving %s on http://%s:%u with %d expert hosts x %d replicas (placement epoch %llu)\n",
-                cfg.model.c_str(), host.c_str(), static_cast<unsigned>((*server)->port()), cfg.hosts, cfg.replicas,
+                cfg.model.c_str(), hc.host.c_str(), static_cast<unsigned>((*server)->port()), cfg.hosts, cfg.replicas,
                 static_cast<unsigned long long>(c->epoch()));
-    std::printf("try: curl -s http://%s:%u/v1/completions -d '{\"prompt\": [1, 2, 3], \"max_tokens\": 8}'\n", host.c_str(),
+    std::printf("try: curl -s http://%s:%u/v1/completions -d '{\"prompt\": [1, 2, 3], \"max_tokens\": 8}'\n", hc.host.c_str(),
                 static_cast<unsigned>((*server)->port()));
     std::fflush(stdout);
-    wait_for_stop_signal();
-    std::fprintf(stderr, "shutting down\n");
+    serve_until_stopped(**server, [c] { c->drain(); }, [c] { return c->idle(); }, a->http);
     (*server)->stop();
     c->shutdown();
   });

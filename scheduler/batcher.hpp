@@ -7,6 +7,7 @@
 #include "model/sampler.hpp"
 
 #include <chrono>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -28,6 +29,18 @@ struct completion {
   double queue_ms = 0;           ///< submit → admitted to the running batch
   double first_token_ms = 0;     ///< submit → first token sampled (time to first token)
   double total_ms = 0;           ///< submit → finished
+  /// With `logprobs` ≥ 0 in the request: per generated token, its log-probability under the
+  /// model (before temperature and truncation) and the `logprobs` most likely tokens with theirs.
+  std::vector<float> token_logprobs;
+  std::vector<std::vector<std::pair<int32_t, float>>> top_logprobs;
+};
+
+/// One sampled token, as `on_token` sees it.
+struct token_event {
+  int32_t token = 0;
+  size_t index = 0;                                      ///< 0 for the first generated token
+  float logprob = 0;                                     ///< when logprobs were asked for
+  const std::vector<std::pair<int32_t, float>>* top = nullptr;
 };
 
 struct generation_request {
@@ -36,6 +49,14 @@ struct generation_request {
   int max_tokens = 16;
   model::sampling_params sampling;
   bool stop_at_eos = true;
+  std::vector<int32_t> stop_token_ids;  ///< also finish ("stop") at these
+  int logprobs = -1;                    ///< ≥ 0: report log-probabilities with this many alternatives
+  /// Called from the engine thread after each generated token (streaming, stop strings); returning
+  /// false finishes the sequence now with "stop".
+  std::function<bool(const token_event&)> on_token;
+  /// Set from any thread (a client that went away): the sequence leaves at the next step, its KV
+  /// cache and slot freed, and finishes with "cancelled".
+  std::shared_ptr<std::atomic<bool>> cancel;
   /// Called once, from the engine thread, when the sequence finishes or fails.
   std::function<void(completion)> on_done;
 };
@@ -63,6 +84,10 @@ class batcher {
   bool wait_for_work();
   /// Fails queued and running requests with `shutting_down` and wakes the engine thread.
   void stop();
+  /// Graceful shutdown, first half: refuses new requests (`shutting_down`) and lets the queued and
+  /// running ones finish; `idle()` says when they have.
+  void drain();
+  [[nodiscard]] bool idle() const;
 
   [[nodiscard]] size_t queued() const;
   [[nodiscard]] size_t running() const;
@@ -77,6 +102,8 @@ class batcher {
     size_t prefilled = 0;  ///< prompt tokens already in the cache
     std::vector<int32_t> generated;
     std::vector<float> logits;
+    std::vector<float> token_logprobs;
+    std::vector<std::vector<std::pair<int32_t, float>>> top_logprobs;
     int32_t next = -1;  ///< token to feed this step (decode)
     explicit sequence(generation_request r) : req(std::move(r)), sampler(req.sampling) {}
   };
@@ -88,6 +115,8 @@ class batcher {
   std::condition_variable cv_;
   std::deque<std::pair<generation_request, std::chrono::steady_clock::time_point>> queue_;
   bool stopped_ = false;
+  bool draining_ = false;
+  std::atomic<size_t> running_count_{0};
   std::vector<std::unique_ptr<sequence>> running_;  ///< engine thread only
   uint64_t steps_ = 0;
 };

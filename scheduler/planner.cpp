@@ -412,6 +412,34 @@ std::vector<int> pack_groups(const planner_problem& p, const std::vector<double>
   return node;
 }
 
+/// Renames the nodes of `fresh` so that as many groups as possible keep the node they have in
+/// `current` (greedy on the overlap of node contents).
+std::vector<int> relabel(const std::vector<int>& fresh, const std::vector<int>& current, int nodes) {
+  std::vector<std::vector<int>> overlap(z(nodes), std::vector<int>(z(nodes), 0));
+  for (size_t g = 0; g < fresh.size(); ++g) ++overlap[z(fresh[g])][z(current[g])];
+  std::vector<int> to(z(nodes), -1), used(z(nodes), 0);
+  for (int round = 0; round < nodes; ++round) {
+    int bf = -1, bc = -1, best = -1;
+    for (int f = 0; f < nodes; ++f)
+      if (to[z(f)] < 0)
+        for (int c = 0; c < nodes; ++c)
+          if (!used[z(c)] && overlap[z(f)][z(c)] > best) bf = f, bc = c, best = overlap[z(f)][z(c)];
+    to[z(bf)] = bc;
+    used[z(bc)] = 1;
+  }
+  std::vector<int> out(fresh.size());
+  for (size_t g = 0; g < fresh.size(); ++g) out[g] = to[z(fresh[g])];
+  return out;
+}
+
+/// The busiest node's load under a group → node assignment.
+double node_peak(const planner_problem& p, const std::vector<double>& load, const std::vector<int>& group_node) {
+  std::vector<double> node(z(p.nodes), 0.0);
+  const int per_group = p.experts / p.groups;
+  for (int e = 0; e < p.experts; ++e) node[z(group_node[z(e / per_group)])] += load[z(e)];
+  return *std::max_element(node.begin(), node.end());
+}
+
 /// Splits a layer into parts: per node (groups as given by `group_node`) or one part.
 std::vector<part> make_parts(const planner_problem& p, int layer, const std::vector<int>& group_node) {
   const auto& load = p.load[z(layer)];
@@ -449,8 +477,10 @@ state state_from(const part& pt, const std::vector<std::vector<placed_replica>>&
   state s = empty_state(pt);
   std::vector<int> local(1 + static_cast<size_t>(*std::max_element(pt.expert_ids.begin(), pt.expert_ids.end())), -1);
   for (size_t i = 0; i < pt.expert_ids.size(); ++i) local[z(pt.expert_ids[i])] = static_cast<int>(i);
+  // Replicas of experts outside this part (groups that moved to another node) are left out.
   for (int g = 0; g < pt.gpus; ++g)
-    for (const auto& r : gpus[z(pt.gpu0 + g)]) add_replica(s, local[z(r.expert)], g);
+    for (const auto& r : gpus[z(pt.gpu0 + g)])
+      if (r.expert >= 0 && z(r.expert) < local.size() && local[z(r.expert)] >= 0) add_replica(s, local[z(r.expert)], g);
   even_flows(s, pt);
   return s;
 }
@@ -626,30 +656,42 @@ caf::expected<plan> plan_placement(const planner_problem& p, const plan* previou
 #pragma omp parallel for schedule(dynamic)
   for (int l = 0; l < p.layers; ++l) {
     auto& w = work[z(l)];
-    std::vector<int> group_node;
+    std::vector<int> group_node, fresh_group_node;
     if (p.hierarchical()) {
       if (previous) {
         group_node.assign(z(p.groups), 0);
         const int per_group = p.experts / p.groups, gpn = p.gpus / p.nodes;
         for (size_t g = 0; g < previous->layers[z(l)].size(); ++g)
           for (const auto& r : previous->layers[z(l)][g]) group_node[z(r.expert / per_group)] = static_cast<int>(g) / gpn;
+        // The fresh plan may also move groups between nodes, where that balances the nodes
+        // clearly better (node labels matched to the current ones, so few groups move).
+        fresh_group_node = group_node;
+        auto regrouped = relabel(pack_groups(p, p.load[z(l)]), group_node, p.nodes);
+        if (node_peak(p, p.load[z(l)], regrouped) < node_peak(p, p.load[z(l)], group_node) * 0.99) fresh_group_node = regrouped;
       } else {
         group_node = pack_groups(p, p.load[z(l)]);
       }
     }
     w.parts = make_parts(p, l, group_node);
     w.mean = std::accumulate(p.load[z(l)].begin(), p.load[z(l)].end(), 0.0) / p.gpus;
-    if (previous) fresh[z(l)] = w;
-    for (const auto& pt : w.parts) {
-      if (previous) {
-        w.states.push_back(state_from(pt, previous->layers[z(l)]));
-        auto s = initial(pt, &w.states.back(), opts.stickiness);
+    if (previous) {
+      auto& f = fresh[z(l)];
+      f.parts = make_parts(p, l, fresh_group_node);
+      f.mean = w.mean;
+      for (const auto& pt : f.parts) {
+        const auto sticky = state_from(pt, previous->layers[z(l)]);
+        auto s = initial(pt, &sticky, opts.stickiness);
         if (!s) {
           errors[z(l)] = s.error();
           break;
         }
-        fresh[z(l)].states.push_back(std::move(*s));
-        balance(fresh[z(l)].states.back(), pt, kFinalSweeps, 1e-9);
+        f.states.push_back(std::move(*s));
+        balance(f.states.back(), pt, kFinalSweeps, 1e-9);
+      }
+    }
+    for (const auto& pt : w.parts) {
+      if (previous) {
+        w.states.push_back(state_from(pt, previous->layers[z(l)]));
       } else {
         auto s = initial(pt);
         if (!s) {
@@ -663,10 +705,15 @@ caf::expected<plan> plan_placement(const planner_problem& p, const plan* previou
     if (errors[z(l)]) continue;
     // No budget applies to a fresh plan's own search: improve while a move gains enough.
     improve(previous ? fresh[z(l)] : w);
-    if (previous)
-      for (size_t k = 0; k < w.parts.size(); ++k)
-        for (int g = 0; g < w.parts[k].gpus; ++g)
-          for (int e : fresh[z(l)].states[k].on[z(g)]) fresh_moves[z(l)] += w.states[k].holds(g, e) ? 0 : 1;
+    if (previous) {
+      std::vector<std::vector<placed_replica>> a(z(p.gpus)), b(z(p.gpus));
+      write_layer(w, a);
+      write_layer(fresh[z(l)], b);
+      plan pa, pb;
+      pa.layers.push_back(std::move(a));
+      pb.layers.push_back(std::move(b));
+      fresh_moves[z(l)] = count_moves(pa, pb);
+    }
   }
   for (auto& e : errors)
     if (e) return std::move(e);

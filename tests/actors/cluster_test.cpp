@@ -163,7 +163,7 @@ TEST_CASE("embedded cluster: a host failing while requests run loses none of the
     }
   std::atomic<bool> killed{false};
   std::thread killer([&] {
-    while (c->running() == 0) std::this_thread::yield();
+    for (auto t0 = std::chrono::steady_clock::now(); c->running() == 0 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20);) std::this_thread::yield();
     c->kill_host(1);
     killed = true;
   });
@@ -296,7 +296,7 @@ TEST_CASE("embedded cluster: rebalancing while requests run loses none of them a
     }
   std::string summary;
   std::thread rebalancer([&] {
-    while (c->running() == 0) std::this_thread::yield();
+    for (auto t0 = std::chrono::steady_clock::now(); c->running() == 0 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20);) std::this_thread::yield();
     auto s = c->rebalance();
     summary = s ? *s : sy::model::describe(s.error());
   });
@@ -343,12 +343,14 @@ TEST_CASE("HTTP: admin routes need the bearer token, stay closed without one, an
   svc.ready = [&] { return c->ready(); };
   svc.submit = [&](scheduler::generation_request r) { return c->submit(std::move(r)); };
   svc.rebalance = [&] { return c->rebalance(); };
+  svc.cluster_state = [&] { return c->state_json(); };
   // Every route is either public by this explicit list or protected.
-  const std::set<std::string> public_routes{"/healthz", "/readyz", "/v1/completions", "/metrics", "/dashboard",
-                                            "/dashboard/data"};
+  // Every route is public by this explicit list, or protected: admin (always), or inference
+  // (when an API token is configured).
+  const std::set<std::string> public_routes{"/healthz", "/readyz", "/metrics", "/dashboard", "/dashboard/data"};
   for (const auto& r : api::routes()) {
     INFO(r.path);
-    CHECK(r.admin != (public_routes.count(r.path) == 1));
+    CHECK((r.admin || r.inference) != (public_routes.count(r.path) == 1));
   }
   {
     auto closed = api::http_server::start({}, svc);  // no admin token configured
@@ -378,8 +380,72 @@ TEST_CASE("HTTP: admin routes need the bearer token, stay closed without one, an
   auto j = json::parse(body);
   CHECK(j.contains("status"));
   CHECK(http(port, "GET", "/admin/rebalance", "", "Authorization: Bearer s3cret\r\n").first == 405);
+  // The cluster's state: both hosts up, every expert of every sparse layer with a ready replica.
+  auto [cs, cb] = http(port, "GET", "/admin/cluster", "", "Authorization: Bearer s3cret\r\n");
+  REQUIRE(cs == 200);
+  auto state = json::parse(cb);
+  CHECK(state["epoch"].get<uint64_t>() == c->epoch());
+  REQUIRE(state["hosts"].size() == 2);
+  int replicas = 0;
+  for (auto& h : state["hosts"]) {
+    CHECK(h["up"] == true);
+    replicas += h["replicas"].get<int>();
+  }
+  REQUIRE_FALSE(state["layers"].empty());
+  int listed = 0;
+  for (auto& layer : state["layers"])
+    for (auto& reps : layer["experts"]) {
+      CHECK_FALSE(reps.empty());
+      for (auto& r : reps) CHECK(r["ready"] == true);
+      listed += static_cast<int>(reps.size());
+    }
+  CHECK(listed == replicas);
   CHECK(api::constant_time_equal("abc", "abc"));
   CHECK_FALSE(api::constant_time_equal("abc", "abd"));
   CHECK_FALSE(api::constant_time_equal("abc", "ab"));
   (*server)->stop();
+}
+
+TEST_CASE("embedded cluster: with one replica, a lost host's experts are re-placed on the survivors and no request fails", "[actors]") {
+  auto ref = read_reference("qwen3moe_e16k4");
+  actors::embedded_config cfg;
+  cfg.model = fixture("qwen3moe_e16k4");
+  cfg.hosts = 3;
+  cfg.replicas = 1;
+  cfg.replica_wait = std::chrono::seconds(20);  // queued steps wait this long for a replica to return
+  auto started = actors::embedded_cluster::start(cfg);
+  REQUIRE(started);
+  auto& c = *started;
+  REQUIRE(c->wait_ready(std::chrono::seconds(30)));
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<size_t> which;
+  for (int copy = 0; copy < 8; ++copy)
+    for (size_t i = 0; i < ref.prompts.size(); ++i) {
+      prompts.push_back(ref.prompts[i]);
+      which.push_back(i);
+    }
+  std::thread killer([&] {
+    for (auto t0 = std::chrono::steady_clock::now(); c->running() == 0 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20);) std::this_thread::yield();
+    c->kill_host(1);
+  });
+  auto out = generate(*c, prompts, static_cast<int>(ref.greedy[0].size()));
+  killer.join();
+  for (size_t i = 0; i < out.size(); ++i) {
+    INFO("request " << i << ": " << sy::model::describe(out[i].error));
+    CHECK_FALSE(out[i].error);
+    CHECK(out[i].tokens == ref.greedy[which[i]]);
+  }
+  CHECK(c->hosts_up() == 2);
+  const auto p = c->placement();
+  // Every expert has a replica, and they all sit on the two survivors (host ids are the
+  // coordinator's registration order, so the dead one is whichever no longer appears).
+  std::set<int> holders;
+  for (int l = 0; l < p.layers; ++l) {
+    if (!p.moe_layer[static_cast<size_t>(l)]) continue;
+    for (const auto& rs : p.table[static_cast<size_t>(l)]) {
+      REQUIRE_FALSE(rs.empty());
+      for (const auto& r : rs) holders.insert(r.host);
+    }
+  }
+  CHECK(holders.size() == 2);
 }

@@ -430,6 +430,15 @@ TEST_CASE("metrics: /dashboard is one self-contained page and /dashboard/data ha
   CHECK(j["latency"]["ttft"]["count"] == 2);
   CHECK(j["latency"]["e2e"]["count"] == 1);
   CHECK(j["generated_tokens"] == generated);
+  // A streamed answer (server-sent events) is counted once, when its stream ends.
+  const auto before = http(port, "GET", "/metrics").body;
+  const auto streamed = http(port, "POST", "/v1/completions", R"({"prompt": [1, 2, 3], "max_tokens": 3, "stream": true})");
+  REQUIRE(streamed.status == 200);
+  CHECK(streamed.body.find("[DONE]") != std::string::npos);
+  const auto after = http(port, "GET", "/metrics").body;
+  const std::vector<std::string> ok{"route=\"/v1/completions\"", "status=\"200\""};
+  CHECK(sample_sum(after, "switchyard_http_requests_total", ok) - sample_sum(before, "switchyard_http_requests_total", ok) == 1);
+  CHECK(sample_sum(after, "switchyard_time_to_first_token_seconds_count") - sample_sum(before, "switchyard_time_to_first_token_seconds_count") == 1);
   (*server)->stop();
   c->shutdown();
 }
