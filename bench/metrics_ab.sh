@@ -15,16 +15,19 @@ MODEL="${SWITCHYARD_BENCH_MODEL:-$HOME/.cache/switchyard/bench-mixtral-h1024-e8-
 TMP="$(mktemp -d)"; PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
 trap cleanup EXIT
-start() {  # name extra-args...
+start() {  # name extra-args... (in this shell, not a $(...) subshell: cleanup must see the PID)
   local name="$1"; shift
   "$SY" serve --model "$MODEL" --http 127.0.0.1:0 --hosts 4 "$@" > "$TMP/$name" 2>&1 & PIDS+=($!)
+}
+port_of() {  # name
   for _ in $(seq 1 600); do
-    local p; p="$(sed -n 's#^serving .* on http://[^:]*:\([0-9]*\) .*#\1#p' "$TMP/$name")"; [ -n "$p" ] && { echo "$p"; return; }
+    local p; p="$(sed -n 's#^serving .* on http://[^:]*:\([0-9]*\) .*#\1#p' "$TMP/$1")"; [ -n "$p" ] && { echo "$p"; return; }
     sleep 0.1
   done
-  cat "$TMP/$name" >&2; exit 1
+  cat "$TMP/$1" >&2; return 1
 }
-ON="$(start on)"; OFF="$(start off --no-metrics)"
+start on; start off --no-metrics
+ON="$(port_of on)"; OFF="$(port_of off)"
 ( while sleep 15; do curl -sf "127.0.0.1:$ON/metrics" > /dev/null || true; done ) & PIDS+=($!)
 tps() { "$LOAD" --port "$1" --seconds "$SECS" --concurrency "$CONC" --prompt-tokens 64 --max-tokens 64 --vocab 32000 | awk '$2 ~ /^[0-9]+$/ {print $5}'; }
 tps "$ON" > /dev/null; tps "$OFF" > /dev/null  # warm-up
