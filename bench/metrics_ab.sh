@@ -9,7 +9,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD="${1:-$ROOT/build}"; SECS="${2:-8}"; PAIRS="${3:-16}"; CONC="${4:-8}"
 SY="$BUILD/apps/switchyard"; LOAD="$BUILD/bench/serve_load"
 MODEL="${SWITCHYARD_BENCH_MODEL:-$HOME/.cache/switchyard/bench-mixtral-h1024-e8-f3584-l8}"
-[ -f "$MODEL/model.safetensors.index.json" ] ||
+# Made once, never over an existing model folder.
+[ -e "$MODEL/config.json" ] ||
   "$SY" make-model --family mixtral --hidden 1024 --ffn 3584 --experts 8 --top-k 2 --layers 8 --vocab 32000 \
     --heads 16 --kv-heads 4 --dtype bf16 --out "$MODEL"
 TMP="$(mktemp -d)"; PIDS=()
