@@ -1,6 +1,7 @@
 #include "actors/cluster_actors.hpp"
 
 #include "actors/messages.hpp"
+#include "actors/observe.hpp"
 #include "model/error.hpp"
 #include "scheduler/planner.hpp"
 
@@ -9,6 +10,9 @@
 #include <spdlog/spdlog.h>
 
 #include <set>
+#include <sstream>
+#include <fstream>
+#include <filesystem>
 
 namespace sy::actors {
 namespace {
@@ -21,8 +25,118 @@ std::vector<std::pair<int, int>> unflatten(const std::vector<int>& flat) {
   return out;
 }
 
+/// Writes hosts and placement to the state file (beside it, then renamed: never half a file).
+void persist(coordinator_ptr self) {
+  auto& st = self->state;
+  if (st.state_file.empty()) return;
+  nlohmann::json j;
+  j["format"] = "switchyard-coordinator-state/1";
+  j["epoch"] = st.placement.epoch;
+  j["layers"] = st.placement.layers;
+  j["experts"] = st.placement.experts;
+  auto hosts = nlohmann::json::array();
+  for (const auto& h : st.hosts) hosts.push_back({{"name", h.name}, {"address", h.data_address}, {"slots", h.slots}});
+  j["hosts"] = std::move(hosts);
+  auto table = nlohmann::json::array();
+  for (const auto& layer : st.placement.table) {
+    auto experts = nlohmann::json::array();
+    for (const auto& rs : layer) {
+      auto reps = nlohmann::json::array();
+      for (const auto& r : rs) reps.push_back({r.host, r.slot, r.version, r.share});
+      experts.push_back(std::move(reps));
+    }
+    table.push_back(std::move(experts));
+  }
+  j["table"] = std::move(table);
+  const std::string tmp = st.state_file + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << j.dump();
+    if (!out.flush()) {
+      spdlog::error("coordinator: cannot write the state file {}", tmp);
+      return;
+    }
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, st.state_file, ec);
+  if (ec) spdlog::error("coordinator: cannot replace the state file {}: {}", st.state_file, ec.message());
+}
+
+/// Reads a state file into the coordinator's state: hosts (down until they register again) and
+/// the placement with its epoch. False (and a log line naming the file and the problem) when it
+/// cannot be used; the coordinator then starts fresh.
+bool recover(coordinator_ptr self) {
+  auto& st = self->state;
+  std::ifstream in(st.state_file, std::ios::binary);
+  if (!in) return false;
+  std::stringstream ss;
+  ss << in.rdbuf();
+  auto j = nlohmann::json::parse(ss.str(), nullptr, false);
+  auto bad = [&](const std::string& why) {
+    spdlog::error("coordinator: state file {}: {}; starting without it", st.state_file, why);
+    return false;
+  };
+  if (j.is_discarded() || !j.is_object()) return bad("not JSON");
+  if (j.value("format", "") != "switchyard-coordinator-state/1") return bad("unknown format");
+  if (j.value("layers", -1) != st.cfg.num_layers || j.value("experts", -1) != st.cfg.gating.num_experts)
+    return bad("written for another model (layers/experts differ)");
+  if (!j.contains("hosts") || !j["hosts"].is_array() || !j.contains("table") || !j["table"].is_array() ||
+      j["table"].size() != static_cast<size_t>(st.cfg.num_layers))
+    return bad("missing or malformed hosts/table");
+  placement_table p;
+  p.epoch = j.value("epoch", uint64_t{0});
+  p.layers = st.cfg.num_layers;
+  p.experts = st.cfg.gating.num_experts;
+  p.moe_layer = st.cfg.moe_layer;
+  const int nhosts = static_cast<int>(j["hosts"].size());
+  for (const auto& layer : j["table"]) {
+    std::vector<std::vector<replica>> row;
+    if (!layer.is_array()) return bad("malformed table");
+    for (const auto& rs : layer) {
+      std::vector<replica> reps;
+      for (const auto& r : rs) {
+        if (!r.is_array() || r.size() != 4) return bad("malformed replica");
+        replica x{r[0].get<int>(), r[1].get<int>(), r[2].get<uint32_t>(), r[3].get<double>(), false};
+        if (x.host < 0 || x.host >= nhosts) return bad("a replica names an unknown host");
+        reps.push_back(x);
+      }
+      row.push_back(std::move(reps));
+    }
+    p.table.push_back(std::move(row));
+  }
+  st.hosts.clear();
+  for (const auto& h : j["hosts"])
+    st.hosts.push_back({static_cast<int>(st.hosts.size()), h.value("name", ""), h.value("address", ""), h.value("slots", 0), false});
+  st.host_actors.assign(st.hosts.size(), caf::actor{});
+  st.missed.assign(st.hosts.size(), 0);
+  st.gone.assign(st.hosts.size(), false);
+  st.placement = std::move(p);
+  st.recovering = true;
+  spdlog::warn("coordinator: recovered epoch {} with {} hosts from {}; waiting for them to register again",
+               st.placement.epoch, st.hosts.size(), st.state_file);
+  return true;
+}
+
 void broadcast(coordinator_ptr self) {
+  observe(self->state);
+  persist(self);
+  if (self->state.recovering) return;  // routers keep their last placement until the hosts are back
   for (auto& s : self->state.subscribers) self->send(s, placement_atom::value, self->state.placement, self->state.hosts);
+}
+
+/// Recovery is over (every recovered host is back, or the wait ran out): publish.
+void end_recovery(coordinator_ptr self, const char* why) {
+  auto& st = self->state;
+  if (!st.recovering) return;
+  st.recovering = false;
+  st.planned = true;
+  ++st.placement.epoch;
+  int back = 0;
+  for (const auto& h : st.hosts) back += h.up;
+  spdlog::warn("coordinator: recovery done ({}): {} of {} hosts back; placement epoch {}", why, back, st.hosts.size(),
+               st.placement.epoch);
+  broadcast(self);
+  if (!st.placement.complete(st.hosts)) self->send(self, replace_lost_atom::value);
 }
 
 void finish_job(coordinator_ptr self, const std::string& summary) {
@@ -258,8 +372,10 @@ void start_rebalance(coordinator_ptr self, std::optional<caf::response_promise> 
 /// hosts have registered, marks replicas ready as hosts load them, and pushes every new epoch to
 /// the routers. A host that goes down (its actor terminates) is marked down under a new epoch.
 caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, model::model_config cfg, int expected,
-                                int replicas, heartbeat_config heartbeat, rebalance_config rebalance) {
+                                int replicas, heartbeat_config heartbeat, rebalance_config rebalance, std::string state_file,
+                                std::chrono::milliseconds recovery_wait) {
   self->state.rebalance = rebalance;
+  self->state.state_file = std::move(state_file);
   self->state.cfg = std::move(cfg);
   self->state.heartbeat = heartbeat;
   self->state.expected = expected;
@@ -290,19 +406,38 @@ caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, mo
       if (w.empty()) unload_old(self);
     }
   });
+  if (!self->state.state_file.empty() && recover(self)) {
+    self->state.expected = std::max<int>(self->state.expected, static_cast<int>(self->state.hosts.size()));
+    self->delayed_send(self, recovery_wait, recovery_timeout_atom::value);
+  }
   if (heartbeat.interval.count() > 0) self->delayed_send(self, heartbeat.interval, tick_atom::value);
   if (rebalance.report_interval.count() > 0) self->delayed_send(self, rebalance.report_interval, load_tick_atom::value);
   if (rebalance.interval.count() > 0) self->delayed_send(self, rebalance.interval, rebalance_tick_atom::value);
   return {
       [self](register_atom, const std::string& name, const std::string& address, int slots) -> int {
         auto& st = self->state;
+        // A host known from the state file (or one that lost its coordinator and came back):
+        // same id, its replicas are still its own.
+        for (size_t k = 0; k < st.hosts.size(); ++k) {
+          if (st.hosts[k].name != name || (st.host_actors[k] && !st.gone[k])) continue;
+          st.hosts[k].data_address = address;
+          st.hosts[k].slots = slots;
+          st.hosts[k].up = true;
+          st.host_actors[k] = caf::actor_cast<caf::actor>(self->current_sender());
+          st.missed[k] = 0;
+          st.gone[k] = false;
+          self->monitor(st.host_actors[k]);
+          spdlog::info("coordinator: host {} registered again", name);
+          self->send(st.host_actors[k], assign_atom::value, static_cast<int>(k), st.placement);
+          return static_cast<int>(k);
+        }
         const int id = static_cast<int>(st.hosts.size());
         st.hosts.push_back({id, name, address, slots, true});
         st.host_actors.push_back(caf::actor_cast<caf::actor>(self->current_sender()));
         st.missed.push_back(0);
         st.gone.push_back(false);
         self->monitor(st.host_actors.back());
-        if (static_cast<int>(st.hosts.size()) == st.expected) {
+        if (!st.recovering && !st.planned && static_cast<int>(st.hosts.size()) == st.expected) {
           auto p = plan_initial(st.cfg, st.hosts, st.replicas);
           if (!p) {
             spdlog::error("coordinator: cannot place the experts: {}", model::describe(p.error()));
@@ -326,13 +461,17 @@ caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, mo
         ++st.placement.epoch;
         spdlog::info("coordinator: host {} ready; placement epoch {}", host, st.placement.epoch);
         broadcast(self);
+        if (st.recovering &&
+            std::all_of(st.hosts.begin(), st.hosts.end(), [](const host_info& h) { return h.up; }))
+          end_recovery(self, "every host is back");
       },
+      [self](recovery_timeout_atom) { end_recovery(self, "the wait ran out"); },
       [self, mark_down](tick_atom) {
         auto& st = self->state;
         // Hosts marked down for missed heartbeats are still asked: one that answers again (it was
         // stalled, or cut off for a while) comes back with the replicas it holds.
         for (size_t i = 0; i < st.host_actors.size(); ++i) {
-          if (st.gone[i]) continue;
+          if (st.gone[i] || !st.host_actors[i]) continue;
           self->request(st.host_actors[i], st.heartbeat.interval, heartbeat_atom::value)
               .then([self, i](heartbeat_atom) {
                       auto& s = self->state;
@@ -359,6 +498,7 @@ caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, mo
       },
       [self](load_tick_atom) {
         fold_window(self);
+        observe(self->state);
         self->delayed_send(self, self->state.rebalance.report_interval, load_tick_atom::value);
       },
       [self](rebalance_tick_atom) {
@@ -403,6 +543,10 @@ caf::behavior host_actor(caf::event_based_actor* self, caf::actor coordinator, s
                          std::string data_address, std::shared_ptr<const model::model_config> cfg,
                          std::shared_ptr<const model::checkpoint> ckpt) {
   self->send(coordinator, register_atom::value, core->name(), data_address, core->slots());
+  self->monitor(coordinator);
+  self->set_down_handler([self, coordinator](caf::down_msg& dm) {
+    if (dm.source == coordinator.address()) self->quit(caf::exit_reason::remote_link_unreachable);
+  });
   return {
       [=](heartbeat_atom) { return heartbeat_atom::value; },
       [=](freeze_atom) {
@@ -451,6 +595,10 @@ caf::behavior host_actor(caf::event_based_actor* self, caf::actor coordinator, s
 caf::behavior router_actor(caf::event_based_actor* self, caf::actor coordinator, std::shared_ptr<cluster_executor> exec,
                            std::chrono::milliseconds report_interval) {
   self->send(coordinator, subscribe_atom::value);
+  self->monitor(coordinator);
+  self->set_down_handler([self, coordinator](caf::down_msg& dm) {
+    if (dm.source == coordinator.address()) self->quit(caf::exit_reason::remote_link_unreachable);
+  });
   if (report_interval.count() > 0) self->delayed_send(self, report_interval, load_tick_atom::value);
   return {
       [=](placement_atom, placement_table p, std::vector<host_info> hosts) {

@@ -73,6 +73,10 @@ struct coordinator_state {
   bool have_load = false;
   std::optional<rebalance_job> job;
   uint64_t rebalances = 0, moves = 0;
+  /// Persistence: every new epoch is written here (hosts and placement); a coordinator started
+  /// with an existing file recovers from it (see coordinator_actor).
+  std::string state_file;
+  bool recovering = false;  ///< waiting for the recovered hosts to register again
   static inline const char* name = "coordinator";
 };
 
@@ -83,18 +87,28 @@ struct coordinator_state {
 ///
 /// It also runs live rebalancing (see rebalance_config); `rebalance_atom` asks for a round now and
 /// is answered with a JSON summary once it is over (or skipped).
+///
+/// With a `state_file`, every epoch is persisted (atomically: written beside, then renamed). A
+/// coordinator that starts with an existing file recovers the placement and its epoch from it:
+/// hosts that register again under the same name get their old replicas back (they still hold
+/// them, so nothing is reloaded), and the recovered placement is published under a newer epoch
+/// once all of them are back — or after `recovery_wait`, with the missing ones down and their
+/// experts re-placed. Routers keep serving on their last placement meanwhile.
 caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, model::model_config cfg, int expected,
-                                int replicas, heartbeat_config heartbeat, rebalance_config rebalance);
+                                int replicas, heartbeat_config heartbeat, rebalance_config rebalance, std::string state_file,
+                                std::chrono::milliseconds recovery_wait);
 
 /// Registers with the coordinator (name, data address, slots), loads the experts it is assigned,
-/// reports ready, and answers heartbeats (until sent `freeze_atom`, which simulates a hang).
+/// reports ready, and answers heartbeats (until sent `freeze_atom`, which simulates a hang). It
+/// ends when the coordinator is gone (its process reconnects and starts a new one).
 caf::behavior host_actor(caf::event_based_actor* self, caf::actor coordinator, std::shared_ptr<expert_host_core> core,
                          std::string data_address, std::shared_ptr<const model::model_config> cfg,
                          std::shared_ptr<const model::checkpoint> ckpt);
 
 /// Follows the coordinator's placement epochs for a router's executor, acknowledges each once the
 /// router has no step left on an older one, and reports the tokens per expert every
-/// `report_interval`.
+/// `report_interval`. It ends when the coordinator is gone (the executor keeps its last placement;
+/// the router process reconnects and starts a new one).
 caf::behavior router_actor(caf::event_based_actor* self, caf::actor coordinator, std::shared_ptr<cluster_executor> exec,
                            std::chrono::milliseconds report_interval);
 

@@ -1,6 +1,9 @@
 #include "actors/cluster_executor.hpp"
 
+#include "metrics/metrics.hpp"
 #include "model/error.hpp"
+
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <map>
@@ -36,12 +39,51 @@ placement_table cluster_executor::placement() const {
   return latest_ ? latest_->placement : placement_table{};
 }
 
+std::string cluster_executor::state_json() const {
+  std::shared_ptr<const view> v;
+  {
+    std::lock_guard lock(mu_);
+    v = latest_;
+  }
+  nlohmann::json j;
+  if (!v) return nlohmann::json{{"epoch", 0}, {"hosts", nlohmann::json::array()}, {"layers", nlohmann::json::array()}}.dump();
+  const auto& p = v->placement;
+  std::vector<int> held(v->hosts.size(), 0);
+  auto layers = nlohmann::json::array();
+  for (int l = 0; l < p.layers; ++l) {
+    if (!p.moe_layer[static_cast<size_t>(l)]) continue;
+    auto experts = nlohmann::json::array();
+    for (const auto& rs : p.table[static_cast<size_t>(l)]) {
+      auto reps = nlohmann::json::array();
+      for (const auto& r : rs) {
+        reps.push_back({{"host", r.host}, {"share", r.share}, {"version", r.version}, {"ready", r.ready}});
+        if (r.host >= 0 && static_cast<size_t>(r.host) < held.size()) ++held[static_cast<size_t>(r.host)];
+      }
+      experts.push_back(std::move(reps));
+    }
+    layers.push_back({{"layer", l}, {"experts", std::move(experts)}});
+  }
+  auto hosts = nlohmann::json::array();
+  for (const auto& h : v->hosts)
+    hosts.push_back({{"id", h.id}, {"name", h.name}, {"address", h.data_address}, {"slots", h.slots}, {"up", h.up},
+                     {"replicas", held[static_cast<size_t>(h.id)]}});
+  j["epoch"] = p.epoch;
+  j["hosts"] = std::move(hosts);
+  j["layers"] = std::move(layers);
+  return j.dump();
+}
+
 int cluster_executor::hosts_up() const {
   std::lock_guard lock(mu_);
   if (!latest_) return 0;
   int n = 0;
   for (auto& h : latest_->hosts) n += h.up;
   return n;
+}
+
+std::vector<host_info> cluster_executor::hosts() const {
+  std::lock_guard lock(mu_);
+  return latest_ ? latest_->hosts : std::vector<host_info>{};
 }
 
 std::vector<std::vector<double>> cluster_executor::take_counts() {
@@ -103,8 +145,10 @@ caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, co
     std::lock_guard lock(counts_mu_);
     if (counts_.size() != static_cast<size_t>(p.layers)) counts_.assign(static_cast<size_t>(p.layers), std::vector<double>(static_cast<size_t>(p.experts), 0.0));
     for (const auto& b : plan.batches)
-      if (layer < p.layers && b.expert < p.experts)
+      if (layer < p.layers && b.expert < p.experts) {
         counts_[static_cast<size_t>(layer)][static_cast<size_t>(b.expert)] += static_cast<double>(b.tokens.size());
+        metrics::tokens_routed(layer, b.expert, b.tokens.size());
+      }
   }
   outputs.resize(plan.batches.size());
   // A piece is rows [off, off + n) of batch i; a whole batch is sent without copying.

@@ -37,7 +37,13 @@ class cluster_executor final : public model::expert_executor {
   [[nodiscard]] uint64_t epoch() const;
   /// The newest placement received.
   [[nodiscard]] placement_table placement() const;
+  /// The cluster as this router sees it, as JSON: {"epoch", "hosts": [{"id", "name", "address",
+  /// "slots", "up", "replicas"}], "layers": [{"layer", "experts": [[{"host", "share", "version",
+  /// "ready"}] per expert]}]} (sparse layers only).
+  [[nodiscard]] std::string state_json() const;
   [[nodiscard]] int hosts_up() const;
+  /// The hosts of the newest placement (with their up/down state).
+  [[nodiscard]] std::vector<host_info> hosts() const;
   [[nodiscard]] uint64_t retries() const { return retries_; }
 
   /// Tokens routed to each (layer, expert) since the last call, [layer][expert]; resets them.

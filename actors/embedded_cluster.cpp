@@ -4,6 +4,7 @@
 #include "actors/expert_host.hpp"
 #include "actors/cluster_actors.hpp"
 #include "actors/messages.hpp"
+#include "metrics/metrics.hpp"
 #include "actors/router_core.hpp"
 #include "model/kernels.hpp"
 #include "model/weights.hpp"
@@ -61,7 +62,9 @@ caf::expected<std::unique_ptr<embedded_cluster>> embedded_cluster::start(const e
 
   p->sys_cfg.set("scheduler.max-threads", 2);
   p->sys = std::make_unique<caf::actor_system>(p->sys_cfg);
-  p->coordinator = p->sys->spawn(coordinator_actor, *p->mcfg, cfg.hosts, cfg.replicas, cfg.heartbeat, cfg.rebalance);
+  metrics::declare_coordinator();
+  p->coordinator = p->sys->spawn(coordinator_actor, *p->mcfg, cfg.hosts, cfg.replicas, cfg.heartbeat, cfg.rebalance,
+                                 std::string{}, std::chrono::milliseconds(10000));
   p->router = p->sys->spawn(router_actor, p->coordinator, p->router_half->executor(), cfg.rebalance.report_interval);
   for (int h = 0; h < cfg.hosts; ++h)
     p->host_actors.push_back(p->sys->spawn(host_actor, p->coordinator, p->hosts[static_cast<size_t>(h)],
@@ -99,6 +102,8 @@ caf::expected<std::string> embedded_cluster::rebalance(std::chrono::milliseconds
   return out;
 }
 
+std::string embedded_cluster::state_json() const { return impl_->router_half->executor()->state_json(); }
+
 placement_table embedded_cluster::placement() const { return impl_->router_half->executor()->placement(); }
 
 std::vector<uint64_t> embedded_cluster::host_batches() const {
@@ -111,6 +116,7 @@ void embedded_cluster::drain() { impl_->router_half->drain(); }
 bool embedded_cluster::idle() const { return impl_->router_half->idle(); }
 
 int embedded_cluster::hosts_up() const { return impl_->router_half->executor()->hosts_up(); }
+std::vector<host_info> embedded_cluster::hosts() const { return impl_->router_half->executor()->hosts(); }
 
 void embedded_cluster::shutdown() {
   if (!impl_ || impl_->down) return;

@@ -48,12 +48,16 @@ class embedded_cluster {
   void freeze_host(int h);
   /// Plans and applies a rebalancing round now; the coordinator's JSON summary when it is over.
   [[nodiscard]] caf::expected<std::string> rebalance(std::chrono::milliseconds timeout = std::chrono::minutes(5));
+  /// The cluster as the router sees it (see cluster_executor::state_json).
+  [[nodiscard]] std::string state_json() const;
   /// The placement the router uses now.
   [[nodiscard]] placement_table placement() const;
   /// Batches each host has served (tests: who carried the load).
   [[nodiscard]] std::vector<uint64_t> host_batches() const;
   /// Hosts the router's current placement counts as up.
   [[nodiscard]] int hosts_up() const;
+  /// The hosts of the router's current placement.
+  [[nodiscard]] std::vector<host_info> hosts() const;
   /// Graceful shutdown: refuses new requests, lets the accepted ones finish (see `idle`).
   void drain();
   [[nodiscard]] bool idle() const;

@@ -2,6 +2,8 @@
 
 #include "model/error.hpp"
 
+#include <chrono>
+
 namespace sy::actors {
 
 caf::error expert_host_core::load(const model::model_config& cfg, const model::checkpoint& ckpt,
@@ -12,6 +14,14 @@ caf::error expert_host_core::load(const model::model_config& cfg, const model::c
   std::map<std::pair<int, int>, std::shared_ptr<const model::expert_weights>> loaded;
   size_t done = 0;
   for (auto [l, e] : experts) {
+    {
+      // Already held (a coordinator that recovered re-sends the same assignment): kept, not reloaded.
+      std::lock_guard lock(mu_);
+      if (auto it = experts_.find({l, e}); it != experts_.end()) {
+        loaded[{l, e}] = it->second;
+        continue;
+      }
+    }
     auto w = model::load_expert(cfg, ckpt, l, e);
     if (!w) return w.error();
     done += w->bytes();
@@ -20,6 +30,7 @@ caf::error expert_host_core::load(const model::model_config& cfg, const model::c
   }
   std::lock_guard lock(mu_);
   experts_ = std::move(loaded);
+  metrics_.slots(experts_.size(), static_cast<size_t>(slots_));
   return {};
 }
 
@@ -40,12 +51,14 @@ caf::error expert_host_core::add(const model::model_config& cfg, const model::ch
   }
   std::lock_guard lock(mu_);
   experts_.merge(loaded);
+  metrics_.slots(experts_.size(), static_cast<size_t>(slots_));
   return {};
 }
 
 void expert_host_core::remove(std::span<const std::pair<int, int>> experts) {
   std::lock_guard lock(mu_);
   for (const auto& k : experts) experts_.erase(k);
+  metrics_.slots(experts_.size(), static_cast<size_t>(slots_));
 }
 
 size_t expert_host_core::held() const {
@@ -55,16 +68,22 @@ size_t expert_host_core::held() const {
 
 caf::error expert_host_core::serve(int layer, std::span<const int> experts, std::span<const std::vector<float>* const> inputs,
                                    std::span<std::vector<float>* const> outputs) {
-  if (!alive_) return model::make_error(model::model_errc::io_error, name_ + ": host is down");
+  if (!alive_) {
+    metrics_.refused(metrics::host_metrics::refusal::down);
+    return model::make_error(model::model_errc::io_error, name_ + ": host is down");
+  }
+  const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::shared_ptr<const model::expert_weights>> keep;
   std::vector<const model::expert_weights*> ws;
   {
     std::lock_guard lock(mu_);
     for (int e : experts) {
       auto it = experts_.find({layer, e});
-      if (it == experts_.end())
+      if (it == experts_.end()) {
+        metrics_.refused(metrics::host_metrics::refusal::not_held);
         return model::make_error(model::model_errc::invalid_argument, name_ + ": does not hold layer " + std::to_string(layer) +
                                                                           " expert " + std::to_string(e));
+      }
       keep.push_back(it->second);
       ws.push_back(it->second.get());
     }
@@ -81,6 +100,9 @@ caf::error expert_host_core::serve(int layer, std::span<const int> experts, std:
   }
   model::expert_forward_many(ws, xs, ns, ys);
   batches_ += ws.size();
+  uint64_t rows = 0;
+  for (auto n : ns) rows += static_cast<uint64_t>(n);
+  metrics_.request(ws.size(), rows, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return {};
 }
 

@@ -1,6 +1,7 @@
 #pragma once
 /// An expert host's data-plane half: the experts it holds (one per slot) and the pure function that
 /// answers a token batch. The control half (registration, assignment, readiness) is its actor.
+#include "metrics/metrics.hpp"
 #include "model/moe.hpp"
 #include "model/safetensors.hpp"
 #include "model/weights.hpp"
@@ -18,7 +19,9 @@ namespace sy::actors {
 
 class expert_host_core {
  public:
-  expert_host_core(std::string name, int slots) : name_(std::move(name)), slots_(slots) {}
+  expert_host_core(std::string name, int slots) : name_(std::move(name)), slots_(slots), metrics_(name_) {
+    metrics_.slots(0, static_cast<size_t>(slots_));
+  }
 
   [[nodiscard]] const std::string& name() const { return name_; }
   [[nodiscard]] int slots() const { return slots_; }
@@ -52,6 +55,7 @@ class expert_host_core {
   int slots_;
   std::atomic<bool> alive_{true};
   std::atomic<uint64_t> batches_{0};
+  metrics::host_metrics metrics_;
   mutable std::mutex mu_;
   /// Shared so a batch in flight keeps its weights alive across a reload.
   std::map<std::pair<int, int>, std::shared_ptr<const model::expert_weights>> experts_;

@@ -1,9 +1,17 @@
 #include "actors/link_channel.hpp"
 
+#include "actors/observe.hpp"
 #include "model/error.hpp"
 #include "transport/error.hpp"
 
 namespace sy::actors {
+
+link_channel::link_channel(std::shared_ptr<transport::link_client> link, int64_t hidden, transport::wire_dtype dtype,
+                           std::chrono::milliseconds timeout, std::string peer)
+    : link_(std::move(link)), hidden_(hidden), dtype_(dtype), timeout_(timeout), peer_(std::move(peer)) {
+  if (!peer_.empty())
+    watch_ = std::make_unique<metrics::link_watch>(peer_, [l = link_.get()] { return link_counts_of(l->stats()); });
+}
 
 link_channel::~link_channel() {
   if (link_) link_->close();
@@ -47,7 +55,10 @@ std::future<caf::error> link_channel::call_async(int layer, uint64_t epoch, std:
   req.rows = std::move(batch->rows);
   std::vector<std::vector<float>*> outs(outputs.begin(), outputs.end());
   link_->send(std::move(req), timeout_,
-              [done, outs = std::move(outs), sizes = std::move(sizes), total = rows.size()](caf::expected<transport::reply> r) {
+              [done, outs = std::move(outs), sizes = std::move(sizes), total = rows.size(), peer = peer_,
+               t0 = std::chrono::steady_clock::now()](caf::expected<transport::reply> r) {
+                if (!peer.empty())
+                  metrics::host_round_trip(peer, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
                 if (!r) {
                   done->set_value(r.error());
                   return;

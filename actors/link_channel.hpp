@@ -3,6 +3,7 @@
 /// link (one request frame per call, one segment per expert), and `host_request_handler` answers
 /// those frames on an expert host from its `expert_host_core`.
 #include "actors/expert_host.hpp"
+#include "metrics/metrics.hpp"
 #include "transport/link.hpp"
 
 #include <atomic>
@@ -13,9 +14,9 @@ namespace sy::actors {
 
 class link_channel final : public expert_channel {
  public:
+  /// `peer` (the host's name) labels this link's metrics; none are recorded when it is empty.
   link_channel(std::shared_ptr<transport::link_client> link, int64_t hidden, transport::wire_dtype dtype,
-               std::chrono::milliseconds timeout)
-      : link_(std::move(link)), hidden_(hidden), dtype_(dtype), timeout_(timeout) {}
+               std::chrono::milliseconds timeout, std::string peer = {});
   ~link_channel() override;
 
   [[nodiscard]] caf::error call(int layer, uint64_t epoch, std::span<const int> experts,
@@ -32,6 +33,8 @@ class link_channel final : public expert_channel {
   transport::wire_dtype dtype_;
   std::chrono::milliseconds timeout_;
   std::atomic<uint64_t> next_batch_{1};
+  std::string peer_;
+  std::unique_ptr<metrics::link_watch> watch_;  ///< last: reads link_ until it goes
 };
 
 /// Answers token-batch requests from `core`; replies in the request's dtype.

@@ -26,6 +26,7 @@ using load_tick_atom = caf::atom_constant<caf::atom("loadtick")>;
 using rebalance_tick_atom = caf::atom_constant<caf::atom("rbtick")>;
 using ack_timeout_atom = caf::atom_constant<caf::atom("acktimeout")>;
 using replace_lost_atom = caf::atom_constant<caf::atom("replost")>;
+using recovery_timeout_atom = caf::atom_constant<caf::atom("recovered")>;
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, replica& x) {

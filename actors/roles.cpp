@@ -3,6 +3,7 @@
 #include "actors/cluster_actors.hpp"
 #include "actors/link_channel.hpp"
 #include "actors/messages.hpp"
+#include "actors/observe.hpp"
 #include "actors/router_core.hpp"
 #include "model/kernels.hpp"
 #include "model/weights.hpp"
@@ -12,6 +13,9 @@
 #include <caf/io/all.hpp>
 #include <spdlog/spdlog.h>
 
+#include <atomic>
+#include <functional>
+#include <mutex>
 #include <thread>
 
 namespace sy::actors {
@@ -38,6 +42,83 @@ caf::expected<caf::actor> connect_coordinator(caf::actor_system& sys, const std:
                                                             ": " + sys.render(last));
 }
 
+/// Keeps an actor connected to the coordinator: whenever the actor ends (it does when the
+/// coordinator goes away), reconnects — retrying until stopped — and spawns it again. The data
+/// plane is not touched meanwhile: hosts keep serving batches and routers keep routing on their
+/// last placement.
+class reconnector {
+ public:
+  using spawn_fn = std::function<caf::actor(caf::actor coordinator)>;
+  reconnector(caf::actor_system& sys, std::string host, uint16_t port, caf::actor coordinator, spawn_fn spawn, std::string who)
+      : sys_(sys), host_(std::move(host)), port_(port), spawn_(std::move(spawn)), who_(std::move(who)) {
+    coordinator_ = coordinator;
+    actor_ = spawn_(coordinator);
+    thread_ = std::thread([this] { loop(); });
+  }
+  ~reconnector() { stop(); }
+
+  void stop() {
+    if (stopping_.exchange(true)) return;
+    caf::actor a;
+    {
+      std::lock_guard lock(mu_);
+      a = actor_;
+    }
+    caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
+    if (thread_.joinable()) thread_.join();
+  }
+
+  [[nodiscard]] caf::actor coordinator() const {
+    std::lock_guard lock(mu_);
+    return coordinator_;
+  }
+
+ private:
+  void loop() {
+    while (!stopping_) {
+      caf::actor a;
+      {
+        std::lock_guard lock(mu_);
+        a = actor_;
+      }
+      {
+        caf::scoped_actor self{sys_};
+        self->monitor(a);
+        self->receive([](const caf::down_msg&) {});
+      }
+      if (stopping_) break;
+      spdlog::warn("{}: lost the coordinator at {}:{}; reconnecting", who_, host_, port_);
+      caf::actor coord;
+      while (!stopping_) {
+        auto c = sys_.middleman().remote_actor(host_, port_);
+        if (c) {
+          coord = *c;
+          break;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      }
+      if (stopping_) break;
+      auto next = spawn_(coord);
+      {
+        std::lock_guard lock(mu_);
+        coordinator_ = coord;
+        actor_ = next;
+      }
+      spdlog::warn("{}: reconnected to the coordinator", who_);
+    }
+  }
+
+  caf::actor_system& sys_;
+  std::string host_;
+  uint16_t port_;
+  spawn_fn spawn_;
+  std::string who_;
+  mutable std::mutex mu_;
+  caf::actor coordinator_, actor_;
+  std::atomic<bool> stopping_{false};
+  std::thread thread_;
+};
+
 }  // namespace
 
 // ---- coordinator ----
@@ -57,7 +138,9 @@ caf::expected<std::unique_ptr<coordinator_process>> coordinator_process::start(c
   if (!mc) return mc.error();
   auto p = std::make_unique<impl>();
   p->sys = make_system(p->cfg);
-  p->coordinator = p->sys->spawn(coordinator_actor, *mc, o.hosts, o.replicas, o.heartbeat, o.rebalance);
+  metrics::declare_coordinator();
+  p->coordinator = p->sys->spawn(coordinator_actor, *mc, o.hosts, o.replicas, o.heartbeat, o.rebalance, o.state_file,
+                                 o.recovery_wait);
   auto port = p->sys->middleman().publish(p->coordinator, o.port, o.host.c_str(), true);
   if (!port)
     return model::make_error(model::model_errc::io_error, "--listen: cannot publish the coordinator on " + o.host + ":" +
@@ -82,7 +165,8 @@ struct expert_host_process::impl {
   std::shared_ptr<transport::ucx_runtime> ucx;
   std::unique_ptr<transport::ucx_server> server;
   std::shared_ptr<expert_host_core> core;
-  caf::actor actor;
+  std::unique_ptr<reconnector> link;
+  std::unique_ptr<metrics::link_watch> link_metrics;  ///< after `server`: gone before it
 };
 
 expert_host_process::expert_host_process(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
@@ -108,12 +192,18 @@ caf::expected<std::unique_ptr<expert_host_process>> expert_host_process::start(c
   auto server = transport::ucx_server::make(p->ucx, host_request_handler(p->core), so);
   if (!server) return server.error();
   p->server = std::move(*server);
+  p->link_metrics = std::make_unique<metrics::link_watch>(name, [s = p->server.get()] { return link_counts_of(s->stats()); });
   p->sys = make_system(p->cfg);
   auto coord = connect_coordinator(*p->sys, o.coordinator_host, o.coordinator_port);
   if (!coord) return coord.error();
   const std::string address = "ucx://" + o.listen_host + ":" + std::to_string(p->server->port());
-  p->actor = p->sys->spawn(host_actor, *coord, p->core, address, std::make_shared<const model::model_config>(std::move(*mc)),
-                           std::make_shared<const model::checkpoint>(std::move(*ck)));
+  auto cfg = std::make_shared<const model::model_config>(std::move(*mc));
+  auto ckpt = std::make_shared<const model::checkpoint>(std::move(*ck));
+  auto* sys = p->sys.get();
+  p->link = std::make_unique<reconnector>(
+      *sys, o.coordinator_host, o.coordinator_port, *coord,
+      [sys, core = p->core, address, cfg, ckpt](caf::actor c) { return sys->spawn(host_actor, c, core, address, cfg, ckpt); },
+      name);
   return std::unique_ptr<expert_host_process>(new expert_host_process(std::move(p)));
 }
 
@@ -122,7 +212,7 @@ uint16_t expert_host_process::data_port() const { return impl_->server->port(); 
 void expert_host_process::stop() {
   if (!impl_ || !impl_->sys) return;
   impl_->server->stop();
-  caf::anon_send_exit(impl_->actor, caf::exit_reason::user_shutdown);
+  impl_->link.reset();
   impl_->sys.reset();
 }
 
@@ -133,8 +223,7 @@ struct router_process::impl {
   std::unique_ptr<router_core> core;
   caf::actor_system_config cfg;
   std::unique_ptr<caf::actor_system> sys;
-  caf::actor router;
-  caf::actor coordinator;
+  std::unique_ptr<reconnector> link;
   bool down = false;
 };
 
@@ -170,7 +259,7 @@ caf::expected<std::unique_ptr<router_process>> router_process::start(const route
       return nullptr;
     }
     return std::make_shared<link_channel>(std::shared_ptr<transport::link_client>(std::move(*c)), hidden, dtype,
-                                          o.batch_timeout);
+                                          o.batch_timeout, h.name);
   };
   auto core = router_core::make(mcfg, *ck, connect, o.batcher, o.replica_wait);
   if (!core) return core.error();
@@ -178,15 +267,18 @@ caf::expected<std::unique_ptr<router_process>> router_process::start(const route
   p->sys = make_system(p->cfg);
   auto coord = connect_coordinator(*p->sys, o.coordinator_host, o.coordinator_port);
   if (!coord) return coord.error();
-  p->coordinator = *coord;
-  p->router = p->sys->spawn(router_actor, *coord, p->core->executor(), o.report_interval);
+  auto* sys = p->sys.get();
+  p->link = std::make_unique<reconnector>(
+      *sys, o.coordinator_host, o.coordinator_port, *coord,
+      [sys, exec = p->core->executor(), ri = o.report_interval](caf::actor c) { return sys->spawn(router_actor, c, exec, ri); },
+      "router");
   return std::unique_ptr<router_process>(new router_process(std::move(p)));
 }
 
 caf::expected<std::string> router_process::rebalance(std::chrono::milliseconds timeout) {
   caf::scoped_actor self{*impl_->sys};
   caf::expected<std::string> out = model::make_error(model::model_errc::io_error, "no answer from the coordinator");
-  self->request(impl_->coordinator, timeout, rebalance_atom::value)
+  self->request(impl_->link->coordinator(), timeout, rebalance_atom::value)
       .receive([&](const std::string& summary) { out = summary; },
                [&](caf::error& err) {
                  out = model::make_error(model::model_errc::io_error, "rebalance: " + impl_->sys->render(err));
@@ -195,11 +287,15 @@ caf::expected<std::string> router_process::rebalance(std::chrono::milliseconds t
 }
 
 void router_process::drain() { impl_->core->drain(); }
+std::string router_process::state_json() const { return impl_->core->executor()->state_json(); }
 bool router_process::idle() const { return impl_->core->idle(); }
 
 bool router_process::ready() const { return impl_->core->ready(); }
 bool router_process::wait_ready(std::chrono::milliseconds timeout) const { return impl_->core->wait_ready(timeout); }
 uint64_t router_process::epoch() const { return impl_->core->executor()->epoch(); }
+placement_table router_process::placement() const { return impl_->core->executor()->placement(); }
+int router_process::hosts_up() const { return impl_->core->executor()->hosts_up(); }
+std::vector<host_info> router_process::hosts() const { return impl_->core->executor()->hosts(); }
 caf::error router_process::submit(scheduler::generation_request r) { return impl_->core->submit(std::move(r)); }
 const model::model_config& router_process::config() const { return impl_->core->config(); }
 
@@ -207,7 +303,7 @@ void router_process::stop() {
   if (!impl_ || impl_->down) return;
   impl_->down = true;
   impl_->core->stop();
-  caf::anon_send_exit(impl_->router, caf::exit_reason::user_shutdown);
+  impl_->link.reset();
   impl_->sys.reset();
   impl_->core.reset();  // closes the data-plane links before the UCX runtime goes
 }

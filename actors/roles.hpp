@@ -21,6 +21,8 @@ struct coordinator_options {
   int replicas = 1;  ///< per expert, on distinct hosts
   heartbeat_config heartbeat;
   rebalance_config rebalance;
+  std::string state_file;  ///< empty: no persistence
+  std::chrono::milliseconds recovery_wait{30000};  ///< after a restart, for the recovered hosts
 };
 
 class coordinator_process {
@@ -81,10 +83,15 @@ class router_process {
   [[nodiscard]] bool ready() const;
   [[nodiscard]] bool wait_ready(std::chrono::milliseconds timeout) const;
   [[nodiscard]] uint64_t epoch() const;
+  /// The placement the router uses now, and the hosts it counts as up.
+  [[nodiscard]] placement_table placement() const;
+  [[nodiscard]] int hosts_up() const;
+  [[nodiscard]] std::vector<host_info> hosts() const;
   [[nodiscard]] caf::error submit(scheduler::generation_request r);
   [[nodiscard]] const model::model_config& config() const;
   void drain();
   [[nodiscard]] bool idle() const;
+  [[nodiscard]] std::string state_json() const;
   /// Asks the coordinator for a rebalancing round; its JSON summary once it is over.
   [[nodiscard]] caf::expected<std::string> rebalance(std::chrono::milliseconds timeout = std::chrono::minutes(5));
   void stop();

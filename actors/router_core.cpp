@@ -1,5 +1,6 @@
 #include "actors/router_core.hpp"
 
+#include "actors/observe.hpp"
 #include "model/weights.hpp"
 
 #include <spdlog/spdlog.h>
@@ -27,6 +28,12 @@ caf::expected<std::unique_ptr<router_core>> router_core::make(std::shared_ptr<co
   r->decoder_ = std::make_unique<model::decoder>(*r->dense_, *r->exec_);
   r->batcher_ = std::make_unique<scheduler::batcher>(*r->decoder_, batcher);
   r->engine_ = std::thread([raw = r.get()] { raw->run_engine(); });
+  metrics::declare_router();
+  metrics::expert_layout(moe_layers(*r->cfg_), r->cfg_->gating.num_experts);
+  r->metrics_hook_ = std::make_unique<metrics::scrape_hook>([exec = r->exec_.get()] {
+    metrics::router_epoch(exec->epoch());
+    metrics::router_retries(exec->retries());
+  });
   return r;
 }
 

@@ -3,6 +3,7 @@
 /// weights, the cluster executor (experts on the hosts), the decoder, the continuous batcher and its
 /// engine thread.
 #include "actors/cluster_executor.hpp"
+#include "metrics/metrics.hpp"
 #include "scheduler/batcher.hpp"
 
 #include <chrono>
@@ -47,6 +48,7 @@ class router_core {
   std::unique_ptr<scheduler::batcher> batcher_;
   std::chrono::milliseconds replica_wait_{10000};
   std::thread engine_;
+  std::unique_ptr<metrics::scrape_hook> metrics_hook_;  ///< last: gone before what it reads
 };
 
 }  // namespace sy::actors

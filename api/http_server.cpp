@@ -1,6 +1,8 @@
 #include "api/http_server.hpp"
 
+#include "api/dashboard.hpp"
 #include "api/request.hpp"
+#include "metrics/metrics.hpp"
 #include "model/error.hpp"
 #include "model/tokenizer.hpp"
 
@@ -125,6 +127,7 @@ class session : public std::enable_shared_from_this<session> {
         return reply(http::status::request_timeout, error_body("invalid_request_error", "the request head did not arrive in time", ""), false);
       return close();  // an idle keep-alive connection
     }
+    if (!ec || ec == http::error::body_limit) begin(parser_->get().target());
     if (ec == http::error::body_limit)
       return reply(http::status::payload_too_large, error_body("invalid_request_error", "request body too large", ""), false);
     if (ec) return close();  // closed or malformed
@@ -150,10 +153,34 @@ class session : public std::enable_shared_from_this<session> {
     stream_.socket().close(ignored);
   }
 
+  // ---- metrics ----------------------------------------------------------------------------------
+
+  /// The routes of routes() have a label of their own; anything else is counted as "other".
+  static std::string_view route_of(std::string_view path) {
+    for (const auto& r : routes())
+      if (path == r.path) return r.path;
+    return "other";
+  }
+
+  /// A request's head is in: its route label, and the clock of its duration (restarted once the
+  /// body is in too).
+  void begin(std::string_view target) {
+    route_ = route_of(target.substr(0, target.find('?')));
+    started_ = std::chrono::steady_clock::now();
+  }
+
+  /// One response for the request: `switchyard_http_requests_total` and its duration. 499 (as
+  /// nginx counts it) when the client went away before its answer.
+  void count(int status) {
+    metrics::http_request(route_, status, std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count());
+    route_ = "other";
+  }
+
   // ---- plain responses ------------------------------------------------------------------------
 
   void reply(http::status code, std::string body, bool keep_alive, int retry_after = 0, const char* type = "application/json") {
-    if (closed_) return;
+    if (closed_) return count(499);
+    count(static_cast<int>(code));
     auto res = std::make_shared<http::response<http::string_body>>(code, 11);
     res->set(http::field::content_type, type);
     res->set(http::field::server, "switchyard");
@@ -181,12 +208,27 @@ class session : public std::enable_shared_from_this<session> {
     head_ = req.method() == http::verb::head;
     std::string target(req.target());
     if (auto q = target.find('?'); q != std::string::npos) target.resize(q);
+    begin(target);
     const auto method = req.method();
     auto allow = [&](http::verb v, const char* name) {
       if (method == v) return true;
       reply(http::status::method_not_allowed, error_body("invalid_request_error", std::string("use ") + name, ""), ka);
       return false;
     };
+    // Observability: public like the health routes (no token), GET only.
+    if (target == "/metrics") {
+      if (allow(http::verb::get, "GET")) reply(http::status::ok, metrics::serialize(), ka, 0, metrics::content_type.data());
+      return;
+    }
+    if (target == "/dashboard") {
+      if (allow(http::verb::get, "GET")) reply(http::status::ok, std::string(dashboard_page()), ka, 0, "text/html; charset=utf-8");
+      return;
+    }
+    if (target == "/dashboard/data") {
+      if (allow(http::verb::get, "GET"))
+        reply(http::status::ok, dashboard_data(svc_.model_name, svc_.cluster ? svc_.cluster() : cluster_view{}), ka);
+      return;
+    }
     if (target == "/healthz") {
       if (allow(http::verb::get, "GET")) reply(http::status::ok, R"({"status":"ok"})", ka);
       return;
@@ -239,6 +281,13 @@ class session : public std::enable_shared_from_this<session> {
     if (!auth.starts_with(prefix) || !constant_time_equal(auth.substr(prefix.size()), cfg_.admin_token))
       return reply(http::status::unauthorized,
                    error_body("authentication_error", "missing or wrong bearer token (Authorization: Bearer ...)", ""), ka);
+    if (target == "/admin/cluster") {
+      if (req.method() != http::verb::get)
+        return reply(http::status::method_not_allowed, error_body("invalid_request_error", "use GET", ""), ka);
+      if (!svc_.cluster_state)
+        return reply(http::status::not_implemented, error_body("server_error", "this server has no cluster state", ""), ka);
+      return reply(http::status::ok, svc_.cluster_state(), ka);
+    }
     if (target != "/admin/rebalance")
       return reply(http::status::not_found, error_body("invalid_request_error", "no route " + target, ""), ka);
     if (req.method() != http::verb::post)
@@ -390,7 +439,14 @@ class session : public std::enable_shared_from_this<session> {
                      error_body(full ? "server_error" : "invalid_request_error", model::describe(err), ""), ka, full ? 1 : 0);
       }
     }
-    if (!rs->streaming) watch_disconnect(rs);
+    if (!rs->streaming) {
+      bool pending;
+      {
+        std::lock_guard lock(rs->mu);
+        pending = rs->left > 0;
+      }
+      if (pending) watch_disconnect(rs);  // nothing to watch for when it is already answered
+    }
   }
 
   /// Engine thread: one more token of choice i. Returns false when a stop string ended it.
@@ -521,6 +577,7 @@ class session : public std::enable_shared_from_this<session> {
       self->watching_ = false;
       if (ec && ec != net::error::operation_aborted) {
         rs->cancel->store(true);  // the client went away: free its sequences
+        self->count(499);
         self->closed_ = true;
         self->pending_.reset();
         return;
@@ -627,6 +684,7 @@ class session : public std::enable_shared_from_this<session> {
     }
     if (end_requested_ && !end_written_) {
       end_written_ = true;
+      count(200);
       writing_ = true;
       net::async_write(stream_, http::make_chunk_last(), [self = shared_from_this()](beast::error_code ec, size_t) {
         self->writing_ = false;
@@ -640,6 +698,7 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   void client_gone() {
+    if (!closed_) count(499);
     if (rs_cancel_) rs_cancel_->store(true);
     out_.clear();
     close();
@@ -666,6 +725,8 @@ class session : public std::enable_shared_from_this<session> {
   std::deque<std::shared_ptr<std::string>> out_;
   bool writing_ = false, end_requested_ = false, end_written_ = false;
   std::shared_ptr<std::atomic<bool>> rs_cancel_;
+  std::string_view route_ = "other";  ///< of the request being answered (metrics)
+  std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 };
 
 }  // namespace
@@ -676,6 +737,8 @@ const std::vector<route_info>& routes() {
       {"GET", "/v1/models", false, true},         {"POST", "/v1/completions", false, true},
       {"POST", "/v1/chat/completions", false, true}, {"POST", "/tokenize", false, true},
       {"POST", "/detokenize", false, true},       {"POST", "/admin/rebalance", true, false},
+      {"GET", "/admin/cluster", true, false},     {"GET", "/metrics", false, false},
+      {"GET", "/dashboard", false, false},        {"GET", "/dashboard/data", false, false},
   };
   return all;
 }

@@ -1,9 +1,12 @@
 #pragma once
 /// The HTTP front (Boost.Beast): the OpenAI-style `POST /v1/completions` (text or token ids, n,
 /// echo, stop, logprobs, streaming as server-sent events), `GET /v1/models`, vLLM's `POST
-/// /tokenize` and `/detokenize`, `GET /healthz`, `GET /readyz`, and the admin route
-/// `POST /admin/rebalance` (bearer token). Limits on bodies, headers, time and connections;
-/// graceful drain. Beast stays inside http_server.cpp.
+/// /tokenize` and `/detokenize`, `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus text
+/// format), `GET /dashboard` (a self-contained page) with its data at `GET /dashboard/data`, and the
+/// admin route `POST /admin/rebalance` (bearer token). Limits on bodies, headers, time and
+/// connections; graceful drain. Beast stays inside http_server.cpp. Every response is counted in
+/// `switchyard_http_requests_total{route,status}`.
+#include "api/dashboard.hpp"
 #include "scheduler/batcher.hpp"
 
 #include <chrono>
@@ -48,9 +51,13 @@ struct completion_service {
   /// Text in and out (null: prompts are token ids and choices carry token ids only).
   std::shared_ptr<const model::tokenizer> tokenizer;
   std::function<caf::error(scheduler::generation_request)> submit;
+  /// The router's view of the cluster for /dashboard/data (placement, hosts); optional.
+  std::function<cluster_view()> cluster;
   /// POST /admin/rebalance: plans and applies a rebalancing round; the coordinator's JSON summary.
   /// Blocks until the round is over (called off the I/O threads). Unset: 501.
   std::function<caf::expected<std::string>()> rebalance;
+  /// GET /admin/cluster: hosts, slots, state, the placement table and epoch, as JSON. Unset: 501.
+  std::function<std::string()> cluster_state;
 };
 
 class http_server {

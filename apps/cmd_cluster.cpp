@@ -1,14 +1,17 @@
 // The cluster's processes: switchyard coordinator | expert-host | router.
 #include "actors/roles.hpp"
 #include "api/http_server.hpp"
+#include "api/metrics_server.hpp"
 #include "apps/cli.hpp"
 #include "apps/http_options.hpp"
 #include "apps/commands.hpp"
+#include "apps/observe.hpp"
 
 #include <spdlog/spdlog.h>
 #include <toml++/toml.h>
 
 #include <algorithm>
+#include <optional>
 #include <atomic>
 #include <csignal>
 #include <thread>
@@ -19,7 +22,8 @@ namespace {
 
 /// Values from a TOML config file for the options not given on the command line. Keys are the
 /// options' long names without dashes, `-` written `_` (listen, model, hosts, replicas,
-/// heartbeat_interval_ms, heartbeat_misses). Errors name the file and the key.
+/// heartbeat_interval_ms, heartbeat_misses), and the [metrics] table (metrics.listen,
+/// metrics.per_expert). Errors name the file and the key.
 class config_file {
  public:
   config_file(const std::string& path) : path_(path) {
@@ -30,8 +34,13 @@ class config_file {
       fail(path + ": " + std::string(e.description()) + " (line " + std::to_string(e.source().begin.line) + ")");
     }
     for (auto& [k, v] : table_) {
-      (void)v;
-      known_.push_back(std::string(k.str()));
+      if (auto* sub = v.as_table())
+        for (auto& [k2, v2] : *sub) {
+          (void)v2;
+          known_.push_back(std::string(k.str()) + "." + std::string(k2.str()));
+        }
+      else
+        known_.push_back(std::string(k.str()));
     }
   }
   void str(const char* key, CLI::Option* opt, std::string& dst) {
@@ -57,12 +66,22 @@ class config_file {
  private:
   toml::node* take(const char* key) {
     used_.push_back(key);
-    return table_.get(key);
+    return table_.at_path(key).node();
   }
   std::string path_;
   toml::table table_;
   std::vector<std::string> known_, used_;
 };
+
+/// The /metrics listener of --metrics HOST:PORT (none when empty), and the address it bound.
+std::optional<std::pair<std::unique_ptr<api::metrics_server>, std::string>> start_metrics(const std::string& address) {
+  if (address.empty()) return std::nullopt;
+  auto [host, port] = parse_host_port(address, "--metrics");
+  auto m = api::metrics_server::start(host, port);
+  if (!m) fail(model::describe(m.error()));
+  const std::string bound = host + ":" + std::to_string((*m)->port());
+  return std::make_pair(std::move(*m), bound);
+}
 
 }  // namespace
 
@@ -70,13 +89,14 @@ void add_cluster_commands(CLI::App& app) {
   {
     auto* cmd = app.add_subcommand("coordinator", "Run the cluster's coordinator (membership, placement, epochs)");
     struct args {
-      std::string config, listen = "127.0.0.1:0", model;
+      std::string config, listen = "127.0.0.1:0", model, state, metrics, per_expert = "all";
       int hosts = 1, replicas = 1, hb_ms = 500, hb_misses = 3, rb_ms = 0, rb_moves = -1;
     };
     auto a = std::make_shared<args>();
     cmd->add_option("--config", a->config, "Cluster config (TOML); flags given here override its keys");
     auto* o_listen = cmd->add_option("--listen", a->listen, "Control-plane address HOST:PORT (port 0 = any)");
     auto* o_model = cmd->add_option("--model", a->model, "Model folder");
+    auto* o_state = cmd->add_option("--state", a->state, "State file: every epoch is written there, and a restart recovers from it");
     auto* o_hosts = cmd->add_option("--hosts", a->hosts, "Expert hosts to wait for before placing")->check(CLI::Range(1, 4096));
     auto* o_repl = cmd->add_option("--replicas", a->replicas, "Replicas per expert, on distinct hosts")->check(CLI::Range(1, 64));
     auto* o_hb = cmd->add_option("--heartbeat-interval-ms", a->hb_ms, "Heartbeat period (0 = off)")->check(CLI::Range(0, 600000));
@@ -85,10 +105,16 @@ void add_cluster_commands(CLI::App& app) {
                      ->check(CLI::Range(0, 86400000));
     auto* o_rbm = cmd->add_option("--rebalance-max-moves", a->rb_moves, "Replicas added per rebalance round (-1 = no limit)")
                       ->check(CLI::Range(-1, 1 << 30));
+    auto* o_metrics = cmd->add_option("--metrics", a->metrics, "Serve /metrics on HOST:PORT (port 0 = any; default: not served)");
+    auto* o_per_expert = cmd->add_option("--metrics-per-expert", a->per_expert,
+                                         "Per-(layer, expert) metric series: all, off, or top:N (the N hottest)");
     cmd->callback([=] {
       config_file f(a->config);
+      f.str("metrics.listen", o_metrics, a->metrics);
+      f.str("metrics.per_expert", o_per_expert, a->per_expert);
       f.str("listen", o_listen, a->listen);
       f.str("model", o_model, a->model);
+      f.str("state_file", o_state, a->state);
       f.integer("hosts", o_hosts, a->hosts, 1, 4096);
       f.integer("replicas", o_repl, a->replicas, 1, 64);
       f.integer("heartbeat_interval_ms", o_hb, a->hb_ms, 0, 600000);
@@ -96,25 +122,36 @@ void add_cluster_commands(CLI::App& app) {
       f.integer("rebalance_interval_ms", o_rb, a->rb_ms, 0, 86400000);
       f.integer("rebalance_max_moves", o_rbm, a->rb_moves, -1, 1 << 30);
       f.check_all_used();
+      configure_metrics(a->per_expert, true,
+                        o_per_expert->count() || a->config.empty() ? "--metrics-per-expert" : a->config + ": key 'metrics.per_expert'");
       if (a->model.empty()) fail("coordinator: --model (or the config key 'model') is required");
       auto [host, port] = parse_host_port(a->listen, "--listen");
-      actors::coordinator_options co{host, port, a->model, a->hosts, a->replicas, {}, {}};
+      actors::coordinator_options co;
+      co.host = host;
+      co.port = port;
+      co.model = a->model;
+      co.hosts = a->hosts;
+      co.replicas = a->replicas;
       co.rebalance.interval = std::chrono::milliseconds(a->rb_ms);
+      co.state_file = a->state;
       co.rebalance.max_moves = a->rb_moves;
       co.heartbeat.interval = std::chrono::milliseconds(a->hb_ms);
       co.heartbeat.misses = a->hb_misses;
+      auto ms = start_metrics(a->metrics);
       auto c = actors::coordinator_process::start(co);
       if (!c) fail(model::describe(c.error()));
       std::printf("coordinator listening on %s:%u\n", host.c_str(), static_cast<unsigned>((*c)->port()));
+      if (ms) std::printf("coordinator metrics on %s\n", ms->second.c_str());
       std::fflush(stdout);
       wait_for_stop_signal();
+      if (ms) ms->first->stop();
       (*c)->stop();
     });
   }
   {
     auto* cmd = app.add_subcommand("expert-host", "Run an expert host: holds experts, answers token batches over UCX");
     struct args {
-      std::string coordinator, model, listen = "127.0.0.1:0", name;
+      std::string coordinator, model, listen = "127.0.0.1:0", name, metrics;
       int slots = 0, threads = 0;
       bool no_peer_errors = false;
     };
@@ -126,6 +163,7 @@ void add_cluster_commands(CLI::App& app) {
     cmd->add_option("--name", a->name, "Host name (default expert-host-PID)");
     cmd->add_option("--threads", a->threads, "Compute threads (0 = all cores)");
     cmd->add_flag("--no-peer-error-handling", a->no_peer_errors, "UCX without peer failure detection (allows shared memory)");
+    cmd->add_option("--metrics", a->metrics, "Serve /metrics on HOST:PORT (port 0 = any; default: not served)");
     cmd->callback([a] {
       auto [ch, cp] = parse_host_port(a->coordinator, "--coordinator");
       auto [lh, lp] = parse_host_port(a->listen, "--listen");
@@ -139,21 +177,24 @@ void add_cluster_commands(CLI::App& app) {
       o.name = a->name;
       o.threads = a->threads;
       o.peer_error_handling = !a->no_peer_errors;
+      auto ms = start_metrics(a->metrics);
       auto h = actors::expert_host_process::start(o);
       if (!h) fail(model::describe(h.error()));
       std::printf("expert host serving token batches on %s:%u\n", lh.c_str(), static_cast<unsigned>((*h)->data_port()));
+      if (ms) std::printf("expert host metrics on %s\n", ms->second.c_str());
       std::fflush(stdout);
       wait_for_stop_signal();
+      if (ms) ms->first->stop();
       (*h)->stop();
     });
   }
   {
     auto* cmd = app.add_subcommand("router", "Run a router: the dense model, gating, batching, and the HTTP API");
     struct args {
-      std::string coordinator, model;
+      std::string coordinator, model, per_expert = "all";
       http_options http;
       int threads = 0, max_running = 64, max_queue = 256, budget = 512;
-      bool bf16 = false, no_peer_errors = false;
+      bool bf16 = false, no_peer_errors = false, no_metrics = false;
     };
     auto a = std::make_shared<args>();
     cmd->add_option("--coordinator", a->coordinator, "Coordinator HOST:PORT")->required();
@@ -165,7 +206,11 @@ void add_cluster_commands(CLI::App& app) {
     cmd->add_option("--step-tokens", a->budget, "Tokens per engine step")->check(CLI::Range(1, 1 << 20));
     cmd->add_flag("--wire-bf16", a->bf16, "Send hidden rows as bf16 (half the bytes; answers then differ from local f32 in rounding)");
     cmd->add_flag("--no-peer-error-handling", a->no_peer_errors, "UCX without peer failure detection");
+    cmd->add_option("--metrics-per-expert", a->per_expert,
+                    "Per-(layer, expert) metric series on /metrics: all, off, or top:N (the N hottest)");
+    cmd->add_flag("--no-metrics", a->no_metrics, "Record no metrics");
     cmd->callback([a] {
+      configure_metrics(a->per_expert, !a->no_metrics, "--metrics-per-expert");
       auto [ch, cp] = parse_host_port(a->coordinator, "--coordinator");
       auto hc = make_http_config(a->http);
       auto tok = load_serving_tokenizer(a->http.tokenizer, a->model);
@@ -189,7 +234,9 @@ void add_cluster_commands(CLI::App& app) {
       svc.ready = [rp] { return rp->ready(); };
       svc.tokenizer = tok;
       svc.submit = [rp](scheduler::generation_request req) { return rp->submit(std::move(req)); };
+      svc.cluster = [rp] { return cluster_view_of(rp->placement(), rp->hosts()); };
       svc.rebalance = [rp] { return rp->rebalance(); };
+      svc.cluster_state = [rp] { return rp->state_json(); };
       auto server = api::http_server::start(hc, svc);
       if (!server) fail(model::describe(server.error()));
       std::printf("router serving HTTP on %s:%u\n", hc.host.c_str(), static_cast<unsigned>((*server)->port()));

@@ -5,6 +5,7 @@
 #include "apps/cli.hpp"
 #include "apps/http_options.hpp"
 #include "apps/commands.hpp"
+#include "apps/observe.hpp"
 #include "apps/progress.hpp"
 #include "model/make_model.hpp"
 
@@ -47,9 +48,10 @@ fs::path demo_model() {
 void add_serve_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("serve", "Run the embedded cluster (coordinator, router, expert hosts) with the HTTP API");
   struct args {
-    std::string model;
+    std::string model, per_expert = "all";
     http_options http;
     int hosts = 4, replicas = 1, threads = 0, max_running = 64, max_queue = 256, budget = 512;
+    bool no_metrics = false;
   };
   auto a = std::make_shared<args>();
   cmd->add_option("--model", a->model, "Model folder (Hugging Face layout); default: a demo model made once");
@@ -60,7 +62,11 @@ void add_serve_command(CLI::App& app) {
   cmd->add_option("--max-running", a->max_running, "Sequences decoding at once")->check(CLI::Range(1, 1 << 16));
   cmd->add_option("--max-queue", a->max_queue, "Queued requests before 503")->check(CLI::Range(0, 1 << 20));
   cmd->add_option("--step-tokens", a->budget, "Tokens per engine step (prefill chunking)")->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--metrics-per-expert", a->per_expert,
+                  "Per-(layer, expert) metric series: all, off, or top:N (the N hottest); per-layer sums always");
+  cmd->add_flag("--no-metrics", a->no_metrics, "Record no metrics (/metrics then serves what was recorded before: nothing)");
   cmd->callback([a] {
+    configure_metrics(a->per_expert, !a->no_metrics, "--metrics-per-expert");
     actors::embedded_config cfg;
     cfg.model = a->model.empty() ? demo_model() : fs::path(a->model);
     cfg.hosts = a->hosts;
@@ -81,7 +87,9 @@ void add_serve_command(CLI::App& app) {
     svc.ready = [c] { return c->ready(); };
     svc.tokenizer = tok;
     svc.submit = [c](scheduler::generation_request r) { return c->submit(std::move(r)); };
+    svc.cluster = [c] { return cluster_view_of(c->placement(), c->hosts()); };
     svc.rebalance = [c] { return c->rebalance(); };
+    svc.cluster_state = [c] { return c->state_json(); };
     auto server = api::http_server::start(hc, svc);
     if (!server) fail(model::describe(server.error()));
     if (!c->wait_ready(std::chrono::minutes(10))) fail("the cluster did not become ready (see the log)");

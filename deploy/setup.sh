@@ -20,7 +20,8 @@ PACKAGES=(
   libcaf-dev libucx-dev ucx-utils prometheus-cpp-dev libboost1.81-dev catch2 libopenblas-openmp-dev
   nlohmann-json3-dev libtomlplusplus-dev libcli11-dev libspdlog-dev libbenchmark-dev
   libonig-dev libutf8proc-dev
-  python3 python3-numpy iproute2 curl
+  python3 python3-numpy python3-yaml iproute2 curl
+  prometheus chromium
 )
 
 log() { printf '[setup] %s\n' "$*" >&2; }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "metrics/metrics.hpp"
 #include "model/error.hpp"
 
 #include <caf/atom.hpp>
@@ -93,6 +94,7 @@ void batcher::finish(sequence& s, std::string reason, caf::error err) {
   c.queue_ms = ms(s.admitted);
   c.first_token_ms = s.first_token.time_since_epoch().count() ? ms(s.first_token) : 0;
   c.total_ms = ms(now);
+  metrics::sequence_finished(c.finish_reason, c.prompt_tokens, static_cast<int64_t>(c.tokens.size()), c.first_token_ms / 1e3, c.total_ms / 1e3);
   c.token_logprobs = std::move(s.token_logprobs);
   c.top_logprobs = std::move(s.top_logprobs);
   if (s.req.on_done) s.req.on_done(std::move(c));
@@ -109,6 +111,7 @@ bool batcher::step() {
       running_.push_back(std::move(seq));
       queue_.pop_front();
     }
+    metrics::sequences(running_.size(), queue_.size());
   }
   // Sequences asking for no tokens finish without touching the model; cancelled ones (their
   // client went away) leave, freeing their cache.
@@ -145,6 +148,7 @@ bool batcher::step() {
   }
   if (steps.empty()) return false;
   ++steps_;
+  metrics::engine_step();
   if (auto err = decoder_.step(steps)) {
     // The step failed as a whole (e.g. no replica for an expert): fail its sequences with the reason.
     for (auto* s : in_step) finish(*s, "error", err);

@@ -343,10 +343,11 @@ TEST_CASE("HTTP: admin routes need the bearer token, stay closed without one, an
   svc.ready = [&] { return c->ready(); };
   svc.submit = [&](scheduler::generation_request r) { return c->submit(std::move(r)); };
   svc.rebalance = [&] { return c->rebalance(); };
+  svc.cluster_state = [&] { return c->state_json(); };
   // Every route is either public by this explicit list or protected.
   // Every route is public by this explicit list, or protected: admin (always), or inference
   // (when an API token is configured).
-  const std::set<std::string> public_routes{"/healthz", "/readyz"};
+  const std::set<std::string> public_routes{"/healthz", "/readyz", "/metrics", "/dashboard", "/dashboard/data"};
   for (const auto& r : api::routes()) {
     INFO(r.path);
     CHECK((r.admin || r.inference) != (public_routes.count(r.path) == 1));
@@ -379,6 +380,26 @@ TEST_CASE("HTTP: admin routes need the bearer token, stay closed without one, an
   auto j = json::parse(body);
   CHECK(j.contains("status"));
   CHECK(http(port, "GET", "/admin/rebalance", "", "Authorization: Bearer s3cret\r\n").first == 405);
+  // The cluster's state: both hosts up, every expert of every sparse layer with a ready replica.
+  auto [cs, cb] = http(port, "GET", "/admin/cluster", "", "Authorization: Bearer s3cret\r\n");
+  REQUIRE(cs == 200);
+  auto state = json::parse(cb);
+  CHECK(state["epoch"].get<uint64_t>() == c->epoch());
+  REQUIRE(state["hosts"].size() == 2);
+  int replicas = 0;
+  for (auto& h : state["hosts"]) {
+    CHECK(h["up"] == true);
+    replicas += h["replicas"].get<int>();
+  }
+  REQUIRE_FALSE(state["layers"].empty());
+  int listed = 0;
+  for (auto& layer : state["layers"])
+    for (auto& reps : layer["experts"]) {
+      CHECK_FALSE(reps.empty());
+      for (auto& r : reps) CHECK(r["ready"] == true);
+      listed += static_cast<int>(reps.size());
+    }
+  CHECK(listed == replicas);
   CHECK(api::constant_time_equal("abc", "abc"));
   CHECK_FALSE(api::constant_time_equal("abc", "abd"));
   CHECK_FALSE(api::constant_time_equal("abc", "ab"));

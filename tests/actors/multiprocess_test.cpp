@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <future>
 #include <regex>
@@ -265,5 +266,89 @@ TEST_CASE("multi-process: a rebalance (switchyard ctl rebalance) while requests 
     for (size_t k = 0; k < calls.size(); ++k)
       if (k % 2 == i) CHECK(got[k] == calm);
   }
+  ::unsetenv("SWITCHYARD_ADMIN_TOKEN");
+}
+
+namespace {
+
+/// GET /admin/cluster from the router (admin token from the environment).
+json cluster_state(uint16_t port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    ::close(fd);
+    return {};
+  }
+  std::string req = std::string("GET /admin/cluster HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer ") +
+                    std::getenv("SWITCHYARD_ADMIN_TOKEN") + "\r\n\r\n";
+  (void)::send(fd, req.data(), req.size(), 0);
+  std::string resp;
+  char b[4096];
+  ssize_t n;
+  while ((n = ::recv(fd, b, sizeof b, 0)) > 0) resp.append(b, static_cast<size_t>(n));
+  ::close(fd);
+  const auto split = resp.find("\r\n\r\n");
+  if (resp.size() < 12 || resp.substr(9, 3) != "200" || split == std::string::npos) return {};
+  return json::parse(resp.substr(split + 4), nullptr, false);
+}
+
+}  // namespace
+
+TEST_CASE("multi-process: the coordinator killed and restarted from its state file; serving never stops", "[multiprocess]") {
+  ::setenv("SWITCHYARD_ADMIN_TOKEN", "multiprocess-test-token", 1);
+  auto ref = read_reference("mixtral_e8k2");
+  const std::string m = fixture("mixtral_e8k2").string();
+  const std::string state = (std::filesystem::temp_directory_path() / ("sy-coord-state-" + std::to_string(::getpid()) + ".json")).string();
+  std::filesystem::remove(state);
+  auto coordinator = std::make_unique<child>(std::vector<std::string>{"coordinator", "--listen", "127.0.0.1:0", "--model", m,
+                                                                      "--hosts", "3", "--state", state});
+  const std::string cport = coordinator->wait_for(std::regex("coordinator listening on [^:]+:(\\d+)"));
+  std::vector<std::unique_ptr<child>> hosts;
+  for (int h = 0; h < 3; ++h)
+    hosts.push_back(std::make_unique<child>(std::vector<std::string>{"expert-host", "--coordinator", "127.0.0.1:" + cport, "--model", m,
+                                                                     "--slots", "64", "--threads", "1", "--name", "host" + std::to_string(h)}));
+  child router({"router", "--coordinator", "127.0.0.1:" + cport, "--model", m, "--http", "127.0.0.1:0", "--threads", "1"});
+  const auto port = static_cast<uint16_t>(std::stoi(router.wait_for(std::regex("router serving HTTP on [^:]+:(\\d+)"))));
+  auto ask = [&] {
+    auto [st, body] = http_post(port, json{{"prompt", ref.prompts}, {"max_tokens", ref.greedy[0].size()}}.dump());
+    REQUIRE(st == 200);
+    auto j = json::parse(body);
+    for (size_t i = 0; i < 2; ++i) CHECK(j["choices"][i]["token_ids"].get<std::vector<int32_t>>() == ref.greedy[i]);
+  };
+  for (int i = 0; i < 300 && http_post(port, json{{"prompt", json::array({1})}, {"max_tokens", 1}}.dump()).first != 200; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ask();
+  const auto before = cluster_state(port);
+  REQUIRE(before.contains("epoch"));
+  REQUIRE(std::filesystem::exists(state));
+
+  coordinator->kill_hard();
+  coordinator.reset();
+  ask();  // the data plane does not need the coordinator
+
+  coordinator = std::make_unique<child>(std::vector<std::string>{"coordinator", "--listen", "127.0.0.1:" + cport, "--model", m,
+                                                                  "--hosts", "3", "--state", state});
+  // Hosts and router reconnect; the recovered placement comes back under a newer epoch.
+  json after;
+  for (int i = 0; i < 200; ++i) {
+    after = cluster_state(port);
+    if (after.contains("epoch") && after["epoch"].get<uint64_t>() > before["epoch"].get<uint64_t>()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  REQUIRE(after.contains("epoch"));
+  CHECK(after["epoch"].get<uint64_t>() > before["epoch"].get<uint64_t>());
+  REQUIRE(after["hosts"].size() == 3);
+  for (auto& h : after["hosts"]) CHECK(h["up"] == true);
+  CHECK(after["layers"] == before["layers"]);  // the same replicas where they were
+  ask();
+  // The new coordinator runs the cluster: a rebalance round goes through it.
+  child ctl({"ctl", "rebalance", "--router", "127.0.0.1:" + std::to_string(port)});
+  const std::string status = ctl.wait_for(std::regex("\"status\": \"([a-z]+)\""));
+  CHECK((status == "done" || status == "skipped"));
+  ask();
+  std::filesystem::remove(state);
   ::unsetenv("SWITCHYARD_ADMIN_TOKEN");
 }
