@@ -3,7 +3,8 @@
 //
 // LLVMFuzzerInitialize starts one api::http_server on 127.0.0.1 with small limits and short timeouts
 // and a fake serving core: model "fuzz-model", vocabulary 512, context 256, always ready, the
-// bytefallback_bpe fixture tokenizer, an admin token and a rebalance hook. Its `submit` answers at
+// bytefallback_bpe fixture tokenizer, an admin token, rebalance and cluster-state hooks and a
+// cluster view for /dashboard/data. Its `submit` answers at
 // once: a few tokens taken from the prompt (with log-probabilities when asked), then `on_done` —
 // inline (from inside submit) when the request's sampling seed is even, from an engine thread of
 // its own when it is odd, so both orders of the I/O and engine threads are tried. Some max_tokens
@@ -167,6 +168,16 @@ void start_server() {
   svc.tokenizer = std::make_shared<const model::tokenizer>(std::move(*tok));
   svc.submit = [engine](scheduler::generation_request r) { return engine->submit(std::move(r)); };
   svc.rebalance = []() -> caf::expected<std::string> { return std::string(R"({"moves":0})"); };
+  svc.cluster_state = [] { return std::string(R"({"epoch":1,"hosts":[]})"); };
+  svc.cluster = [] {
+    api::cluster_view v;
+    v.epoch = 3;
+    v.hosts = v.hosts_up = 2;
+    v.layers = {1, 2};
+    v.experts = 4;
+    v.replicas.assign(8, 1);
+    return v;
+  };
   api::http_config cfg;
   cfg.host = "127.0.0.1";
   cfg.port = 0;
@@ -289,6 +300,8 @@ class response_checker {
       const json j = json::parse(body, nullptr, false);
       SY_FUZZ_CHECK(!j.is_discarded() && j.is_object(), "a %u response whose body is not a JSON object: %.200s", code, body.c_str());
       if (code >= 400) check_error(j, body);
+    } else if (type.starts_with("text/plain") || type.starts_with("text/html")) {
+      SY_FUZZ_CHECK(code == 200, "a %u response of content type '%s'", code, type.c_str());  // /metrics, /dashboard
     } else if (type == "text/event-stream") {
       SY_FUZZ_CHECK(code == 200, "an event stream with status %u", code);
       size_t at = 0;
