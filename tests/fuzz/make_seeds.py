@@ -266,7 +266,7 @@ WIRE_REGRESSIONS = {
     # encode_error of an empty caf::error dereferenced null (CAF's category()).
     "encode-empty-error": b"\x03\x00" + b"\x03" * 20 + b"x",
     # A message over 1024 bytes was cut inside a UTF-8 character.
-    "error-message-cut-utf8": b"\x03" + bytes([9]) + b"\x02" * 20 + b"x" + "é".encode() * 600,
+    "error-message-cut-utf8": b"\x03" + bytes([9]) + b"\x02" * 20 + b"x" + "é".encode() * 540,
 }
 for name, data in WIRE_REGRESSIONS.items():
     write("wire", name, data, prefix="regress-")
