@@ -91,6 +91,7 @@ class session : public std::enable_shared_from_this<session> {
   // ---- reading requests -----------------------------------------------------------------------
 
   void read(bool first) {
+    head_ = false;
     parser_.emplace();
     parser_->header_limit(static_cast<std::uint32_t>(std::min<size_t>(cfg_.max_header_bytes, UINT32_MAX)));
     parser_->body_limit(cfg_.max_body_bytes);
@@ -188,14 +189,23 @@ class session : public std::enable_shared_from_this<session> {
     res->body() = std::move(body);
     res->prepare_payload();
     stream_.expires_after(cfg_.body_timeout);  // a client that does not read its answer is cut off too
-    http::async_write(stream_, *res, [self = shared_from_this(), res](beast::error_code ec, size_t) {
+    auto done = [self = shared_from_this(), res](beast::error_code ec, size_t) {
       if (ec || !res->keep_alive()) return self->close();
       self->read(false);
-    });
+    };
+    if (head_) {
+      // The answer to HEAD has the header fields a GET would get, Content-Length included, and no
+      // content (RFC 9110 §9.3.2): a kept-alive client would read a body as the next response.
+      auto sr = std::make_shared<http::response_serializer<http::string_body>>(*res);
+      http::async_write_header(stream_, *sr, [sr, done = std::move(done)](beast::error_code ec, size_t n) { done(ec, n); });
+      return;
+    }
+    http::async_write(stream_, *res, std::move(done));
   }
 
   void handle(http::request<http::string_body> req) {
     const bool ka = req.keep_alive();
+    head_ = req.method() == http::verb::head;
     std::string target(req.target());
     if (auto q = target.find('?'); q != std::string::npos) target.resize(q);
     begin(target);
@@ -335,6 +345,8 @@ class session : public std::enable_shared_from_this<session> {
     size_t left = 0;
     uint64_t id = 0;
     int64_t created = 0;
+    bool streaming = false;  ///< set before any choice is submitted, then constant
+    bool refused = false;    ///< answered (or its stream ended) at admission; on the session strand
     std::shared_ptr<std::atomic<bool>> cancel = std::make_shared<std::atomic<bool>>(false);
   };
 
@@ -376,13 +388,13 @@ class session : public std::enable_shared_from_this<session> {
     if (req.echo)
       for (const auto& p : req.prompts) rs->prompt_text.push_back(svc_.tokenizer ? svc_.tokenizer->decode(p, req.skip_special_tokens) : "");
     rs->left = rs->choices.size();
-    streaming_ = req.stream;
+    rs->streaming = req.stream;
     keep_alive_ = ka;
     ++st_.active;
     stream_.expires_never();  // generation takes as long as it takes; a client that leaves cancels it
     rs_cancel_ = rs->cancel;
-    if (streaming_) {
-      start_stream();
+    if (rs->streaming) {
+      start_stream(*rs);
       if (req.echo)
         for (size_t i = 0; i < rs->choices.size(); ++i)
           send_event(*rs, {{"index", i}, {"text", rs->prompt_text[rs->choices[i].prompt]}, {"token_ids", json::array()},
@@ -409,21 +421,25 @@ class session : public std::enable_shared_from_this<session> {
         rs->cancel->store(true);
         const bool full = err.code() == static_cast<uint8_t>(scheduler::scheduler_errc::queue_full) ||
                           err.code() == static_cast<uint8_t>(scheduler::scheduler_errc::shutting_down);
+        bool none_left;
         {
           std::lock_guard lock(rs->mu);
           rs->left -= rs->choices.size() - i;  // those never submitted
-          refused_ = true;
+          rs->refused = true;
+          none_left = rs->left == 0;
         }
-        if (i == 0) --st_.active;  // else the choices already queued end (cancelled) and count it
-        if (streaming_) {
-          stream_error(error_body("server_error", model::describe(err), ""));
+        // The last of the choices already queued to end (cancelled) counts the request as answered;
+        // when there is none (i == 0, or the engine was quick and they all ended already), here.
+        if (none_left) --st_.active;
+        if (rs->streaming) {
+          stream_error(*rs, error_body("server_error", model::describe(err), ""));
           return;
         }
         return reply(full ? http::status::service_unavailable : http::status::bad_request,
                      error_body(full ? "server_error" : "invalid_request_error", model::describe(err), ""), ka, full ? 1 : 0);
       }
     }
-    if (!streaming_) {
+    if (!rs->streaming) {
       bool pending;
       {
         std::lock_guard lock(rs->mu);
@@ -463,7 +479,7 @@ class session : public std::enable_shared_from_this<session> {
           }
         }
       }
-      if (!streaming_) return keep_going;
+      if (!rs.streaming) return keep_going;
       const size_t safe = c.stopped ? c.text.size() : c.text.size() - held_back(c.text, rs.req.stop);
       if (safe > c.emitted) {
         piece = c.text.substr(c.emitted, safe - c.emitted);
@@ -483,8 +499,7 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   void send_event(const request_state& rs, json choice_j) {
-    auto data = std::make_shared<std::string>("data: " + dump(chunk(rs, json::array({std::move(choice_j)}))) + "\n\n");
-    net::post(stream_.get_executor(), [self = shared_from_this(), data] { self->queue_write(data); });
+    send_raw(rs, std::make_shared<std::string>("data: " + dump(chunk(rs, json::array({std::move(choice_j)}))) + "\n\n"));
   }
 
   /// Engine thread: choice i finished (or failed).
@@ -496,17 +511,17 @@ class session : public std::enable_shared_from_this<session> {
       auto& ch = rs->choices[i];
       if (ch.decoder && !ch.stopped) ch.text += ch.decoder->finish();
       if (ch.stopped && c.finish_reason != "error") c.finish_reason = "stop";
-      if (streaming_ && ch.emitted < ch.text.size()) {
+      if (rs->streaming && ch.emitted < ch.text.size()) {
         tail = ch.text.substr(ch.emitted);
         ch.emitted = ch.text.size();
       }
       ch.done = std::move(c);
       last = --rs->left == 0;
     }
-    if (streaming_) {
+    if (rs->streaming) {
       const auto& done = *rs->choices[i].done;
       if (done.error && done.finish_reason == "error") {
-        send_raw(std::make_shared<std::string>(
+        send_raw(*rs, std::make_shared<std::string>(
             "data: " + error_body("server_error", model::describe(done.error), "") + "\n\n"));
       } else if (done.finish_reason != "cancelled") {
         send_event(*rs, {{"index", i}, {"text", tail}, {"token_ids", json::array()}, {"logprobs", nullptr},
@@ -528,7 +543,7 @@ class session : public std::enable_shared_from_this<session> {
 
   void finish_plain(const std::shared_ptr<request_state>& rs) {
     --st_.active;
-    if (refused_) return;  // answered when it was refused
+    if (rs->refused) return;  // answered when it was refused
     if (rs->cancel->load() && closed_) return;  // the client left; nothing to answer
     json choices = json::array();
     double ttft = 0, total = 0;
@@ -591,7 +606,8 @@ class session : public std::enable_shared_from_this<session> {
 
   // ---- server-sent events ---------------------------------------------------------------------
 
-  void start_stream() {
+  void start_stream(const request_state& rs) {
+    stream_id_ = rs.id;
     sse_res_ = std::make_shared<http::response<http::empty_body>>(http::status::ok, 11);
     sse_res_->set(http::field::content_type, "text/event-stream");
     sse_res_->set(http::field::cache_control, "no-cache");
@@ -607,16 +623,24 @@ class session : public std::enable_shared_from_this<session> {
     });
   }
 
-  void send_raw(std::shared_ptr<std::string> data) {
-    net::post(stream_.get_executor(), [self = shared_from_this(), data] { self->queue_write(data); });
+  /// Any thread: an event of request `rs`'s stream, written in order on the session's strand.
+  void send_raw(const request_state& rs, std::shared_ptr<std::string> data) {
+    net::post(stream_.get_executor(), [self = shared_from_this(), id = rs.id, data] { self->queue_write(id, data); });
   }
 
-  void stream_error(std::string body) {
-    // Refused after the stream's head went out: one error event, then the end.
-    queue_write(std::make_shared<std::string>("data: " + body + "\n\n"));
-    queue_write(std::make_shared<std::string>("data: [DONE]\n\n"));
+  /// Strand: the stream's last events; whatever of request `id` comes after them is dropped.
+  void end_stream(uint64_t id, std::vector<std::shared_ptr<std::string>> last) {
+    for (auto& d : last) queue_write(id, std::move(d));
+    if (stream_id_ != id) return;
+    stream_id_ = 0;
     end_requested_ = true;
     pump();
+  }
+
+  void stream_error(const request_state& rs, std::string body) {
+    // Refused after the stream's head went out: one error event, then the end. Events of the
+    // choices already queued, still on their way, are dropped.
+    end_stream(rs.id, {std::make_shared<std::string>("data: " + body + "\n\n"), std::make_shared<std::string>("data: [DONE]\n\n")});
   }
 
   void finish_stream(const std::shared_ptr<request_state>& rs) {
@@ -626,18 +650,21 @@ class session : public std::enable_shared_from_this<session> {
       u["usage"] = usage(*rs);
       usage_event = std::make_shared<std::string>("data: " + dump(u) + "\n\n");
     }
-    net::post(stream_.get_executor(), [self = shared_from_this(), usage_event] {
+    net::post(stream_.get_executor(), [self = shared_from_this(), rs, usage_event] {
       --self->st_.active;
-      if (self->refused_) return;  // the stream already ended with the refusal
-      if (usage_event) self->queue_write(usage_event);
-      self->queue_write(std::make_shared<std::string>("data: [DONE]\n\n"));
-      self->end_requested_ = true;
-      self->pump();
+      if (rs->refused) return;  // the stream already ended with the refusal
+      std::vector<std::shared_ptr<std::string>> last;
+      if (usage_event) last.push_back(usage_event);
+      last.push_back(std::make_shared<std::string>("data: [DONE]\n\n"));
+      self->end_stream(rs->id, std::move(last));
     });
   }
 
-  void queue_write(std::shared_ptr<std::string> data) {
-    if (closed_) return;
+  /// Strand: queues an event of request `id`'s stream; dropped unless that stream is the open one
+  /// (a request refused mid-way, or one before it on this connection, may still have events on
+  /// their way from the engine thread).
+  void queue_write(uint64_t id, std::shared_ptr<std::string> data) {
+    if (closed_ || id != stream_id_) return;
     out_.push_back(std::move(data));
     pump();
   }
@@ -686,15 +713,15 @@ class session : public std::enable_shared_from_this<session> {
   const http_config& cfg_;
   const completion_service& svc_;
   bool closed_ = false;
+  bool head_ = false;  ///< the request being answered is HEAD: no content in the answer
   bool keep_alive_ = true;
-  std::atomic<bool> streaming_{false};
-  bool refused_ = false;
   // disconnect watch
   bool watching_ = false;
   std::optional<std::function<void()>> pending_;
   // streaming
   std::shared_ptr<http::response<http::empty_body>> sse_res_;
   std::shared_ptr<http::response_serializer<http::empty_body>> sse_sr_;
+  uint64_t stream_id_ = 0;  ///< the request whose stream is open (ids start at 1)
   std::deque<std::shared_ptr<std::string>> out_;
   bool writing_ = false, end_requested_ = false, end_written_ = false;
   std::shared_ptr<std::atomic<bool>> rs_cancel_;

@@ -274,9 +274,17 @@ encoded_frame encode_request(const request& r) { return {encode_header(frame_kin
 
 encoded_frame encode_reply(const reply& r) { return {encode_header(frame_kind::reply, r.header), r.rows.bytes()}; }
 
-std::vector<std::byte> encode_error(uint64_t batch_id, uint64_t epoch, uint32_t layer, const caf::error& err) {
+std::vector<std::byte> encode_error(uint64_t batch_id, uint64_t epoch, uint32_t layer, const caf::error& given) {
+  // An empty error (a handler that failed without saying why) has no category to send (CAF would
+  // dereference null): it goes out as handler_failed.
+  const caf::error err = given ? given : make_error(wire_errc::handler_failed, "the handler failed without an error");
   std::string msg = describe(err);
-  if (msg.size() > wire_max_error_message) msg.resize(wire_max_error_message);
+  if (msg.size() > wire_max_error_message) {
+    // Cut on a character boundary: the message stays UTF-8.
+    size_t cut = wire_max_error_message;
+    while (cut > 0 && (static_cast<unsigned char>(msg[cut]) & 0xC0) == 0x80) --cut;
+    msg.resize(cut);
+  }
   std::vector<std::byte> out(wire_fixed_bytes + wire_error_fixed_bytes + msg.size());
   put_fixed(out.data(), frame_kind::error, 0, batch_id, epoch, layer, 0, 0, static_cast<uint32_t>(out.size()));
   std::byte* p = out.data() + wire_fixed_bytes;

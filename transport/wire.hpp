@@ -152,7 +152,8 @@ struct encoded_frame {
 [[nodiscard]] std::vector<std::byte> encode_header(frame_kind kind, const batch_header& h);
 [[nodiscard]] encoded_frame encode_request(const request& r);
 [[nodiscard]] encoded_frame encode_reply(const reply& r);
-/// An error frame for batch `batch_id` carrying `err` (any layer's; its message cut at 1024 bytes).
+/// An error frame for batch `batch_id` carrying `err` (any layer's; its message cut at 1024 bytes,
+/// on a character boundary). An empty `err` is sent as handler_failed.
 [[nodiscard]] std::vector<std::byte> encode_error(uint64_t batch_id, uint64_t epoch, uint32_t layer,
                                                   const caf::error& err);
 
