@@ -22,7 +22,7 @@ HOT_BIAS="${SWITCHYARD_BENCH_HOT_BIAS:-0.2}"
 MODEL="${SWITCHYARD_BENCH_MODEL:-$HOME/.cache/switchyard/bench-dsv3-skewed${HOT_BIAS}-h512-e8-f2048-l5}"
 export UCX_NET_DEVICES=lo OMP_WAIT_POLICY=passive
 export SWITCHYARD_ADMIN_TOKEN="bench-$RANDOM$RANDOM"
-[ -f "$MODEL/model.safetensors.index.json" ] ||
+[ -f "$MODEL/config.json" ] ||
   "$SY" make-model --family deepseek_v3 --hidden 512 --ffn 2048 --experts 8 --top-k 2 --layers 5 --first-dense 1 \
     --shared-experts 0 --groups 1 --topk-groups 1 --heads 8 --vocab 4096 --dtype bf16 \
     --hot-experts 0,4 --hot-bias "$HOT_BIAS" --out "$MODEL" > /dev/null

@@ -12,7 +12,7 @@ LOAD="$BUILD/bench/serve_load"
 CONC="${SWITCHYARD_BENCH_CONCURRENCY:-1,8,32,128}"
 MODEL="${SWITCHYARD_BENCH_MODEL:-$HOME/.cache/switchyard/bench-mixtral-h1024-e8-f3584-l8}"
 export UCX_NET_DEVICES=lo
-[ -f "$MODEL/model.safetensors.index.json" ] ||
+[ -f "$MODEL/config.json" ] ||
   "$SY" make-model --family mixtral --hidden 1024 --ffn 3584 --experts 8 --top-k 2 --layers 8 --vocab 32000 \
     --heads 16 --kv-heads 4 --dtype bf16 --out "$MODEL"
 TMP="$(mktemp -d)"

@@ -337,7 +337,7 @@ TEST_CASE("HTTP API: overload beyond the queue gets 503 with Retry-After while a
   CHECK(ok >= 2);
 }
 
-TEST_CASE("HTTP API: slow-header clients are cut at the header timeout while normal requests work; connection limit", "[actors][http]") {
+TEST_CASE("HTTP API: slow-header clients are cut at the header timeout while normal requests work, connection limit", "[actors][http]") {
   api::http_config hc;
   hc.header_timeout = std::chrono::milliseconds(300);
   hc.max_connections = 300;

@@ -297,7 +297,7 @@ json cluster_state(uint16_t port) {
 
 }  // namespace
 
-TEST_CASE("multi-process: the coordinator killed and restarted from its state file; serving never stops", "[multiprocess]") {
+TEST_CASE("multi-process: the coordinator killed and restarted from its state file, serving never stops", "[multiprocess]") {
   ::setenv("SWITCHYARD_ADMIN_TOKEN", "multiprocess-test-token", 1);
   auto ref = read_reference("mixtral_e8k2");
   const std::string m = fixture("mixtral_e8k2").string();

@@ -144,7 +144,7 @@ TEST_CASE("gpu: the gating kernel makes the CPU's choices, for every family's ru
   }
 }
 
-TEST_CASE("gpu: expert FFNs in bf16 stay within 1e-2 of float64; the CPU fp32 path within 1e-4", "[gpu]") {
+TEST_CASE("gpu: expert FFNs in bf16 stay within 1e-2 of float64, the CPU fp32 path within 1e-4", "[gpu]") {
   for (auto [h, f, n] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{256, 512, 37}, {2048, 768, 64}, {4096, 14336, 8}}) {
     INFO("hidden " << h << ", ffn " << f << ", rows " << n);
     auto w = random_expert(h, f, 7, dtype::f32);

@@ -282,7 +282,7 @@ TEST_CASE("metrics: series count of the fixture models by mode", "[metrics]") {
   std::printf("series, fixture mixtral_e8k2 (2 x 8, 4 hosts): all %zu, top:4 %zu, off %zu\n", mixtral.all, mixtral.top, mixtral.off);
 }
 
-TEST_CASE("metrics: the embedded cluster over HTTP: N requests are N in the counter; routed tokens = tokens x top-k x MoE layers",
+TEST_CASE("metrics: the embedded cluster over HTTP: N requests are N in the counter, routed tokens = tokens x top-k x MoE layers",
           "[metrics]") {
   metrics::testing::reset();
   for (auto name : {"mixtral_e8k2", "deepseekv3_e16k4"}) {

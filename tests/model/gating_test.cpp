@@ -82,7 +82,7 @@ TEST_CASE("gating: ties go to the lower expert id, rows are independent", "[gati
   CHECK(r.experts == std::vector<int32_t>{0, 2});
 }
 
-TEST_CASE("gating: DeepSeek-V2 renormalises or scales, never both; V3 does both", "[gating]") {
+TEST_CASE("gating: DeepSeek-V2 renormalises or scales, never both, V3 does both", "[gating]") {
   gating_config g;
   g.num_experts = 4;
   g.top_k = 2;

@@ -245,7 +245,7 @@ TEST_CASE("planner: `switchyard plan` writes a valid plan and names the file and
   CHECK_THAT(msg, Contains("load[0][7]"));
 }
 
-TEST_CASE("simulator: rebalancing under a skewed, drifting load beats a static placement; EPLB moves more") {
+TEST_CASE("simulator: rebalancing under a skewed, drifting load beats a static placement, EPLB moves more") {
   sim_cluster c{8, 2, 48, 3.35e12, 989e12, 50e9};
   sim_model m;
   m.layers = 4;
