@@ -51,6 +51,13 @@ std::optional<json> parse_object(const std::string& body, bad_request& err) {
 
 bool present(const json& j, const char* key) { return j.contains(key) && !j[key].is_null(); }
 
+/// `model`, when given, must name the served model.
+std::optional<bad_request> check_model(const json& j, const request_limits& lim) {
+  if (present(j, "model") && (!j["model"].is_string() || j["model"].get<std::string>() != lim.model_name))
+    return bad_request{"model", "unknown model; this server serves '" + lim.model_name + "'"};
+  return std::nullopt;
+}
+
 }  // namespace
 
 std::variant<completion_request, bad_request> parse_completion(const std::string& body, const request_limits& lim) {
@@ -59,8 +66,7 @@ std::variant<completion_request, bad_request> parse_completion(const std::string
   if (!parsed) return err;
   const json& j = *parsed;
   completion_request out;
-  if (present(j, "model") && (!j["model"].is_string() || j["model"].get<std::string>() != lim.model_name))
-    return bad_request{"model", "unknown model; this server serves '" + lim.model_name + "'"};
+  if (auto e = check_model(j, lim)) return *e;
   if (!present(j, "prompt")) return bad_request{"prompt", "prompt is required"};
   const auto& p = j["prompt"];
   if (p.is_string()) {
@@ -201,8 +207,7 @@ std::variant<tokenize_request, bad_request> parse_tokenize(const std::string& bo
   auto parsed = parse_object(body, err);
   if (!parsed) return err;
   const json& j = *parsed;
-  if (present(j, "model") && (!j["model"].is_string() || j["model"].get<std::string>() != lim.model_name))
-    return bad_request{"model", "unknown model; this server serves '" + lim.model_name + "'"};
+  if (auto e = check_model(j, lim)) return *e;
   if (!lim.tokenizer) return bad_request{"prompt", "this server has no tokenizer (no tokenizer.json beside the model)"};
   if (!present(j, "prompt") || !j["prompt"].is_string()) return bad_request{"prompt", "prompt must be a string"};
   tokenize_request out;
@@ -219,8 +224,7 @@ std::variant<detokenize_request, bad_request> parse_detokenize(const std::string
   auto parsed = parse_object(body, err);
   if (!parsed) return err;
   const json& j = *parsed;
-  if (present(j, "model") && (!j["model"].is_string() || j["model"].get<std::string>() != lim.model_name))
-    return bad_request{"model", "unknown model; this server serves '" + lim.model_name + "'"};
+  if (auto e = check_model(j, lim)) return *e;
   if (!lim.tokenizer) return bad_request{"tokens", "this server has no tokenizer (no tokenizer.json beside the model)"};
   if (!present(j, "tokens")) return bad_request{"tokens", "tokens is required"};
   detokenize_request out;
