@@ -3,7 +3,7 @@
 // copy, a large cuBLAS bf16 GEMM) and, when given, Hugging Face transformers' own MoE block timed in
 // the same job (bench/gpu/hf_moe_block.py writes that JSON).
 //
-//   bench_gpu_moe [--hf-json FILE] [--reps N]
+//   bench_gpu_moe [--hf-json FILE] [--reps N] [--layer mixtral|qwen3] [--tokens 1,8,...]
 //
 // Targets: at 1–8 tokens within 1.3x of (expert weight bytes read / copy bandwidth); at 4096 tokens
 // >= 70% of the bf16 GEMM rate.
@@ -47,12 +47,22 @@ std::vector<float> randv(size_t n, uint32_t seed, float scale) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string hf_json;
+  std::string hf_json, only_layer;
   int reps = 20;
+  std::vector<int64_t> tokens = {1, 2, 4, 8, 64, 512, 4096};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--hf-json" && i + 1 < argc) hf_json = argv[++i];
     else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
+    else if (a == "--layer" && i + 1 < argc) only_layer = argv[++i];
+    else if (a == "--tokens" && i + 1 < argc) {
+      tokens.clear();
+      for (std::string v = argv[++i]; !v.empty();) {
+        const auto c = v.find(',');
+        tokens.push_back(std::atoll(v.substr(0, c).c_str()));
+        v = c == std::string::npos ? "" : v.substr(c + 1);
+      }
+    }
   }
   std::string why;
   if (!gpu::device_available(&why)) {
@@ -74,10 +84,10 @@ int main(int argc, char** argv) {
   std::printf("roofline (same run): device-to-device copy %.0f GB/s (read + write), cuBLAS bf16 GEMM 8192^3 %.0f TFLOP/s\n",
               roof->copy_gbs, roof->bf16_tflops);
   const std::vector<shape> shapes = {{"mixtral", 4096, 14336, 8, 2}, {"qwen3", 2048, 768, 128, 8}};
-  const std::vector<int64_t> tokens = {1, 8, 64, 512, 4096};
-  std::printf("\n%-8s %-7s %6s %7s %10s %10s %10s %9s %9s | %11s %7s | %8s %7s\n", "layer", "gemm", "tokens", "active", "median ms",
+  std::printf("\n%-8s %-12s %6s %7s %10s %9s %10s %10s %9s %9s | %11s %7s | %8s %7s\n", "layer", "gemm", "tokens", "active", "median ms", "device ms",
               "weight GB", "GB/s", "TFLOP/s", "vs GEMM", "bytes/bw ms", "ratio", "HF ms", "HF/ours");
   for (const auto& s : shapes) {
+    if (!only_layer.empty() && s.name != only_layer) continue;
     m::gating_config g;
     g.num_experts = s.experts;
     g.top_k = s.top_k;
@@ -98,8 +108,11 @@ int main(int argc, char** argv) {
       return 1;
     }
     store.clear();  // host copies no longer needed
+    (*layer)->set_timing(true);
     for (int64_t t : tokens)
-     for (auto mode : {gpu::gemm_mode::automatic, gpu::gemm_mode::grouped, gpu::gemm_mode::per_expert}) {
+     for (auto mode : {gpu::gemm_mode::automatic, gpu::gemm_mode::grouped, gpu::gemm_mode::per_expert,
+                       gpu::gemm_mode::padded, gpu::gemm_mode::gemv}) {
+      if (mode == gpu::gemm_mode::gemv && t > gpu::gemv_max_rows) continue;
       (*layer)->set_gemm_mode(mode);
       // Several input sets, rotated, so repeated runs do not measure one cached input.
       constexpr int sets = 3;
@@ -120,7 +133,7 @@ int main(int argc, char** argv) {
           std::printf("error: %s\n", m::describe(e).c_str());
           return 1;
         }
-      std::vector<double> ms;
+      std::vector<double> ms, dev_ms;
       double bytes = 0;
       int active = 0;
       for (int i = 0; i < reps; ++i) {
@@ -134,11 +147,14 @@ int main(int argc, char** argv) {
           return 1;
         }
         ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+        auto d = (*layer)->last_device_ms();
+        dev_ms.push_back(d ? *d : -1.0);
         bytes += static_cast<double>((*layer)->last_weight_bytes());
         active += (*layer)->last_active_experts();
       }
       std::sort(ms.begin(), ms.end());
-      const double med = ms[ms.size() / 2];
+      std::sort(dev_ms.begin(), dev_ms.end());
+      const double med = ms[ms.size() / 2], dev_med = dev_ms[dev_ms.size() / 2];
       bytes /= reps;
       const double flops = 2.0 * 3.0 * double(s.hidden) * double(s.ffn) * double(t) * s.top_k;
       const double tflops = flops / (med * 1e-3) * 1e-12;
@@ -152,12 +168,15 @@ int main(int argc, char** argv) {
         std::snprintf(hfcol, sizeof hfcol, "%.3f", hf_ms);
         std::snprintf(ratio, sizeof ratio, "%.2fx", hf_ms / med);
       }
-      std::printf("%-8s %-7s %6lld %7.1f %10.3f %10.2f %10.0f %9.1f %8.0f%% | %11.3f %6.2fx | %8s %7s\n", s.name.c_str(),
-                  mode == gpu::gemm_mode::grouped ? "grouped" : mode == gpu::gemm_mode::per_expert ? "each" : "auto", static_cast<long long>(t), double(active) / reps, med, bytes * 1e-9, bytes / (med * 1e-3) * 1e-9,
+      std::string kind = gpu::to_string(mode);
+      if (mode == gpu::gemm_mode::automatic) kind += std::string("=") + gpu::to_string((*layer)->last_gemm_mode());
+      std::printf("%-8s %-12s %6lld %7.1f %10.3f %9.3f %10.2f %10.0f %9.1f %8.0f%% | %11.3f %6.2fx | %8s %7s\n", s.name.c_str(),
+                  kind.c_str(), static_cast<long long>(t), double(active) / reps, med, dev_med, bytes * 1e-9, bytes / (med * 1e-3) * 1e-9,
                   tflops, 100 * tflops / roof->bf16_tflops, bound_ms, med / bound_ms, hfcol, ratio);
     }
   }
-  std::printf("(median of %d after warm-up, host clock around each forward including its one count copy; targets:\n"
+  std::printf("(median of %d after warm-up; median ms: host clock around each forward and its synchronisation, what the\n"
+              " ratios use; device ms: device events around the forward's work on its stream; targets:\n"
               " ratio <= 1.3 at 1-8 tokens, vs GEMM >= 70%% at 4096; HF = transformers' MoE block, same job)\n",
               reps);
   return 0;

@@ -128,12 +128,10 @@ struct gate_params {
   float norm_eps, scale;
 };
 
-/// One thread per token: scores, optional bias and group limit, top-k (ties to the lower id, in
-/// rank order), weights — the same rule as the CPU's `route_from_logits`.
-__global__ void gate_kernel(const float* logits, const float* bias, gate_params p, int64_t t, int* out_idx,
-                            float* out_w) {
-  const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (row >= t) return;
+/// One token's scores, optional bias and group limit, top-k (ties to the lower id, in rank order),
+/// weights — the same rule as the CPU's `route_from_logits`.
+__device__ void gate_token(const float* logits, const float* bias, const gate_params& p, int64_t row, int* out_idx,
+                           float* out_w) {
   const float* l = logits + row * p.experts;
   float scores[max_experts], choice[max_experts];
   if (p.sigmoid) {
@@ -196,6 +194,13 @@ __global__ void gate_kernel(const float* logits, const float* bias, gate_params 
     for (int j = 0; j < p.k; ++j) w[j] = static_cast<float>(static_cast<double>(w[j]) * p.scale);
 }
 
+/// One thread per token.
+__global__ void gate_kernel(const float* logits, const float* bias, gate_params p, int64_t t, int* out_idx,
+                            float* out_w) {
+  const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (row < t) gate_token(logits, bias, p, row, out_idx, out_w);
+}
+
 __global__ void count_kernel(const int* idx, int64_t n, const int* slot, int* counts) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     if (slot[idx[i]] >= 0) atomicAdd(&counts[idx[i]], 1);
@@ -228,17 +233,361 @@ __global__ void swiglu_kernel(const bf16* gu, int64_t rows, int64_t f, bf16* out
   }
 }
 
+__device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(float v) { return v; }
+
 /// y[t] = Σ_j w[t, j] · yo[pos[t, j]] (rows of absent experts skipped), fp32 accumulation.
-__global__ void combine_kernel(const bf16* yo, const int* pos, const float* w, int k, int64_t h, float* y) {
+/// Grid (tokens, column blocks): one output element per thread; the token's rows and weights are
+/// read once per block.
+template <class T>
+__global__ void combine_kernel(const T* yo, const int* pos, const float* w, int k, int64_t h, float* y) {
+  constexpr int max_k = 32;
+  __shared__ int sp[max_k];
+  __shared__ float sw[max_k];
   const int64_t t = blockIdx.x;
-  for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
-    float acc = 0.0f;
-    for (int j = 0; j < k; ++j) {
-      const int p = pos[t * k + j];
-      if (p >= 0) acc += w[t * k + j] * __bfloat162float(yo[int64_t(p) * h + c]);
-    }
-    y[t * h + c] = acc;
+  if (threadIdx.x < k && threadIdx.x < max_k) {
+    sp[threadIdx.x] = pos[t * k + threadIdx.x];
+    sw[threadIdx.x] = w[t * k + threadIdx.x];
   }
+  __syncthreads();
+  const int64_t c = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= h) return;
+  float acc = 0.0f;
+  for (int j = 0; j < k; ++j)
+    if (sp[j] >= 0) acc += sw[j] * to_f32(yo[int64_t(sp[j]) * h + c]);
+  y[t * h + c] = acc;
+}
+
+// ---- the GEMV path: up to gemv_max_rows rows per expert, every expert in one launch ----
+
+/// Work list of a GEMV launch, in device memory: `n_act` experts; expert j is `act[j]` and owns
+/// rows [start[j], start[j] + cnt[j]); row r reads input row `row_tok[r]`.
+struct gemv_work {
+  const int* n_act;
+  const int* act;
+  const int* start;
+  const int* cnt;
+  const int* row_tok;
+};
+
+/// Most (token, expert) pairs the one-block routing kernel holds.
+constexpr int gemv_max_pairs = 256;
+constexpr int gemv_warps = 8;  // warps per block of the GEMV kernels
+
+__device__ __forceinline__ void bf16x8(const uint4& v, float (&f)[8]) {
+  const auto* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(p[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+/// acc[q][r] = Σ_c W_q[c] · X_r[c] over rows of length `len` (a multiple of 8), for the first `cnt`
+/// of R ≥ cnt input rows (R is a compile-time bound, so the accumulators stay in registers and a
+/// one-row step keeps the kernel small enough for high occupancy): each lane streams
+/// 16-byte pieces of the warp's NW weight rows (read once: the bandwidth-bound part) and reuses
+/// each piece for every input row; then a warp reduction. Inputs are f32 rows (L1/L2-resident).
+template <int NW, int R>
+__device__ __forceinline__ void warp_dots(const bf16* const (&w)[NW], const float* const (&x)[R], int cnt,
+                                          int len, float (&acc)[NW][R]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int q = 0; q < NW; ++q)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[q][r] = 0.0f;
+#pragma unroll(R <= 2 ? 4 : 2)
+  for (int c = lane * 8; c < len; c += 256) {
+    uint4 raw[NW];
+#pragma unroll
+    for (int q = 0; q < NW; ++q) raw[q] = __ldg(reinterpret_cast<const uint4*>(w[q] + c));
+    float wf[NW][8];
+#pragma unroll
+    for (int q = 0; q < NW; ++q) bf16x8(raw[q], wf[q]);
+    // Every load of the iteration is issued before the arithmetic that waits for it.
+    float4 xa[R], xb[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      if (r < cnt) {
+        xa[r] = __ldg(reinterpret_cast<const float4*>(x[r] + c));
+        xb[r] = __ldg(reinterpret_cast<const float4*>(x[r] + c + 4));
+      }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r >= cnt) break;
+      const float4 a = xa[r], b = xb[r];
+#pragma unroll
+      for (int q = 0; q < NW; ++q)
+        acc[q][r] += wf[q][0] * a.x + wf[q][1] * a.y + wf[q][2] * a.z + wf[q][3] * a.w + wf[q][4] * b.x +
+                     wf[q][5] * b.y + wf[q][6] * b.z + wf[q][7] * b.w;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r >= cnt) break;
+#pragma unroll
+    for (int q = 0; q < NW; ++q)
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[q][r] += __shfl_xor_sync(0xffffffffu, acc[q][r], o);
+  }
+}
+
+/// hmid[row, c] = silu(gate_c · x_row) · (up_c · x_row) for P = NW/2 consecutive columns c per warp
+/// (gate rows c of the expert's [2F, H] gate_up, up rows F + c), blockIdx.y = the work list's expert.
+template <int NW, int R>
+__global__ void __launch_bounds__(gemv_warps * 32) gemv_gate_up_kernel(const float* __restrict__ x, int h, int f,
+                                                                       const bf16* const* __restrict__ tab,
+                                                                       gemv_work wk, float* __restrict__ hmid) {
+  constexpr int P = NW / 2;
+  const int j = blockIdx.y;
+  if (j >= *wk.n_act) return;
+  const int c0 = (blockIdx.x * gemv_warps + (threadIdx.x >> 5)) * P;
+  if (c0 >= f) return;
+  const int r0 = wk.start[j], cnt = wk.cnt[j];
+  const bf16* W = tab[wk.act[j]];
+  const bf16* rows[NW];
+#pragma unroll
+  for (int q = 0; q < P; ++q) {
+    const int c = min(c0 + q, f - 1);
+    rows[q] = W + int64_t(c) * h;
+    rows[P + q] = W + int64_t(f + c) * h;
+  }
+  const float* xs[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) xs[r] = x + int64_t(wk.row_tok[r0 + min(r, cnt - 1)]) * h;
+  float acc[NW][R];
+  warp_dots<NW, R>(rows, xs, cnt, h, acc);
+  if ((threadIdx.x & 31) != 0) return;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r >= cnt) break;
+#pragma unroll
+    for (int q = 0; q < P; ++q)
+      if (c0 + q < f) {
+        const float g = acc[q][r], u = acc[P + q][r];
+        hmid[int64_t(r0 + r) * f + c0 + q] = g / (1.0f + expf(-g)) * u;
+      }
+  }
+}
+
+/// y[row, c] = down_c · hmid_row for NW consecutive output columns c per warp.
+template <int NW, int R>
+__global__ void __launch_bounds__(gemv_warps * 32) gemv_down_kernel(const float* __restrict__ hmid, int h, int f,
+                                                                    const bf16* const* __restrict__ tab, gemv_work wk,
+                                                                    float* __restrict__ y) {
+  const int j = blockIdx.y;
+  if (j >= *wk.n_act) return;
+  const int c0 = (blockIdx.x * gemv_warps + (threadIdx.x >> 5)) * NW;
+  if (c0 >= h) return;
+  const int r0 = wk.start[j], cnt = wk.cnt[j];
+  const bf16* W = tab[wk.act[j]];
+  const bf16* rows[NW];
+#pragma unroll
+  for (int q = 0; q < NW; ++q) rows[q] = W + int64_t(min(c0 + q, h - 1)) * f;
+  const float* xs[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) xs[r] = hmid + int64_t(r0 + min(r, cnt - 1)) * f;
+  float acc[NW][R];
+  warp_dots<NW, R>(rows, xs, cnt, f, acc);
+  if ((threadIdx.x & 31) != 0) return;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r >= cnt) break;
+#pragma unroll
+    for (int q = 0; q < NW; ++q)
+      if (c0 + q < h) y[int64_t(r0 + r) * h + c0 + q] = acc[q][r];
+  }
+}
+
+/// `gate_token` by one warp (the small-step path, where one thread per token would leave the
+/// layer waiting on a long serial chain): the same rule and the same tie-breaking (the lower id
+/// wins), the experts strided over the lanes; `choice`/`score` are this warp's shared scratch of
+/// `experts` floats, `gs`/`keep` of `n_group`.
+__device__ void gate_token_warp(const float* logits, const float* bias, const gate_params& p, int row, int* out_idx,
+                                float* out_w, float* score, float* choice, float* gs, int* keep) {
+  const int lane = threadIdx.x & 31, E = p.experts;
+  const float* l = logits + int64_t(row) * E;  // read through L2 (__ldcg): other blocks wrote them
+  if (p.sigmoid) {
+    for (int i = lane; i < E; i += 32) score[i] = 1.0f / (1.0f + expf(-__ldcg(l + i)));
+  } else {
+    float m = -INFINITY;
+    for (int i = lane; i < E; i += 32) m = fmaxf(m, __ldcg(l + i));
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    double sum = 0;
+    for (int i = lane; i < E; i += 32) {
+      score[i] = expf(__ldcg(l + i) - m);
+      sum += score[i];
+    }
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int i = lane; i < E; i += 32) score[i] *= inv;
+  }
+  for (int i = lane; i < E; i += 32) choice[i] = score[i] + (bias ? bias[i] : 0.0f);
+  __syncwarp();
+  if (p.method != 0 && p.n_group > 1) {
+    const int per = E / p.n_group;
+    for (int g = lane; g < p.n_group; g += 32) {
+      float best = -INFINITY, second = -INFINITY;
+      for (int i = 0; i < per; ++i) {
+        const float v = choice[g * per + i];
+        if (v > best) {
+          second = best;
+          best = v;
+        } else if (v > second) {
+          second = v;
+        }
+      }
+      gs[g] = p.method == 2 ? (per >= 2 ? best + second : best) : best;
+      keep[g] = 0;
+    }
+    __syncwarp();
+    if (lane == 0)
+      for (int j = 0; j < p.topk_group; ++j) {
+        int arg = -1;
+        for (int g = 0; g < p.n_group; ++g)
+          if (!keep[g] && (arg < 0 || gs[g] > gs[arg])) arg = g;
+        keep[arg] = 1;
+      }
+    __syncwarp();
+    for (int i = lane; i < E; i += 32)
+      if (!keep[i / per]) choice[i] = 0.0f;
+    __syncwarp();
+  }
+  int* idx = out_idx + int64_t(row) * p.k;
+  float* w = out_w + int64_t(row) * p.k;
+  double sum = 0;
+  for (int j = 0; j < p.k; ++j) {
+    float bv = -INFINITY;
+    int bi = -1;
+    for (int i = lane; i < E; i += 32)
+      if (bi < 0 || choice[i] > bv) {
+        bv = choice[i];
+        bi = i;
+      }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    if (lane == 0) {
+      idx[j] = bi;
+      w[j] = score[bi];
+      sum += score[bi];
+      choice[bi] = -INFINITY;
+    }
+    __syncwarp();
+  }
+  if (lane == 0) {
+    const bool normalise = p.norm && !(p.scale_only_unnormalised && p.k == 1);
+    if (normalise)
+      for (int j = 0; j < p.k; ++j) w[j] = static_cast<float>(w[j] / (sum + p.norm_eps));
+    if (p.scale != 1.0f && !(normalise && p.scale_only_unnormalised))
+      for (int j = 0; j < p.k; ++j) w[j] = static_cast<float>(static_cast<double>(w[j]) * p.scale);
+  }
+}
+
+/// Shared scratch of the small-step routing kernel's warp gating, per warp.
+constexpr int gate_warp_floats = 2 * max_experts + 2 * max_groups;
+
+/// The whole routing of a small step in one block: gating per token, then the GEMV work list
+/// (local experts in ascending id order, each expert's rows in token order) and every pair's row
+/// (`pos`, -1 for experts not held here). Deterministic: no atomics.
+__device__ void route_small(const float* logits, const float* bias, const gate_params& gp, int t, const int* slot,
+                            int* idx, float* wts, int* pos, int* n_act, int* act, int* start, int* cnt, int* row_tok) {
+  __shared__ int s_idx[gemv_max_pairs];
+  __shared__ int s_cnt[max_experts], s_start[max_experts];
+  __shared__ float s_gate[gemv_max_rows][gate_warp_floats];
+  const int n = t * gp.k, tid = threadIdx.x, bd = blockDim.x, warp = tid >> 5;
+  if (warp < t) {  // one warp per token (blockDim.x = 32 · gemv_max_rows)
+    float* sc = s_gate[warp];
+    gate_token_warp(logits, bias, gp, warp, idx, wts, sc, sc + max_experts, sc + 2 * max_experts,
+                    reinterpret_cast<int*>(sc + 2 * max_experts + max_groups));
+  }
+  __syncthreads();
+  for (int i = tid; i < n; i += bd) s_idx[i] = idx[i];
+  __syncthreads();
+  for (int e = tid; e < gp.experts; e += bd) {
+    int c = 0;
+    if (slot[e] >= 0)
+      for (int i = 0; i < n; ++i) c += s_idx[i] == e;
+    s_cnt[e] = c;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int rows = 0, na = 0;
+    for (int e = 0; e < gp.experts; ++e)
+      if (s_cnt[e] > 0) {
+        act[na] = e;
+        start[na] = rows;
+        cnt[na] = s_cnt[e];
+        s_start[e] = rows;
+        rows += s_cnt[e];
+        ++na;
+      }
+    *n_act = na;
+  }
+  __syncthreads();
+  for (int i = tid; i < n; i += bd) {
+    const int e = s_idx[i];
+    if (slot[e] < 0) {
+      pos[i] = -1;
+      continue;
+    }
+    int rank = 0;
+    for (int i2 = 0; i2 < i; ++i2) rank += s_idx[i2] == e;
+    const int row = s_start[e] + rank;
+    pos[i] = row;
+    row_tok[row] = i / gp.k;
+  }
+}
+
+/// Router logits and routing of a small step in one launch: each warp computes one expert's
+/// logits for the t ≤ R tokens in fp32 (router rows streamed once), and the block that finishes
+/// last (a device-wide counter, reset for the next launch) runs `route_small` on all of them.
+/// blockDim.x = 32 · gemv_max_rows.
+template <int R>
+__global__ void __launch_bounds__(32 * gemv_max_rows) router_route_small_kernel(
+    const float* __restrict__ x, int h, const float* __restrict__ router, const float* bias, gate_params gp, int t,
+    const int* slot, float* logits, unsigned* done, int* idx, float* wts, int* pos, int* n_act, int* act, int* start,
+    int* cnt, int* row_tok) {
+  const int lane = threadIdx.x & 31, e = blockIdx.x * gemv_max_rows + (threadIdx.x >> 5);
+  if (e < gp.experts) {
+    const float* w = router + int64_t(e) * h;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+    // Rows past t repeat the last one (their sums are dropped), so every load is unconditional and
+    // an iteration's loads are all in flight together: this kernel has few warps to hide latency.
+#pragma unroll 4
+    for (int c = lane * 4; c < h; c += 128) {
+      const float4 wv = __ldg(reinterpret_cast<const float4*>(w + c));
+      float4 xv[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) xv[r] = __ldg(reinterpret_cast<const float4*>(x + int64_t(min(r, t - 1)) * h + c));
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] += wv.x * xv[r].x + wv.y * xv[r].y + wv.z * xv[r].z + wv.w * xv[r].w;
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r >= t) break;
+      for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+      if (lane == 0) logits[int64_t(r) * gp.experts + e] = acc[r];
+    }
+  }
+  // The last block to finish sees every block's logits.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  route_small(logits, bias, gp, t, slot, idx, wts, pos, n_act, act, start, cnt, row_tok);
+  if (threadIdx.x == 0) *done = 0;
 }
 
 /// A device's expert weights and the grouped-GEMM machinery shared by both public classes.
@@ -257,6 +606,10 @@ struct expert_engine {
   dbuf gu, h;  // scratch
   dbuf ptrs[2];  // device pointer arrays of the two grouped calls of a forward
   hbuf host_ptrs[2];
+  dbuf gu_tab, dn_tab;  // device tables of every expert's weight pointers, by id (the GEMV path)
+  bool tabs_stale = true;
+  dbuf hmid;            // GEMV path: f32 SwiGLU activations [rows, F]
+  gemm_mode last = gemm_mode::automatic;  // the launch kind the last batch ran with
 
   ~expert_engine() {
     if (blas) cublasDestroy(blas);
@@ -297,6 +650,71 @@ struct expert_engine {
     SY_TRY(upload_matrix(x->gate_up, w.gate_up));
     SY_TRY(upload_matrix(x->down, w.down));
     experts[id] = std::move(x);
+    tabs_stale = true;
+    return {};
+  }
+
+  /// The GEMV path's weight-pointer tables, refreshed after experts were added (a blocking copy:
+  /// once after loading).
+  caf::error tables() {
+    if (!tabs_stale) return {};
+    const int n = experts.empty() ? 1 : experts.rbegin()->first + 1;
+    std::vector<const void*> g(static_cast<size_t>(n), nullptr), d(static_cast<size_t>(n), nullptr);
+    for (auto& [id, w] : experts) {
+      g[static_cast<size_t>(id)] = w->gate_up.p;
+      d[static_cast<size_t>(id)] = w->down.p;
+    }
+    SY_TRY(gu_tab.reserve(g.size() * sizeof(void*)));
+    SY_TRY(dn_tab.reserve(d.size() * sizeof(void*)));
+    SY_CU(cudaStreamSynchronize(stream));
+    SY_CU(cudaMemcpy(gu_tab.p, g.data(), g.size() * sizeof(void*), cudaMemcpyHostToDevice));
+    SY_CU(cudaMemcpy(dn_tab.p, d.data(), d.size() * sizeof(void*), cudaMemcpyHostToDevice));
+    tabs_stale = false;
+    return {};
+  }
+
+  /// Whether the GEMV kernels take these shapes (16-byte loads along rows of H and F).
+  bool gemv_shapes() const { return hidden % 8 == 0 && ffn % 8 == 0; }
+  /// Few large experts (Mixtral-like: ≤ 16 of ≥ 16M weights per matrix) favour cuBLAS's kernels
+  /// from about two rows per expert on; many small ones favour the GEMV path up to 8 (measured on
+  /// an H100, docs/benchmarks.md).
+  bool few_large(size_t experts_active) const {
+    return experts_active <= 16 && 2 * ffn * hidden >= (int64_t{16} << 20);
+  }
+  /// The GEMV path for a batch of `rows` rows over `groups` experts, the largest `most`.
+  bool use_gemv(int most, int64_t rows, size_t groups) const {
+    if (mode == gemm_mode::grouped || mode == gemm_mode::per_expert || mode == gemm_mode::padded) return false;
+    if (most > gemv_max_rows || !gemv_shapes()) return false;
+    return mode == gemm_mode::gemv || !few_large(groups) || rows <= static_cast<int64_t>(groups);
+  }
+
+  /// The GEMV path on the work list `wk` (at most `max_act` experts, `rows` rows of at most
+  /// `max_rows` ≤ gemv_max_rows each): f32 inputs x (rows picked by the work list), f32 outputs
+  /// y [rows, H] in work-list row order. Two launches, no host round trip.
+  caf::error gemv(const float* x, const gemv_work& wk, int max_act, int max_rows, int64_t rows, float* y) {
+    if (max_act <= 0) return {};
+    SY_TRY(tables());
+    SY_TRY(hmid.reserve(static_cast<size_t>(rows * ffn) * 4));
+    last = gemm_mode::gemv;
+    if (max_rows <= 1) return gemv_launch<1>(x, wk, max_act, y);
+    if (max_rows <= 2) return gemv_launch<2>(x, wk, max_act, y);
+    if (max_rows <= 4) return gemv_launch<4>(x, wk, max_act, y);
+    return gemv_launch<gemv_max_rows>(x, wk, max_act, y);
+  }
+
+  template <int R>
+  caf::error gemv_launch(const float* x, const gemv_work& wk, int max_act, float* y) {
+    constexpr int gate_up_rows = 4, down_rows = 2;  // weight rows per warp
+    const dim3 ga(static_cast<unsigned>((ffn + gemv_warps * (gate_up_rows / 2) - 1) / (gemv_warps * (gate_up_rows / 2))),
+                  static_cast<unsigned>(max_act));
+    gemv_gate_up_kernel<gate_up_rows, R><<<ga, gemv_warps * 32, 0, stream>>>(
+        x, static_cast<int>(hidden), static_cast<int>(ffn), gu_tab.as<const bf16*>(), wk, hmid.as<float>());
+    SY_CU(cudaGetLastError());
+    const dim3 gb(static_cast<unsigned>((hidden + gemv_warps * down_rows - 1) / (gemv_warps * down_rows)),
+                  static_cast<unsigned>(max_act));
+    gemv_down_kernel<down_rows, R><<<gb, gemv_warps * 32, 0, stream>>>(
+        hmid.as<float>(), static_cast<int>(hidden), static_cast<int>(ffn), dn_tab.as<const bf16*>(), wk, y);
+    SY_CU(cudaGetLastError());
     return {};
   }
 
@@ -312,8 +730,10 @@ struct expert_engine {
     // as one cuBLAS GEMM per expert at every token count (its GEMV kernels at 1 token, 83% of the
     // GEMM roofline at 4096); many small experts (Qwen3's 128 of 2048×768) run faster grouped at
     // every token count, where per-expert launches dominate.
-    const bool few_large = groups <= 16 && (static_cast<int64_t>(m) * k >= (int64_t{16} << 20));
-    const bool use_grouped = mode == gemm_mode::grouped || (mode == gemm_mode::automatic && !few_large);
+    const bool few_large = groups <= 16 && (static_cast<int64_t>(m) * k >= (int64_t{16} << 20)) &&
+                           *std::max_element(n.begin(), n.end()) > 64;  // grouped wins below
+    const bool automatic = mode == gemm_mode::automatic || mode == gemm_mode::gemv;  // gemv: batches it cannot take
+    const bool use_grouped = mode == gemm_mode::grouped || (automatic && !few_large);
     if (grouped_ok && use_grouped) {
       std::vector<cublasOperation_t> ta(static_cast<size_t>(groups), CUBLAS_OP_T), tb(static_cast<size_t>(groups), CUBLAS_OP_N);
       std::vector<int> ms(static_cast<size_t>(groups), m), ks(static_cast<size_t>(groups), k), ldas(static_cast<size_t>(groups), lda),
@@ -341,16 +761,92 @@ struct expert_engine {
                                                  const_cast<const void* const*>(dp + groups), CUDA_R_16BF, ldbs.data(),
                                                  beta.data(), dp + 2 * groups, CUDA_R_16BF, ldcs.data(), groups,
                                                  sizes.data(), CUBLAS_COMPUTE_32F);
-      if (st == CUBLAS_STATUS_SUCCESS) return {};
+      if (st == CUBLAS_STATUS_SUCCESS) {
+        last = gemm_mode::grouped;
+        return {};
+      }
       if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) return blas_fail("cublasGemmGroupedBatchedEx", st);
       grouped_ok = false;
     }
+    last = gemm_mode::per_expert;
     const float alpha = 1.0f, beta = 0.0f;
     for (int g = 0; g < groups; ++g)
       SY_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, m, n[static_cast<size_t>(g)], k, &alpha, a[static_cast<size_t>(g)],
                              CUDA_R_16BF, lda, b[static_cast<size_t>(g)], CUDA_R_16BF, ldb, &beta, c[static_cast<size_t>(g)],
                              CUDA_R_16BF, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     return {};
+  }
+
+  /// C_g = op(A_g) · B_g for every group, all of n columns (one batched cuBLAS call).
+  caf::error batched(int m, int n, int k, const std::vector<const void*>& a, int lda, const std::vector<const void*>& b,
+                     int ldb, const std::vector<void*>& c, int ldc) {
+    const int groups = static_cast<int>(a.size());
+    if (groups == 0) return {};
+    last = gemm_mode::padded;
+    const size_t pbytes = static_cast<size_t>(groups) * sizeof(void*);
+    auto& hptr = host_ptrs[calls % 2];
+    auto& dptr = ptrs[calls % 2];
+    ++calls;
+    SY_TRY(hptr.reserve(3 * pbytes));
+    SY_TRY(dptr.reserve(3 * pbytes));
+    auto** hp = hptr.as<const void*>();
+    for (int g = 0; g < groups; ++g) {
+      hp[g] = a[static_cast<size_t>(g)];
+      hp[groups + g] = b[static_cast<size_t>(g)];
+      hp[2 * groups + g] = c[static_cast<size_t>(g)];
+    }
+    SY_CU(cudaMemcpyAsync(dptr.p, hptr.p, 3 * pbytes, cudaMemcpyHostToDevice, stream));
+    auto** dp = dptr.as<void*>();
+    const float alpha = 1.0f, beta = 0.0f;
+    SY_CUBLAS(cublasGemmBatchedEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, const_cast<const void* const*>(dp),
+                                  CUDA_R_16BF, lda, const_cast<const void* const*>(dp + groups), CUDA_R_16BF, ldb, &beta,
+                                  dp + 2 * groups, CUDA_R_16BF, ldc, groups, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return {};
+  }
+
+  /// Experts ids[g] on rows [g·mpad, g·mpad + mpad) of xs (bf16, padded to mpad rows per expert)
+  /// into the same rows of yo: two batched GEMMs and the SwiGLU kernel over every padded row.
+  caf::error compute_padded(const std::vector<int>& ids, int mpad, const bf16* xs, bf16* yo) {
+    if (ids.empty()) return {};
+    calls = 0;
+    const int64_t rows = static_cast<int64_t>(ids.size()) * mpad;
+    SY_TRY(gu.reserve(static_cast<size_t>(rows * 2 * ffn) * 2));
+    SY_TRY(h.reserve(static_cast<size_t>(rows * ffn) * 2));
+    std::vector<const void*> a, b;
+    std::vector<void*> c;
+    for (size_t g = 0; g < ids.size(); ++g) {
+      a.push_back(experts.at(ids[g])->gate_up.p);
+      b.push_back(xs + int64_t(g) * mpad * hidden);
+      c.push_back(gu.as<bf16>() + int64_t(g) * mpad * 2 * ffn);
+    }
+    SY_TRY(batched(static_cast<int>(2 * ffn), mpad, static_cast<int>(hidden), a, static_cast<int>(hidden), b,
+                   static_cast<int>(hidden), c, static_cast<int>(2 * ffn)));
+    swiglu_kernel<<<blocks_for(rows * ffn), 256, 0, stream>>>(gu.as<bf16>(), rows, ffn, h.as<bf16>());
+    SY_CU(cudaGetLastError());
+    for (size_t g = 0; g < ids.size(); ++g) {
+      a[g] = experts.at(ids[g])->down.p;
+      b[g] = h.as<bf16>() + int64_t(g) * mpad * ffn;
+      c[g] = yo + int64_t(g) * mpad * hidden;
+    }
+    return batched(static_cast<int>(hidden), mpad, static_cast<int>(ffn), a, static_cast<int>(ffn), b,
+                   static_cast<int>(ffn), c, static_cast<int>(hidden));
+  }
+
+  /// Rows per expert of the padded layout for these counts: the largest, rounded up to 8.
+  static int padded_rows(const std::vector<int>& cnt) {
+    int m = 0;
+    for (int c : cnt) m = std::max(m, c);
+    return (m + 7) / 8 * 8;
+  }
+
+  /// Whether a batch of experts with these row counts runs as padded batched GEMMs: when asked
+  /// for, or (`automatic`) for more than 16 experts when padding adds at most a quarter of the rows.
+  bool use_padded(const std::vector<int>& cnt) const {
+    if (mode == gemm_mode::padded) return true;
+    if (mode != gemm_mode::automatic && mode != gemm_mode::gemv) return false;
+    int64_t rows = 0;
+    for (int c : cnt) rows += c;
+    return cnt.size() > 16 && static_cast<int64_t>(cnt.size()) * padded_rows(cnt) * 4 <= rows * 5;
   }
 
   /// Experts ids[g] on rows [offset[g], offset[g] + n[g]) of xs (bf16 [R, H]) into yo (bf16 [R, H]).
@@ -395,6 +891,17 @@ bool device_available(std::string* why) {
   return true;
 }
 
+const char* to_string(gemm_mode m) {
+  switch (m) {
+    case gemm_mode::automatic: return "auto";
+    case gemm_mode::grouped: return "grouped";
+    case gemm_mode::per_expert: return "each";
+    case gemm_mode::padded: return "padded";
+    case gemm_mode::gemv: return "gemv";
+  }
+  return "?";
+}
+
 std::string device_description(int device) {
   cudaDeviceProp p{};
   if (cudaGetDeviceProperties(&p, device) != cudaSuccess) return "unknown device";
@@ -408,8 +915,8 @@ std::string device_description(int device) {
 
 struct gpu_experts::impl {
   expert_engine engine;
-  dbuf x32, xs, yo, y32;
-  hbuf host;
+  dbuf x32, xs, yo, y32, work;
+  hbuf host, work_host;
 };
 
 gpu_experts::gpu_experts(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
@@ -430,40 +937,80 @@ caf::error gpu_experts::run(std::span<const int> ids, std::span<const float* con
   auto& eng = impl_->engine;
   auto& s = *impl_;
   const int64_t h = eng.hidden;
-  std::vector<int> gid, off, cnt;
+  std::vector<int> gid, cnt;
+  std::vector<size_t> src;  // index into ids/inputs/outputs of each expert with rows
   int64_t rows = 0;
+  int most = 0;
   for (size_t i = 0; i < ids.size(); ++i) {
     if (!holds(ids[i]))
       return make_error(model_errc::invalid_argument, "gpu experts: expert " + std::to_string(ids[i]) + " is not held here");
     if (n[i] <= 0) continue;
     gid.push_back(ids[i]);
-    off.push_back(static_cast<int>(rows));
     cnt.push_back(static_cast<int>(n[i]));
+    src.push_back(i);
     rows += n[i];
+    most = std::max(most, static_cast<int>(n[i]));
   }
   if (rows == 0) return {};
+  const bool gemv = eng.use_gemv(most, rows, gid.size());
+  const bool padded = !gemv && eng.use_padded(cnt);
+  const int mpad = padded ? expert_engine::padded_rows(cnt) : 0;
+  // Row offsets on the device: packed, or padded to mpad rows per expert.
+  std::vector<int> off;
+  int64_t span = 0;
+  for (int c : cnt) {
+    off.push_back(static_cast<int>(span));
+    span += padded ? mpad : c;
+  }
   SY_CU(cudaSetDevice(eng.device));
-  const size_t fbytes = static_cast<size_t>(rows * h) * 4;
+  const size_t fbytes = static_cast<size_t>(span * h) * 4;
   SY_TRY(s.host.reserve(fbytes));
   SY_TRY(s.x32.reserve(fbytes));
   SY_TRY(s.y32.reserve(fbytes));
-  SY_TRY(s.xs.reserve(fbytes / 2));
-  SY_TRY(s.yo.reserve(fbytes / 2));
+  if (!gemv) {
+    SY_TRY(s.xs.reserve(fbytes / 2));
+    SY_TRY(s.yo.reserve(fbytes / 2));
+  }
   SY_CU(cudaStreamSynchronize(eng.stream));
-  for (size_t i = 0, g = 0; i < ids.size(); ++i)
-    if (n[i] > 0) std::memcpy(s.host.as<float>() + int64_t(off[g++]) * h, inputs[i], static_cast<size_t>(n[i] * h) * 4);
+  for (size_t g = 0; g < gid.size(); ++g)
+    std::memcpy(s.host.as<float>() + int64_t(off[g]) * h, inputs[src[g]], static_cast<size_t>(cnt[g] * h) * 4);
   SY_CU(cudaMemcpyAsync(s.x32.p, s.host.p, fbytes, cudaMemcpyHostToDevice, eng.stream));
-  f32_to_bf16_kernel<<<blocks_for(rows * h), 256, 0, eng.stream>>>(s.x32.as<float>(), s.xs.as<bf16>(), rows * h);
-  SY_CU(cudaGetLastError());
-  SY_TRY(eng.compute(gid, off, cnt, s.xs.as<bf16>(), rows, s.yo.as<bf16>()));
-  bf16_to_f32_kernel<<<blocks_for(rows * h), 256, 0, eng.stream>>>(s.yo.as<bf16>(), s.y32.as<float>(), rows * h);
-  SY_CU(cudaGetLastError());
+  if (gemv) {
+    // Work list: [n_act | act | start | cnt | row_tok], rows in input order.
+    const size_t groups = gid.size(), words = 1 + 3 * groups + static_cast<size_t>(rows);
+    SY_TRY(s.work_host.reserve(words * 4));
+    SY_TRY(s.work.reserve(words * 4));
+    int* w = s.work_host.as<int>();
+    w[0] = static_cast<int>(groups);
+    for (size_t g = 0; g < groups; ++g) {
+      w[1 + g] = gid[g];
+      w[1 + groups + g] = off[g];
+      w[1 + 2 * groups + g] = cnt[g];
+    }
+    for (int64_t r = 0; r < rows; ++r) w[1 + 3 * groups + static_cast<size_t>(r)] = static_cast<int>(r);
+    SY_CU(cudaMemcpyAsync(s.work.p, s.work_host.p, words * 4, cudaMemcpyHostToDevice, eng.stream));
+    const int* d = s.work.as<int>();
+    const gemv_work wk{d, d + 1, d + 1 + groups, d + 1 + 2 * groups, d + 1 + 3 * groups};
+    SY_TRY(eng.gemv(s.x32.as<float>(), wk, static_cast<int>(groups), most, rows, s.y32.as<float>()));
+  } else {
+    f32_to_bf16_kernel<<<blocks_for(span * h), 256, 0, eng.stream>>>(s.x32.as<float>(), s.xs.as<bf16>(), span * h);
+    SY_CU(cudaGetLastError());
+    if (padded)
+      SY_TRY(eng.compute_padded(gid, mpad, s.xs.as<bf16>(), s.yo.as<bf16>()));
+    else
+      SY_TRY(eng.compute(gid, off, cnt, s.xs.as<bf16>(), span, s.yo.as<bf16>()));
+    bf16_to_f32_kernel<<<blocks_for(span * h), 256, 0, eng.stream>>>(s.yo.as<bf16>(), s.y32.as<float>(), span * h);
+    SY_CU(cudaGetLastError());
+  }
   SY_CU(cudaMemcpyAsync(s.host.p, s.y32.p, fbytes, cudaMemcpyDeviceToHost, eng.stream));
   SY_CU(cudaStreamSynchronize(eng.stream));
-  for (size_t i = 0, g = 0; i < ids.size(); ++i)
-    if (n[i] > 0) std::memcpy(outputs[i], s.host.as<float>() + int64_t(off[g++]) * h, static_cast<size_t>(n[i] * h) * 4);
+  for (size_t g = 0; g < gid.size(); ++g)
+    std::memcpy(outputs[src[g]], s.host.as<float>() + int64_t(off[g]) * h, static_cast<size_t>(cnt[g] * h) * 4);
   return {};
 }
+
+void gpu_experts::set_gemm_mode(gemm_mode m) { impl_->engine.mode = m; }
+gemm_mode gpu_experts::last_gemm_mode() const { return impl_->engine.last; }
 
 // ---- gpu_moe_layer ----
 
@@ -471,11 +1018,21 @@ struct gpu_moe_layer::impl {
   expert_engine engine;
   gating_config gating;
   dbuf router, bias, slot, logits, idx, w, counts, offsets, fill, pos, xs, yo, x_in, y_out;
+  dbuf n_act, act, act_start, act_cnt, row_tok, yo32;  // the GEMV path's work list and outputs
+  dbuf done;  // the fused router/routing kernel's finished-block counter (zero between launches)
   std::vector<int> slot_host;
+  int local = 0;  // experts held here
   hbuf counts_host, offsets_host;
   int64_t last_t = 0;
   int last_active = 0;
   size_t last_bytes = 0;
+  bool stats_on_device = false;  // the last forward's active-expert count is still on the device
+  cudaEvent_t ev[2] = {nullptr, nullptr};  // around each forward while timing is on
+  bool timing = false, timed = false;
+  ~impl() {
+    for (auto e : ev)
+      if (e) cudaEventDestroy(e);
+  }
   std::vector<std::unique_ptr<dbuf>> scratch;
 };
 
@@ -485,9 +1042,9 @@ gpu_moe_layer::~gpu_moe_layer() = default;
 caf::expected<std::unique_ptr<gpu_moe_layer>> gpu_moe_layer::make(int device, const gating_config& gating,
                                                                   const matrix& router, const float* score_bias,
                                                                   std::span<const expert_weights* const> experts) {
-  if (gating.num_experts > max_experts || gating.n_group > max_groups)
-    return make_error(model_errc::unsupported, "gpu layer: at most " + std::to_string(max_experts) + " experts and " +
-                                                   std::to_string(max_groups) + " groups");
+  if (gating.num_experts > max_experts || gating.n_group > max_groups || gating.top_k > 32)
+    return make_error(model_errc::unsupported, "gpu layer: at most " + std::to_string(max_experts) + " experts, " +
+                                                   std::to_string(max_groups) + " groups and top-32");
   if (static_cast<int>(experts.size()) != gating.num_experts || router.rows() != gating.num_experts)
     return make_error(model_errc::invalid_argument, "gpu layer: router and expert list disagree on the expert count");
   const expert_weights* any = nullptr;
@@ -502,6 +1059,7 @@ caf::expected<std::unique_ptr<gpu_moe_layer>> gpu_moe_layer::make(int device, co
     if (experts[static_cast<size_t>(e)]) {
       if (auto err = p->engine.add(e, *experts[static_cast<size_t>(e)])) return err;
       p->slot_host[static_cast<size_t>(e)] = e;
+      ++p->local;
     }
   auto r = router.to_f32();
   if (auto err = p->router.reserve(r.size() * 4)) return err;
@@ -516,12 +1074,39 @@ caf::expected<std::unique_ptr<gpu_moe_layer>> gpu_moe_layer::make(int device, co
     cudaError_t ce = cudaMemcpy(p->bias.p, score_bias, static_cast<size_t>(gating.num_experts) * 4, cudaMemcpyHostToDevice);
     if (ce != cudaSuccess) return cuda_fail("cudaMemcpy (score bias)", ce);
   }
+  if (auto err = p->done.reserve(sizeof(unsigned))) return err;
+  if (const cudaError_t ce = cudaMemset(p->done.p, 0, sizeof(unsigned)); ce != cudaSuccess) return cuda_fail("cudaMemset", ce);
   if (auto err = p->counts_host.reserve(static_cast<size_t>(gating.num_experts) * 4)) return err;
   if (auto err = p->offsets_host.reserve(static_cast<size_t>(gating.num_experts) * 4)) return err;
   return std::unique_ptr<gpu_moe_layer>(new gpu_moe_layer(std::move(p)));
 }
 
 caf::error gpu_moe_layer::forward_device(const float* x, int64_t t, float* y) {
+  auto& s = *impl_;
+  s.timed = false;
+  if (!s.timing) return forward_launch(x, t, y);
+  SY_CU(cudaSetDevice(s.engine.device));
+  for (auto& e : s.ev)
+    if (!e) SY_CU(cudaEventCreate(&e));
+  SY_CU(cudaEventRecord(s.ev[0], s.engine.stream));
+  SY_TRY(forward_launch(x, t, y));
+  SY_CU(cudaEventRecord(s.ev[1], s.engine.stream));
+  s.timed = true;
+  return {};
+}
+
+void gpu_moe_layer::set_timing(bool on) { impl_->timing = on; }
+
+caf::expected<double> gpu_moe_layer::last_device_ms() {
+  auto& s = *impl_;
+  if (!s.timed) return make_error(model_errc::invalid_argument, "gpu layer: the last forward was not timed (set_timing)");
+  SY_CU(cudaEventSynchronize(s.ev[1]));
+  float ms = 0;
+  SY_CU(cudaEventElapsedTime(&ms, s.ev[0], s.ev[1]));
+  return static_cast<double>(ms);
+}
+
+caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
   auto& s = *impl_;
   auto& eng = s.engine;
   const auto& g = s.gating;
@@ -536,41 +1121,83 @@ caf::error gpu_moe_layer::forward_device(const float* x, int64_t t, float* y) {
   SY_TRY(s.fill.reserve(static_cast<size_t>(e) * 4));
   SY_TRY(s.xs.reserve(static_cast<size_t>(n * h) * 2));
   SY_TRY(s.yo.reserve(static_cast<size_t>(n * h) * 2));
+  gate_params gp{static_cast<int>(e), static_cast<int>(k), g.n_group, g.topk_group,
+                 g.scoring == scoring_func::sigmoid, static_cast<int>(g.method), g.norm_topk_prob,
+                 g.scale_only_unnormalised, static_cast<float>(g.norm_eps), static_cast<float>(g.routed_scaling_factor)};
+  s.last_t = t;
+  // Before any count reaches the host: t bounds every expert's rows, t·k over the local experts
+  // is the mean the rule needs.
+  const bool gemv = n <= gemv_max_pairs && eng.use_gemv(static_cast<int>(std::min<int64_t>(t, gemv_max_rows + 1)), n,
+                                                        static_cast<size_t>(std::max(s.local, 1)));
+  if (gemv) {
+    // Small steps: routing, work list, experts and combine all on the device, no host round trip.
+    if (t == 0) return {};
+    SY_TRY(s.n_act.reserve(4));
+    SY_TRY(s.act.reserve(static_cast<size_t>(e) * 4));
+    SY_TRY(s.act_start.reserve(static_cast<size_t>(e) * 4));
+    SY_TRY(s.act_cnt.reserve(static_cast<size_t>(e) * 4));
+    SY_TRY(s.row_tok.reserve(static_cast<size_t>(n) * 4));
+    SY_TRY(s.yo32.reserve(static_cast<size_t>(n * h) * 4));
+    // Router logits in fp32 (no TF32), so expert choices match the CPU's; routing in the same launch.
+    const unsigned blocks = static_cast<unsigned>((e + gemv_max_rows - 1) / gemv_max_rows);
+    auto launch = [&](auto kernel) {
+      kernel<<<blocks, 32 * gemv_max_rows, 0, eng.stream>>>(
+          x, static_cast<int>(h), s.router.as<float>(), s.bias.p ? s.bias.as<float>() : nullptr, gp, static_cast<int>(t),
+          s.slot.as<int>(), s.logits.as<float>(), s.done.as<unsigned>(), s.idx.as<int>(), s.w.as<float>(), s.pos.as<int>(),
+          s.n_act.as<int>(), s.act.as<int>(), s.act_start.as<int>(), s.act_cnt.as<int>(), s.row_tok.as<int>());
+    };
+    if (t == 1) launch(router_route_small_kernel<1>);
+    else if (t <= 2) launch(router_route_small_kernel<2>);
+    else if (t <= 4) launch(router_route_small_kernel<4>);
+    else launch(router_route_small_kernel<gemv_max_rows>);
+    SY_CU(cudaGetLastError());
+    const gemv_work wk{s.n_act.as<int>(), s.act.as<int>(), s.act_start.as<int>(), s.act_cnt.as<int>(), s.row_tok.as<int>()};
+    SY_TRY(eng.gemv(x, wk, static_cast<int>(std::min<int64_t>(s.local, n)), static_cast<int>(t), n, s.yo32.as<float>()));
+    combine_kernel<float><<<dim3(static_cast<unsigned>(t), static_cast<unsigned>((h + 255) / 256)), 256, 0, eng.stream>>>(s.yo32.as<float>(), s.pos.as<int>(),
+                                                                           s.w.as<float>(), static_cast<int>(k), h, y);
+    SY_CU(cudaGetLastError());
+    s.stats_on_device = true;
+    return {};
+  }
+  s.stats_on_device = false;
   // Router logits in true fp32 (the default math mode, no TF32), so expert choices match the CPU.
   const float one = 1.0f, zero = 0.0f;
   SY_CUBLAS(cublasSgemm(eng.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(e), static_cast<int>(t), static_cast<int>(h),
                         &one, s.router.as<float>(), static_cast<int>(h), x, static_cast<int>(h), &zero,
                         s.logits.as<float>(), static_cast<int>(e)));
-  gate_params gp{static_cast<int>(e), static_cast<int>(k), g.n_group, g.topk_group,
-                 g.scoring == scoring_func::sigmoid, static_cast<int>(g.method), g.norm_topk_prob,
-                 g.scale_only_unnormalised, static_cast<float>(g.norm_eps), static_cast<float>(g.routed_scaling_factor)};
   gate_kernel<<<blocks_for(t, 128), 128, 0, eng.stream>>>(s.logits.as<float>(), s.bias.p ? s.bias.as<float>() : nullptr,
                                                           gp, t, s.idx.as<int>(), s.w.as<float>());
   SY_CU(cudaGetLastError());
   SY_CU(cudaMemsetAsync(s.counts.p, 0, static_cast<size_t>(e) * 4, eng.stream));
   count_kernel<<<blocks_for(n), 256, 0, eng.stream>>>(s.idx.as<int>(), n, s.slot.as<int>(), s.counts.as<int>());
   SY_CU(cudaGetLastError());
-  // The grouped GEMM takes its sizes on the host: one small copy per layer.
+  // The GEMM launches take their sizes on the host: one small copy per layer.
   SY_CU(cudaMemcpyAsync(s.counts_host.p, s.counts.p, static_cast<size_t>(e) * 4, cudaMemcpyDeviceToHost, eng.stream));
   SY_CU(cudaStreamSynchronize(eng.stream));
   const int* counts = s.counts_host.as<int>();
   int* offsets = s.offsets_host.as<int>();  // pinned: its copy runs after this function returns
   std::vector<int> ids, off, cnt;
+  for (int i = 0; i < e; ++i)
+    if (counts[i] > 0) {
+      ids.push_back(i);
+      cnt.push_back(counts[i]);
+    }
+  const bool padded = eng.use_padded(cnt);
+  const int mpad = padded ? expert_engine::padded_rows(cnt) : 0;
   int rows = 0;
-  size_t bytes = 0;
   for (int i = 0; i < e; ++i) {
     offsets[i] = rows;
     if (counts[i] > 0) {
-      ids.push_back(i);
       off.push_back(rows);
-      cnt.push_back(counts[i]);
-      rows += counts[i];
-      bytes += static_cast<size_t>(3 * h * eng.ffn) * 2;
+      rows += padded ? mpad : counts[i];
     }
   }
-  s.last_t = t;
   s.last_active = static_cast<int>(ids.size());
-  s.last_bytes = bytes;
+  s.last_bytes = ids.size() * static_cast<size_t>(3 * h * eng.ffn) * 2;
+  if (padded) {  // the stream is idle: growing the buffers is safe
+    SY_TRY(s.xs.reserve(static_cast<size_t>(rows * h) * 2));
+    SY_TRY(s.yo.reserve(static_cast<size_t>(rows * h) * 2));
+  }
   SY_CU(cudaMemcpyAsync(s.offsets.p, offsets, static_cast<size_t>(e) * 4, cudaMemcpyHostToDevice, eng.stream));
   SY_CU(cudaMemsetAsync(s.fill.p, 0, static_cast<size_t>(e) * 4, eng.stream));
   scatter_kernel<<<blocks_for(n), 256, 0, eng.stream>>>(s.idx.as<int>(), n, s.slot.as<int>(), s.offsets.as<int>(),
@@ -580,10 +1207,13 @@ caf::error gpu_moe_layer::forward_device(const float* x, int64_t t, float* y) {
     gather_kernel<<<static_cast<unsigned>(n), 256, 0, eng.stream>>>(x, h, s.pos.as<int>(), static_cast<int>(k), s.xs.as<bf16>());
     SY_CU(cudaGetLastError());
   }
-  SY_TRY(eng.compute(ids, off, cnt, s.xs.as<bf16>(), rows, s.yo.as<bf16>()));
+  if (padded)
+    SY_TRY(eng.compute_padded(ids, mpad, s.xs.as<bf16>(), s.yo.as<bf16>()));
+  else
+    SY_TRY(eng.compute(ids, off, cnt, s.xs.as<bf16>(), rows, s.yo.as<bf16>()));
   if (t > 0) {
-    combine_kernel<<<static_cast<unsigned>(t), 256, 0, eng.stream>>>(s.yo.as<bf16>(), s.pos.as<int>(), s.w.as<float>(),
-                                                                    static_cast<int>(k), h, y);
+    combine_kernel<bf16><<<dim3(static_cast<unsigned>(t), static_cast<unsigned>((h + 255) / 256)), 256, 0, eng.stream>>>(s.yo.as<bf16>(), s.pos.as<int>(), s.w.as<float>(),
+                                                                          static_cast<int>(k), h, y);
     SY_CU(cudaGetLastError());
   }
   return {};
@@ -603,6 +1233,7 @@ caf::error gpu_moe_layer::forward(const float* x, int64_t t, float* y) {
 }
 
 void gpu_moe_layer::set_gemm_mode(gemm_mode m) { impl_->engine.mode = m; }
+gemm_mode gpu_moe_layer::last_gemm_mode() const { return impl_->engine.last; }
 
 caf::error gpu_moe_layer::synchronize() {
   SY_CU(cudaStreamSynchronize(impl_->engine.stream));
@@ -625,8 +1256,28 @@ caf::expected<routing> gpu_moe_layer::last_routing() {
   return r;
 }
 
-int gpu_moe_layer::last_active_experts() const { return impl_->last_active; }
-size_t gpu_moe_layer::last_weight_bytes() const { return impl_->last_bytes; }
+namespace {
+/// Brings the GEMV path's active-expert count back from the device (after the forward is done).
+void settle_stats(gpu_moe_layer::impl& s) {
+  if (!s.stats_on_device) return;
+  int na = 0;
+  if (cudaStreamSynchronize(s.engine.stream) != cudaSuccess ||
+      cudaMemcpy(&na, s.n_act.p, sizeof na, cudaMemcpyDeviceToHost) != cudaSuccess)
+    na = -1;  // reported as-is: the next call on the stream reports the error
+  s.last_active = na;
+  s.last_bytes = na > 0 ? static_cast<size_t>(na) * static_cast<size_t>(3 * s.engine.hidden * s.engine.ffn) * 2 : 0;
+  s.stats_on_device = false;
+}
+}  // namespace
+
+int gpu_moe_layer::last_active_experts() const {
+  settle_stats(*impl_);
+  return impl_->last_active;
+}
+size_t gpu_moe_layer::last_weight_bytes() const {
+  settle_stats(*impl_);
+  return impl_->last_bytes;
+}
 
 caf::expected<float*> gpu_moe_layer::device_alloc(size_t elems) {
   SY_CU(cudaSetDevice(impl_->engine.device));

@@ -2,11 +2,15 @@
 /// The GPU expert path (CUDA + cuBLAS), optional at build time (SWITCHYARD_CUDA). This header has no
 /// CUDA includes: CPU-only code can hold these types.
 ///
-/// - `gpu_experts`: one device's experts in bf16; runs a step's token batches for all of them as two
-///   grouped GEMM launches (gate_up, down) with a fused SwiGLU kernel between, fp32 accumulation.
+/// - `gpu_experts`: one device's experts in bf16; runs a step's token batches for all of them: up to
+///   8 rows per expert as two GEMV kernels of our own (gate_up with SwiGLU fused, then down; every
+///   expert in the same launch, weights streamed once), more rows as two grouped GEMM launches
+///   (gate_up, down) with a fused SwiGLU kernel between; fp32 accumulation throughout.
 /// - `gpu_moe_layer`: a whole MoE layer on the device for routers with a GPU: router GEMM (f32),
 ///   gating kernel (softmax or sigmoid + bias + group-limited top-k, as `route_from_logits`),
-///   dispatch (count, scan, scatter), the experts, and the weighted combine.
+///   dispatch (count, scan, scatter), the experts, and the weighted combine. Up to 8 tokens the whole
+///   layer runs without a host round trip (routing, work lists and the GEMV path stay on the
+///   device); above that the per-expert counts come back once to size the GEMM launches.
 /// - `gpu_expert_executor`: the decoder's `expert_executor` over `gpu_experts`, one per layer.
 ///
 /// The CPU path is the oracle: with the same inputs, outputs agree within bf16 tolerance.
@@ -25,10 +29,19 @@ namespace sy::model::cuda {
 /// "NVIDIA H100 80GB HBM3, 132 SMs, 79.1 GiB"
 [[nodiscard]] std::string device_description(int device = 0);
 
-/// How an expert set's GEMMs are launched: one grouped cuBLAS call per projection, one GEMM per
-/// expert, or chosen by shape (per expert for up to 16 experts of ≥16M weights per matrix, else
-/// grouped).
-enum class gemm_mode { automatic, grouped, per_expert };
+/// How an expert set's matrix products are launched:
+/// - `grouped`: one grouped cuBLAS call per projection (`cublasGemmGroupedBatchedEx`);
+/// - `per_expert`: one cuBLAS GEMM per expert;
+/// - `padded`: one batched cuBLAS GEMM per projection over every active expert, each expert's rows
+///   padded to the largest count (pays for the padding, gains cuBLAS's batched kernels);
+/// - `gemv`: our GEMV kernels, all experts in one launch per projection (at most 8 rows per
+///   expert; other batches fall back to `automatic`);
+/// - `automatic`: `gemv` up to 8 rows per expert, then by shape (see `expert_engine::choose`).
+enum class gemm_mode { automatic, grouped, per_expert, padded, gemv };
+[[nodiscard]] const char* to_string(gemm_mode m);
+/// Rows per expert up to which the GEMV path runs (a token picks an expert at most once, so a layer
+/// step of up to this many tokens qualifies).
+inline constexpr int gemv_max_rows = 8;
 
 class gpu_experts {
  public:
@@ -45,6 +58,9 @@ class gpu_experts {
   /// outputs[i] = expert ids[i] applied to inputs[i] ([n[i], hidden] f32 rows, host memory).
   [[nodiscard]] caf::error run(std::span<const int> ids, std::span<const float* const> inputs,
                                std::span<const int64_t> n, std::span<float* const> outputs);
+  void set_gemm_mode(gemm_mode m);
+  /// The launch kind the last batch ran with (never `automatic`).
+  [[nodiscard]] gemm_mode last_gemm_mode() const;
 
   struct impl;
 
@@ -66,17 +82,25 @@ class gpu_moe_layer {
 
   /// y[t, H] = MoE(x[t, H]), host f32 in and out (uploads, computes, downloads, synchronises).
   [[nodiscard]] caf::error forward(const float* x, int64_t t, float* y);
-  /// The same on device pointers (f32 [t, H] in and out), asynchronous on the layer's stream
-  /// except for the one small copy of the per-expert counts the GEMM launch needs (so the stream is
-  /// idle when it starts); `synchronize` waits for the rest.
+  /// The same on device pointers (f32 [t, H] in and out), asynchronous on the layer's stream: up
+  /// to `gemv_max_rows` tokens entirely; above that except for the one small copy of the per-expert
+  /// counts the GEMM launches need (so the stream is idle when it starts). `synchronize` waits for
+  /// the rest.
   [[nodiscard]] caf::error forward_device(const float* x_dev, int64_t t, float* y_dev);
   void set_gemm_mode(gemm_mode m);
+  /// The launch kind the last batch ran with (never `automatic`).
+  [[nodiscard]] gemm_mode last_gemm_mode() const;
+  /// With timing on, each `forward_device` is bracketed by device events; `last_device_ms` waits
+  /// for the last one and returns its time on the device (benchmarks: launch overhead excluded).
+  void set_timing(bool on);
+  [[nodiscard]] caf::expected<double> last_device_ms();
   /// Waits for the layer's stream.
   [[nodiscard]] caf::error synchronize();
 
   /// The routing of the last forward (copied back for tests).
   [[nodiscard]] caf::expected<routing> last_routing();
-  /// Local experts that received rows in the last forward, and their weight bytes.
+  /// Local experts that received rows in the last forward, and their weight bytes (waits for the
+  /// stream when the forward ran on the device-only path).
   [[nodiscard]] int last_active_experts() const;
   [[nodiscard]] size_t last_weight_bytes() const;
 
@@ -88,6 +112,7 @@ class gpu_moe_layer {
 
  private:
   explicit gpu_moe_layer(std::unique_ptr<impl> p);
+  [[nodiscard]] caf::error forward_launch(const float* x, int64_t t, float* y);
   std::unique_ptr<impl> impl_;
 };
 

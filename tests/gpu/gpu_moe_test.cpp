@@ -110,10 +110,9 @@ TEST_CASE("gpu: the gating kernel makes the CPU's choices, for every family's ru
   vs.push_back({"deepseek-v2 softmax group-limited greedy", g, false});
   for (auto& v : vs) {
     INFO(v.name);
-    const int64_t h = 128, t = 300;
+    const int64_t h = 128;
     auto router = matrix::from_f32(dtype::f32, randv(size_t(v.g.num_experts * h), 1, 0.3f), v.g.num_experts, h);
     auto bias = randv(size_t(v.g.num_experts), 2, 0.5f);
-    auto x = randv(size_t(t * h), 3, 1.0f);
     // Tiny experts: this case is about the routing.
     std::vector<expert_weights> store;
     for (int e = 0; e < v.g.num_experts; ++e) store.push_back(random_expert(h, 16, 10 + e, dtype::f32));
@@ -121,8 +120,13 @@ TEST_CASE("gpu: the gating kernel makes the CPU's choices, for every family's ru
     for (auto& e : store) ptrs.push_back(&e);
     auto layer = gpu::gpu_moe_layer::make(0, v.g, router, v.bias ? bias.data() : nullptr, ptrs);
     REQUIRE(layer);
+    // 300 tokens: the batched gating kernel; 5: the one-block routing of the device-only path.
+    for (int64_t t : {int64_t{300}, int64_t{5}}) {
+    INFO(t << " tokens");
+    auto x = randv(size_t(t * h), 3 + uint32_t(t), 1.0f);
     std::vector<float> y(size_t(t * h));
     REQUIRE_FALSE((*layer)->forward(x.data(), t, y.data()));
+    CHECK((*layer)->last_gemm_mode() == (t <= gpu::gemv_max_rows ? gpu::gemm_mode::gemv : gpu::gemm_mode::grouped));
     auto got = (*layer)->last_routing();
     REQUIRE(got);
     auto want = gate(v.g, router, v.bias ? bias.data() : nullptr, x.data(), t);
@@ -141,6 +145,7 @@ TEST_CASE("gpu: the gating kernel makes the CPU's choices, for every family's ru
     }
     (void)near_ties;
     CHECK(differing <= 1);
+    }
   }
 }
 
@@ -164,6 +169,55 @@ TEST_CASE("gpu: expert FFNs in bf16 stay within 1e-2 of float64, the CPU fp32 pa
     INFO("gpu error " << e);
     CHECK(e < 1e-2);
     CHECK(std::none_of(dev.begin(), dev.end(), [](float v) { return std::isnan(v); }));
+  }
+}
+
+TEST_CASE("gpu: an expert set runs many experts at once within 1e-2 of float64, on every launch kind", "[gpu]") {
+  for (auto [h, f] : std::vector<std::pair<int64_t, int64_t>>{{256, 512}, {2048, 768}}) {
+    const std::vector<int> ids = {9, 3, 4, 12};
+    auto g = gpu::gpu_experts::make(0, h, f);
+    REQUIRE(g);
+    std::vector<expert_weights> ws;
+    for (int id : ids) {
+      ws.push_back(random_expert(h, f, 40 + uint32_t(id), dtype::bf16));
+      REQUIRE_FALSE((*g)->add_expert(id, ws.back()));
+    }
+    // Up to 8 rows per expert (the GEMV path in automatic mode), and more (padded or grouped).
+    for (auto rows : std::vector<std::vector<int64_t>>{{1, 8, 0, 5}, {3, 1, 1, 2}, {20, 33, 7, 9}}) {
+      std::vector<std::vector<float>> x, y;
+      std::vector<std::vector<double>> ref;
+      for (size_t i = 0; i < ids.size(); ++i) {
+        x.push_back(randv(size_t(rows[i] * h), 70 + uint32_t(i), 1.0f));
+        ref.push_back(expert_f64(ws[i], x.back(), rows[i]));
+      }
+      for (auto mode : {gpu::gemm_mode::automatic, gpu::gemm_mode::grouped, gpu::gemm_mode::per_expert,
+                        gpu::gemm_mode::padded, gpu::gemm_mode::gemv}) {
+        INFO("hidden " << h << ", rows " << rows[0] << "/" << rows[1] << "/" << rows[2] << "/" << rows[3] << ", mode "
+                       << gpu::to_string(mode));
+        (*g)->set_gemm_mode(mode);
+        y.assign(ids.size(), {});
+        std::vector<const float*> in;
+        std::vector<float*> out;
+        for (size_t i = 0; i < ids.size(); ++i) {
+          y[i].assign(size_t(rows[i] * h), std::nanf(""));
+          in.push_back(x[i].data());
+          out.push_back(y[i].data());
+        }
+        REQUIRE_FALSE((*g)->run(ids, in, rows, out));
+        const bool small = *std::max_element(rows.begin(), rows.end()) <= gpu::gemv_max_rows;
+        if (mode == gpu::gemm_mode::automatic || mode == gpu::gemm_mode::gemv) {
+          if (small) CHECK((*g)->last_gemm_mode() == gpu::gemm_mode::gemv);
+          else CHECK((*g)->last_gemm_mode() != gpu::gemm_mode::gemv);
+        } else {
+          CHECK((*g)->last_gemm_mode() == mode);
+        }
+        for (size_t i = 0; i < ids.size(); ++i) {
+          if (rows[i] == 0) continue;
+          INFO("expert " << ids[i]);
+          CHECK(norm_err(y[i], ref[i]) < 1e-2);
+        }
+      }
+    }
   }
 }
 
@@ -197,15 +251,35 @@ TEST_CASE("gpu: whole MoE layers equal the CPU layer within bf16 tolerance", "[g
       L[0].experts[size_t(e)]->pack();
       ptrs[size_t(e)] = L[0].experts[size_t(e)].get();
     }
-    auto x = randv(size_t(s.t * s.h), 9, 1.0f);
-    auto want = cpu_layer(g, router, bias.empty() ? nullptr : bias.data(), L, x, s.t, s.h);
     auto layer = gpu::gpu_moe_layer::make(0, g, router, bias.empty() ? nullptr : bias.data(), ptrs);
     REQUIRE(layer);
-    std::vector<float> y(size_t(s.t * s.h), std::nanf(""));
-    REQUIRE_FALSE((*layer)->forward(x.data(), s.t, y.data()));
-    const double e = norm_err(y, to_double(want));
-    INFO("relative error " << e << ", active experts " << (*layer)->last_active_experts());
-    CHECK(e < 1e-2);
+    for (int64_t t : {int64_t{1}, int64_t{3}, int64_t{8}, s.t}) {
+      auto x = randv(size_t(t * s.h), 9 + uint32_t(t), 1.0f);
+      auto want = cpu_layer(g, router, bias.empty() ? nullptr : bias.data(), L, x, t, s.h);
+      for (auto mode : {gpu::gemm_mode::automatic, gpu::gemm_mode::grouped, gpu::gemm_mode::per_expert,
+                        gpu::gemm_mode::padded, gpu::gemm_mode::gemv}) {
+        INFO(t << " tokens, mode " << gpu::to_string(mode));
+        (*layer)->set_gemm_mode(mode);
+        std::vector<float> y(size_t(t * s.h), std::nanf(""));
+        REQUIRE_FALSE((*layer)->forward(x.data(), t, y.data()));
+        const double e = norm_err(y, to_double(want));
+        INFO("relative error " << e << ", active experts " << (*layer)->last_active_experts() << ", ran "
+                               << gpu::to_string((*layer)->last_gemm_mode()));
+        CHECK(e < 1e-2);
+        // Automatic takes the GEMV path up to 8 tokens, except for few large experts (Mixtral's)
+        // at more than one row per expert on average.
+        const bool few_large = s.local <= 16 && 2 * s.f * s.h >= (int64_t{16} << 20);
+        if (mode == gpu::gemm_mode::automatic)
+          CHECK(((*layer)->last_gemm_mode() == gpu::gemm_mode::gemv) ==
+                (t <= gpu::gemv_max_rows && (!few_large || t * s.k <= s.local)));
+        // The active count (brought back from the device on the GEMV path) is the CPU routing's;
+        // one near-tie choice may differ between the two fp32 router GEMMs.
+        auto r = gate(g, router, bias.empty() ? nullptr : bias.data(), x.data(), t);
+        std::vector<bool> hit(size_t(s.e), false);
+        for (int id : r.experts) hit[size_t(id)] = id < s.local;
+        CHECK(std::abs((*layer)->last_active_experts() - int(std::count(hit.begin(), hit.end(), true))) <= 1);
+      }
+    }
   }
 }
 
