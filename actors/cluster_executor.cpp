@@ -135,11 +135,60 @@ bool cluster_executor::wait_for_replica(int layer, int expert) {
   return true;
 }
 
+namespace {
+/// A piece is rows [off, off + n) of batch i; a whole batch is sent without copying.
+struct piece {
+  size_t batch;
+  int64_t off, n;
+};
+/// One host's share of a round.
+struct call {
+  int host;
+  std::vector<piece> pieces;
+  std::vector<int> experts;
+  std::vector<std::vector<float>> in_copy, out_copy;  ///< for pieces that are part of a batch
+  std::vector<const std::vector<float>*> in;
+  std::vector<std::vector<float>*> out;
+  std::future<caf::error> result;
+};
+}  // namespace
+
+/// A layer's batches on their way: the calls of the round in flight and what is left to send.
+struct cluster_executor::flight final : model::expert_executor::ticket {
+  int layer = 0;
+  const model::dispatch_plan* plan = nullptr;
+  const std::vector<std::vector<float>>* inputs = nullptr;
+  std::vector<std::vector<float>>* outputs = nullptr;
+  std::vector<piece> pending;
+  std::vector<call> calls;
+  caf::error last;    ///< the last host failure (named when no replica is left)
+  caf::error failed;  ///< the layer failed before or while sending
+  ~flight() override {
+    // A flight dropped unfinished still waits for its calls: they write into its buffers.
+    for (auto& c : calls)
+      if (c.result.valid()) c.result.wait();
+  }
+};
+
 caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, const std::vector<std::vector<float>>& inputs,
                                  std::vector<std::vector<float>>& outputs) {
+  return finish(start(layer, plan, inputs, outputs));
+}
+
+std::unique_ptr<model::expert_executor::ticket> cluster_executor::start(int layer, const model::dispatch_plan& plan,
+                                                                        const std::vector<std::vector<float>>& inputs,
+                                                                        std::vector<std::vector<float>>& outputs) {
   using model::make_error;
   using model::model_errc;
-  if (!step_) return make_error(model_errc::unsupported, "no placement yet: the cluster is not ready");
+  auto f = std::make_unique<flight>();
+  f->layer = layer;
+  f->plan = &plan;
+  f->inputs = &inputs;
+  f->outputs = &outputs;
+  if (!step_) {
+    f->failed = make_error(model_errc::unsupported, "no placement yet: the cluster is not ready");
+    return f;
+  }
   {
     const auto& p = step_->placement;
     std::lock_guard lock(counts_mu_);
@@ -151,21 +200,62 @@ caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, co
       }
   }
   outputs.resize(plan.batches.size());
-  // A piece is rows [off, off + n) of batch i; a whole batch is sent without copying.
-  struct piece {
-    size_t batch;
-    int64_t off, n;
-  };
-  std::vector<piece> pending;
   for (size_t i = 0; i < plan.batches.size(); ++i) {
     const auto n = static_cast<int64_t>(plan.batches[i].tokens.size());
     outputs[i].resize(inputs[i].size());
-    pending.push_back({i, 0, n});
+    f->pending.push_back({i, 0, n});
   }
-  caf::error last;
-  // Each round sends every pending piece to live replicas not yet failed, split by share; pieces
-  // of a host that fails go back to pending for the next round. Bounded by the replica count.
-  while (!pending.empty()) {
+  f->failed = send_round(*f);
+  return f;
+}
+
+caf::error cluster_executor::finish(std::unique_ptr<model::expert_executor::ticket> t) {
+  auto* f = dynamic_cast<flight*>(t.get());
+  if (!f) return model::make_error(model::model_errc::invalid_argument, "cluster executor: a ticket from another executor");
+  // Each round sent every pending piece to live replicas not yet failed, split by share; pieces of
+  // a host that failed go back to pending for the next round. Bounded by the replica count.
+  while (true) {
+    const auto& hosts = step_->hosts;
+    const auto& plan = *f->plan;
+    auto& outputs = *f->outputs;
+    std::vector<piece> retry;
+    for (auto& c : f->calls) {
+      if (auto err = c.result.get()) {
+        failed_[static_cast<size_t>(c.host)] = true;
+        channels_.erase(hosts[static_cast<size_t>(c.host)].data_address);  // reconnect if it comes back
+        f->last = std::move(err);
+        retry.insert(retry.end(), c.pieces.begin(), c.pieces.end());
+        retries_ += c.pieces.size();
+        continue;
+      }
+      // Rows of split batches go back into place.
+      size_t k = 0;
+      for (size_t j = 0; j < c.pieces.size(); ++j) {
+        const auto& pc = c.pieces[j];
+        const auto whole = static_cast<int64_t>(plan.batches[pc.batch].tokens.size());
+        if (pc.n == whole) continue;
+        const int64_t hidden = static_cast<int64_t>((*f->inputs)[pc.batch].size()) / whole;
+        std::copy(c.out_copy[k].begin(), c.out_copy[k].end(), outputs[pc.batch].begin() + pc.off * hidden);
+        ++k;
+      }
+    }
+    f->calls.clear();
+    if (f->failed) return std::move(f->failed);
+    f->pending.insert(f->pending.end(), retry.begin(), retry.end());
+    if (f->pending.empty()) return {};
+    f->failed = send_round(*f);
+  }
+}
+
+caf::error cluster_executor::send_round(flight& f) {
+  using model::make_error;
+  using model::model_errc;
+  const int layer = f.layer;
+  const auto& plan = *f.plan;
+  const auto& inputs = *f.inputs;
+  auto& outputs = *f.outputs;
+  auto& pending = f.pending;
+  while (true) {
     const auto& p = step_->placement;
     const auto& hosts = step_->hosts;
     if (failed_.size() < hosts.size()) failed_.resize(hosts.size(), false);
@@ -191,7 +281,7 @@ caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, co
       if (live.empty())
         return make_error(model_errc::io_error, "layer " + std::to_string(layer) + " expert " + std::to_string(e) +
                                                     " has no live replica" +
-                                                    (last ? " (last failure: " + model::describe(last) + ")" : std::string()));
+                                                    (f.last ? " (last failure: " + model::describe(f.last) + ")" : std::string()));
       if (live.size() == 1) {
         by_host[live[0]->host].push_back(pc);
         sent_[{layer, e, live[0]->host}] += static_cast<double>(pc.n);
@@ -249,16 +339,7 @@ caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, co
     }
     if (repinned) continue;
     // Every host of this round is asked at once; their answers are awaited together.
-    struct call {
-      int host;
-      std::vector<piece> pieces;
-      std::vector<int> experts;
-      std::vector<std::vector<float>> in_copy, out_copy;  ///< for pieces that are part of a batch
-      std::vector<const std::vector<float>*> in;
-      std::vector<std::vector<float>*> out;
-      std::future<caf::error> result;
-    };
-    std::vector<call> calls;
+    auto& calls = f.calls;
     calls.reserve(by_host.size());
     for (auto& [h, pieces] : by_host) {
       auto& c = calls.emplace_back();
@@ -295,30 +376,9 @@ caf::error cluster_executor::run(int layer, const model::dispatch_plan& plan, co
         c.result = unreachable.get_future();
       }
     }
-    std::vector<piece> retry;
-    for (auto& c : calls) {
-      if (auto err = c.result.get()) {
-        failed_[static_cast<size_t>(c.host)] = true;
-        channels_.erase(hosts[static_cast<size_t>(c.host)].data_address);  // reconnect if it comes back
-        last = std::move(err);
-        retry.insert(retry.end(), c.pieces.begin(), c.pieces.end());
-        retries_ += c.pieces.size();
-        continue;
-      }
-      // Rows of split batches go back into place.
-      size_t k = 0;
-      for (size_t j = 0; j < c.pieces.size(); ++j) {
-        const auto& pc = c.pieces[j];
-        const auto whole = static_cast<int64_t>(plan.batches[pc.batch].tokens.size());
-        if (pc.n == whole) continue;
-        const int64_t hidden = static_cast<int64_t>(inputs[pc.batch].size()) / whole;
-        std::copy(c.out_copy[k].begin(), c.out_copy[k].end(), outputs[pc.batch].begin() + pc.off * hidden);
-        ++k;
-      }
-    }
-    pending.swap(retry);
+    pending.clear();
+    return {};
   }
-  return {};
 }
 
 }  // namespace sy::actors

@@ -56,8 +56,21 @@ class cluster_executor final : public model::expert_executor {
   void end_step() override;
   [[nodiscard]] caf::error run(int layer, const model::dispatch_plan& plan, const std::vector<std::vector<float>>& inputs,
                                std::vector<std::vector<float>>& outputs) override;
+  /// Sends the first round (every batch to its replicas) and returns; `finish` collects the
+  /// answers and re-sends what a failed host held.
+  [[nodiscard]] std::unique_ptr<ticket> start(int layer, const model::dispatch_plan& plan,
+                                              const std::vector<std::vector<float>>& inputs,
+                                              std::vector<std::vector<float>>& outputs) override;
+  [[nodiscard]] caf::error finish(std::unique_ptr<ticket> t) override;
+  /// Whether the channels return before the hosts answer (network links: yes; in-process: no).
+  void set_overlaps(bool v) { overlaps_ = v; }
+  [[nodiscard]] bool overlaps() const override { return overlaps_; }
 
  private:
+  struct flight;
+  /// Assigns every pending piece of `f` to live replicas and sends them (f.calls).
+  [[nodiscard]] caf::error send_round(flight& f);
+  bool overlaps_ = false;
   struct view {
     placement_table placement;
     std::vector<host_info> hosts;

@@ -47,8 +47,14 @@ caf::expected<std::unique_ptr<embedded_cluster>> embedded_cluster::start(const e
   p->ckpt = std::make_shared<const model::checkpoint>(std::move(*ck));
   const int64_t needed = static_cast<int64_t>(p->mcfg->num_moe_layers()) * p->mcfg->gating.num_experts * cfg.replicas;
   const int slots = cfg.slots > 0 ? cfg.slots : static_cast<int>((needed * 3 / 2 + cfg.hosts - 1) / cfg.hosts);
-  for (int h = 0; h < cfg.hosts; ++h)
+  for (int h = 0; h < cfg.hosts; ++h) {
     p->hosts.push_back(std::make_shared<expert_host_core>("expert-host-" + std::to_string(h), slots));
+    if (cfg.make_device) {
+      auto d = cfg.make_device();
+      if (!d) return d.error();
+      p->hosts.back()->set_device(std::move(*d));
+    }
+  }
   // In-process data plane: a host's address names its index here.
   auto connect = [hosts = p->hosts](const host_info& h) -> std::shared_ptr<expert_channel> {
     const std::string prefix = "inproc://";

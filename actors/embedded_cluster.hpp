@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <memory>
 
 namespace sy::actors {
@@ -17,6 +18,8 @@ struct embedded_config {
   int slots = 0;  ///< per host; 0 = an even spread plus half as much again (room to rebalance)
   scheduler::batcher_config batcher;
   int threads = 0;  ///< compute threads (0 = all cores)
+  /// Makes each expert host's device (null function: the hosts compute on the CPU).
+  std::function<caf::expected<std::shared_ptr<model::device_experts>>()> make_device;
   /// How long queued work waits for every expert to have a live replica (at start, or after a
   /// host is lost) before its steps run anyway and fail with the reason.
   std::chrono::milliseconds replica_wait{10000};

@@ -28,9 +28,26 @@ caf::error expert_host_core::load(const model::model_config& cfg, const model::c
     loaded[{l, e}] = std::make_shared<const model::expert_weights>(std::move(*w));
     if (progress) progress(done, done);
   }
+  if (auto err = upload_new(loaded)) return err;
   std::lock_guard lock(mu_);
+  if (device_)
+    for (const auto& [k, w] : experts_)
+      if (!loaded.count(k)) device_->remove(k.first, k.second);
   experts_ = std::move(loaded);
   metrics_.slots(experts_.size(), static_cast<size_t>(slots_));
+  return {};
+}
+
+caf::error expert_host_core::upload_new(
+    const std::map<std::pair<int, int>, std::shared_ptr<const model::expert_weights>>& loaded) {
+  if (!device_) return {};
+  for (const auto& [k, w] : loaded) {
+    {
+      std::lock_guard lock(mu_);
+      if (experts_.count(k)) continue;  // already on the device
+    }
+    if (auto err = device_->add(k.first, k.second, *w)) return err;
+  }
   return {};
 }
 
@@ -49,6 +66,7 @@ caf::error expert_host_core::add(const model::model_config& cfg, const model::ch
     loaded[{l, e}] = std::make_shared<const model::expert_weights>(std::move(*w));
     if (progress) progress(done, done);
   }
+  if (auto err = upload_new(loaded)) return err;
   std::lock_guard lock(mu_);
   experts_.merge(loaded);
   metrics_.slots(experts_.size(), static_cast<size_t>(slots_));
@@ -57,7 +75,8 @@ caf::error expert_host_core::add(const model::model_config& cfg, const model::ch
 
 void expert_host_core::remove(std::span<const std::pair<int, int>> experts) {
   std::lock_guard lock(mu_);
-  for (const auto& k : experts) experts_.erase(k);
+  for (const auto& k : experts)
+    if (experts_.erase(k) && device_) device_->remove(k.first, k.second);
   metrics_.slots(experts_.size(), static_cast<size_t>(slots_));
 }
 
@@ -98,7 +117,14 @@ caf::error expert_host_core::serve(int layer, std::span<const int> experts, std:
     outputs[i]->resize(inputs[i]->size());
     ys.push_back(outputs[i]->data());
   }
-  model::expert_forward_many(ws, xs, ns, ys);
+  if (device_) {
+    if (auto err = device_->run(layer, experts, xs, ns, ys)) {
+      metrics_.refused(metrics::host_metrics::refusal::down);
+      return model::make_error(model::model_errc::io_error, name_ + ": " + model::describe(err));
+    }
+  } else {
+    model::expert_forward_many(ws, xs, ns, ys);
+  }
   batches_ += ws.size();
   uint64_t rows = 0;
   for (auto n : ns) rows += static_cast<uint64_t>(n);

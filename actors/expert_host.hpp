@@ -23,6 +23,10 @@ class expert_host_core {
     metrics_.slots(0, static_cast<size_t>(slots_));
   }
 
+  /// Computes on `device` instead of the CPU (call before the first load): loaded experts are
+  /// uploaded there, dropped ones freed, and every batch runs there. Host memory keeps a copy of
+  /// the weights (what a replacement or a device failure would reload from).
+  void set_device(std::shared_ptr<model::device_experts> device) { device_ = std::move(device); }
   [[nodiscard]] const std::string& name() const { return name_; }
   [[nodiscard]] int slots() const { return slots_; }
 
@@ -59,6 +63,9 @@ class expert_host_core {
   mutable std::mutex mu_;
   /// Shared so a batch in flight keeps its weights alive across a reload.
   std::map<std::pair<int, int>, std::shared_ptr<const model::expert_weights>> experts_;
+  std::shared_ptr<model::device_experts> device_;
+  /// Uploads the pairs of `loaded` that `experts_` lacks (before they become visible to batches).
+  [[nodiscard]] caf::error upload_new(const std::map<std::pair<int, int>, std::shared_ptr<const model::expert_weights>>& loaded);
 };
 
 /// The data plane as a router sees it: one host, asked to run some experts of a layer on rows.

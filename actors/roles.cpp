@@ -182,6 +182,7 @@ caf::expected<std::unique_ptr<expert_host_process>> expert_host_process::start(c
   auto p = std::make_unique<impl>();
   const std::string name = o.name.empty() ? "expert-host-" + std::to_string(::getpid()) : o.name;
   p->core = std::make_shared<expert_host_core>(name, o.slots);
+  p->core->set_device(o.device);
   auto rt = transport::ucx_runtime::make();
   if (!rt) return rt.error();
   p->ucx = *rt;
@@ -261,7 +262,7 @@ caf::expected<std::unique_ptr<router_process>> router_process::start(const route
     return std::make_shared<link_channel>(std::shared_ptr<transport::link_client>(std::move(*c)), hidden, dtype,
                                           o.batch_timeout, h.name);
   };
-  auto core = router_core::make(mcfg, *ck, connect, o.batcher, o.replica_wait);
+  auto core = router_core::make(mcfg, *ck, connect, o.batcher, o.replica_wait, /*overlaps=*/true, o.micro_batches);
   if (!core) return core.error();
   p->core = std::move(*core);
   p->sys = make_system(p->cfg);

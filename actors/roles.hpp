@@ -48,6 +48,7 @@ struct expert_host_options {
   std::string name;
   bool peer_error_handling = true;  ///< UCX peer failure detection (TCP only in UCX 1.13)
   int threads = 0;
+  std::shared_ptr<model::device_experts> device;  ///< compute there instead of the CPU (null: CPU)
 };
 
 class expert_host_process {
@@ -74,6 +75,9 @@ struct router_options {
   std::chrono::milliseconds replica_wait{10000};
   std::chrono::milliseconds report_interval{500};  ///< tokens per expert to the coordinator
   int threads = 0;
+  /// Micro-batches per step (1 or 2): with 2, one half's attention runs while the other half's
+  /// expert batches are on the wire.
+  int micro_batches = 2;
 };
 
 class router_process {

@@ -2,6 +2,7 @@
 #include "actors/roles.hpp"
 #include "api/http_server.hpp"
 #include "api/metrics_server.hpp"
+#include "apps/device.hpp"
 #include "apps/cli.hpp"
 #include "apps/http_options.hpp"
 #include "apps/commands.hpp"
@@ -151,7 +152,7 @@ void add_cluster_commands(CLI::App& app) {
   {
     auto* cmd = app.add_subcommand("expert-host", "Run an expert host: holds experts, answers token batches over UCX");
     struct args {
-      std::string coordinator, model, listen = "127.0.0.1:0", name, metrics;
+      std::string coordinator, model, listen = "127.0.0.1:0", name, metrics, device = "cpu";
       int slots = 0, threads = 0;
       bool no_peer_errors = false;
     };
@@ -162,6 +163,7 @@ void add_cluster_commands(CLI::App& app) {
     cmd->add_option("--listen", a->listen, "Data-plane address HOST:PORT (port 0 = any)");
     cmd->add_option("--name", a->name, "Host name (default expert-host-PID)");
     cmd->add_option("--threads", a->threads, "Compute threads (0 = all cores)");
+    cmd->add_option("--device", a->device, "Where this host computes its experts: cpu, cuda or cuda:N");
     cmd->add_flag("--no-peer-error-handling", a->no_peer_errors, "UCX without peer failure detection (allows shared memory)");
     cmd->add_option("--metrics", a->metrics, "Serve /metrics on HOST:PORT (port 0 = any; default: not served)");
     cmd->callback([a] {
@@ -177,6 +179,10 @@ void add_cluster_commands(CLI::App& app) {
       o.name = a->name;
       o.threads = a->threads;
       o.peer_error_handling = !a->no_peer_errors;
+      auto dev = make_device(a->device);
+      if (!dev) fail(model::describe(dev.error()));
+      o.device = std::move(*dev);
+      if (o.device) std::printf("expert host computes on %s\n", o.device->describe().c_str());
       auto ms = start_metrics(a->metrics);
       auto h = actors::expert_host_process::start(o);
       if (!h) fail(model::describe(h.error()));
@@ -193,7 +199,7 @@ void add_cluster_commands(CLI::App& app) {
     struct args {
       std::string coordinator, model, per_expert = "all";
       http_options http;
-      int threads = 0, max_running = 64, max_queue = 256, budget = 512;
+      int threads = 0, max_running = 64, max_queue = 256, budget = 512, micro_batches = 2;
       bool bf16 = false, no_peer_errors = false, no_metrics = false;
     };
     auto a = std::make_shared<args>();
@@ -204,6 +210,9 @@ void add_cluster_commands(CLI::App& app) {
     cmd->add_option("--max-running", a->max_running, "Sequences decoding at once")->check(CLI::Range(1, 1 << 16));
     cmd->add_option("--max-queue", a->max_queue, "Queued requests before 503")->check(CLI::Range(0, 1 << 20));
     cmd->add_option("--step-tokens", a->budget, "Tokens per engine step")->check(CLI::Range(1, 1 << 20));
+    cmd->add_option("--micro-batches", a->micro_batches,
+                    "Micro-batches per step: 2 overlaps one half's attention with the other half's experts, 1 does not")
+        ->check(CLI::Range(1, 2));
     cmd->add_flag("--wire-bf16", a->bf16, "Send hidden rows as bf16 (half the bytes; answers then differ from local f32 in rounding)");
     cmd->add_flag("--no-peer-error-handling", a->no_peer_errors, "UCX without peer failure detection");
     cmd->add_option("--metrics-per-expert", a->per_expert,
@@ -222,6 +231,7 @@ void add_cluster_commands(CLI::App& app) {
       o.batcher.max_running = a->max_running;
       o.batcher.max_queue = a->max_queue;
       o.batcher.step_token_budget = a->budget;
+      o.micro_batches = a->micro_batches;
       o.wire_bf16 = a->bf16;
       o.peer_error_handling = !a->no_peer_errors;
       auto r = actors::router_process::start(o);

@@ -2,6 +2,7 @@
 // behind the HTTP API.
 #include "actors/embedded_cluster.hpp"
 #include "api/http_server.hpp"
+#include "apps/device.hpp"
 #include "apps/cli.hpp"
 #include "apps/http_options.hpp"
 #include "apps/commands.hpp"
@@ -48,7 +49,7 @@ fs::path demo_model() {
 void add_serve_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("serve", "Run the embedded cluster (coordinator, router, expert hosts) with the HTTP API");
   struct args {
-    std::string model, per_expert = "all";
+    std::string model, per_expert = "all", device = "cpu";
     http_options http;
     int hosts = 4, replicas = 1, threads = 0, max_running = 64, max_queue = 256, budget = 512;
     bool no_metrics = false;
@@ -59,6 +60,7 @@ void add_serve_command(CLI::App& app) {
   cmd->add_option("--hosts", a->hosts, "Expert hosts")->check(CLI::Range(1, 1024));
   cmd->add_option("--replicas", a->replicas, "Replicas per expert, on distinct hosts")->check(CLI::Range(1, 64));
   cmd->add_option("--threads", a->threads, "Compute threads (0 = all cores)");
+  cmd->add_option("--device", a->device, "Where the expert hosts compute: cpu, cuda or cuda:N");
   cmd->add_option("--max-running", a->max_running, "Sequences decoding at once")->check(CLI::Range(1, 1 << 16));
   cmd->add_option("--max-queue", a->max_queue, "Queued requests before 503")->check(CLI::Range(0, 1 << 20));
   cmd->add_option("--step-tokens", a->budget, "Tokens per engine step (prefill chunking)")->check(CLI::Range(1, 1 << 20));
@@ -72,6 +74,10 @@ void add_serve_command(CLI::App& app) {
     cfg.hosts = a->hosts;
     cfg.replicas = a->replicas;
     cfg.threads = a->threads;
+    if (a->device != "cpu") {
+      if (auto d = make_device(a->device); !d) fail(model::describe(d.error()));
+      cfg.make_device = [spec = a->device] { return make_device(spec); };
+    }
     cfg.batcher.max_running = a->max_running;
     cfg.batcher.max_queue = a->max_queue;
     cfg.batcher.step_token_budget = a->budget;

@@ -6,6 +6,7 @@
 #include "model/moe.hpp"
 #include "model/weights.hpp"
 
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -39,10 +40,30 @@ class decoder {
   /// The MoE block of `layer` on rows x [T, hidden] (post-attention-norm input) into y [T, hidden].
   [[nodiscard]] caf::error moe_block(int layer, const float* x, int64_t t, float* y);
 
+  /// Splits a step of two or more sequences into this many micro-batches (1 or 2) when the
+  /// executor overlaps (`expert_executor::overlaps`): while one micro-batch's expert batches are
+  /// away, the other's attention runs here (ping-pong). Results are the same as with 1.
+  void set_micro_batches(int n) { micro_batches_ = n < 2 ? 1 : 2; }
+  [[nodiscard]] int micro_batches() const { return micro_batches_; }
+
+  /// One MoE block in flight: gating done and expert batches sent; `moe_finish` combines.
+  struct moe_flight {
+    int layer = -1;
+    dispatch_plan plan;
+    std::vector<std::vector<float>> inputs, outputs;
+    std::unique_ptr<expert_executor::ticket> ticket;
+  };
+  /// Gates x [T, hidden], sends the expert batches, and computes the shared expert into y while
+  /// they are away.
+  void moe_start(int layer, const float* x, int64_t t, float* y, moe_flight& f);
+  /// Waits for the expert batches and adds their weighted outputs into y.
+  [[nodiscard]] caf::error moe_finish(moe_flight& f, float* y);
+
  private:
   const model_weights& w_;
   expert_executor& experts_;
   attention attention_;
+  int micro_batches_ = 1;
 };
 
 }  // namespace sy::model

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 namespace sy::model {
@@ -70,6 +71,38 @@ class expert_executor {
   [[nodiscard]] virtual caf::error run(int layer, const dispatch_plan& plan,
                                        const std::vector<std::vector<float>>& inputs,
                                        std::vector<std::vector<float>>& outputs) = 0;
+
+  /// `run` in two halves, so the caller can compute while the experts do: `start` sends the work
+  /// and returns, `finish` waits for it and fills `outputs`. `plan`, `inputs` and `outputs` must
+  /// stay alive and untouched until `finish` returns; every started ticket must be finished (also
+  /// after an error elsewhere). The default runs `run` in `start`.
+  class ticket {
+   public:
+    virtual ~ticket() = default;
+  };
+  [[nodiscard]] virtual std::unique_ptr<ticket> start(int layer, const dispatch_plan& plan,
+                                                      const std::vector<std::vector<float>>& inputs,
+                                                      std::vector<std::vector<float>>& outputs);
+  [[nodiscard]] virtual caf::error finish(std::unique_ptr<ticket> t);
+  /// True where `start` returns before the experts are done (a network between them), so work
+  /// between `start` and `finish` overlaps theirs.
+  [[nodiscard]] virtual bool overlaps() const { return false; }
+};
+
+/// Experts an expert host keeps on a device (a GPU): weights uploaded once, token batches computed
+/// there. Implementations are safe to call from several threads.
+class device_experts {
+ public:
+  virtual ~device_experts() = default;
+  /// Uploads (layer, expert)'s weights; replaces what that pair held.
+  [[nodiscard]] virtual caf::error add(int layer, int expert, const expert_weights& w) = 0;
+  /// Frees the pair's device memory (after any batch using it).
+  virtual void remove(int layer, int expert) = 0;
+  /// outputs[i] = experts[i] of `layer` on inputs[i] ([rows[i], hidden] f32 rows, host memory).
+  [[nodiscard]] virtual caf::error run(int layer, std::span<const int> experts, std::span<const float* const> inputs,
+                                       std::span<const int64_t> rows, std::span<float* const> outputs) = 0;
+  /// "cuda:0 (NVIDIA H100 80GB HBM3, 132 SMs, 79.1 GiB)"
+  [[nodiscard]] virtual std::string describe() const = 0;
 };
 
 /// Experts of one layer held in memory; null entries are experts this process does not hold.

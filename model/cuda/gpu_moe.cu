@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -929,6 +930,12 @@ caf::expected<std::unique_ptr<gpu_experts>> gpu_experts::make(int device, int64_
 }
 
 caf::error gpu_experts::add_expert(int id, const expert_weights& w) { return impl_->engine.add(id, w); }
+void gpu_experts::remove_expert(int id) {
+  auto& eng = impl_->engine;
+  if (cudaSetDevice(eng.device) != cudaSuccess || cudaStreamSynchronize(eng.stream) != cudaSuccess) cudaGetLastError();
+  if (eng.experts.erase(id) > 0) eng.tabs_stale = true;
+}
+
 bool gpu_experts::holds(int id) const { return impl_->engine.experts.count(id) > 0; }
 size_t gpu_experts::device_bytes() const { return impl_->engine.bytes(); }
 
@@ -1334,6 +1341,56 @@ caf::error gpu_expert_executor::run(int layer, const dispatch_plan& plan, const 
     out.push_back(outputs[i].data());
   }
   return g.run(ids, in, n, out);
+}
+
+// ---- an expert host's device ----
+
+namespace {
+class cuda_device_experts final : public device_experts {
+ public:
+  explicit cuda_device_experts(int device) : device_(device) {}
+  caf::error add(int layer, int expert, const expert_weights& w) override {
+    std::lock_guard lock(mu_);
+    auto& g = layers_[layer];
+    if (!g) {
+      auto made = gpu_experts::make(device_, w.hidden(), w.ffn());
+      if (!made) return made.error();
+      g = std::move(*made);
+    }
+    return g->add_expert(expert, w);
+  }
+  void remove(int layer, int expert) override {
+    std::lock_guard lock(mu_);
+    if (auto it = layers_.find(layer); it != layers_.end()) it->second->remove_expert(expert);
+  }
+  caf::error run(int layer, std::span<const int> experts, std::span<const float* const> inputs,
+                 std::span<const int64_t> rows, std::span<float* const> outputs) override {
+    std::lock_guard lock(mu_);
+    auto it = layers_.find(layer);
+    if (it == layers_.end())
+      return make_error(model_errc::invalid_argument, "cuda:" + std::to_string(device_) + ": no experts of layer " +
+                                                          std::to_string(layer));
+    return it->second->run(experts, inputs, rows, outputs);
+  }
+  std::string describe() const override {
+    return "cuda:" + std::to_string(device_) + " (" + device_description(device_) + ")";
+  }
+
+ private:
+  int device_;
+  std::mutex mu_;
+  std::map<int, std::unique_ptr<gpu_experts>> layers_;
+};
+}  // namespace
+
+caf::expected<std::shared_ptr<device_experts>> make_device_experts(int device) {
+  std::string why;
+  if (!device_available(&why)) return make_error(model_errc::unsupported, "cuda:" + std::to_string(device) + ": " + why);
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || device < 0 || device >= n)
+    return make_error(model_errc::invalid_argument,
+                      "cuda:" + std::to_string(device) + ": no such device (" + std::to_string(n) + " present)");
+  return std::shared_ptr<device_experts>(std::make_shared<cuda_device_experts>(device));
 }
 
 // ---- roofline ----

@@ -52,6 +52,8 @@ class gpu_experts {
 
   /// Uploads expert `id`'s weights (any layout or dtype; stored as bf16 row-major on the device).
   [[nodiscard]] caf::error add_expert(int id, const expert_weights& w);
+  /// Frees expert `id`'s device memory (no-op when not held).
+  void remove_expert(int id);
   [[nodiscard]] bool holds(int id) const;
   [[nodiscard]] size_t device_bytes() const;
 
@@ -127,6 +129,10 @@ class gpu_expert_executor final : public expert_executor {
  private:
   std::vector<std::unique_ptr<gpu_experts>> layers_;
 };
+
+/// An expert host's experts on CUDA device `device` (`gpu_experts` per layer, created on the first
+/// expert of that layer; calls serialised by a mutex).
+[[nodiscard]] caf::expected<std::shared_ptr<device_experts>> make_device_experts(int device);
 
 /// Device roofline measured in place: a large device-to-device copy (bytes read + written per
 /// second) and a large cuBLAS bf16 GEMM (FLOP/s), each the median of several runs.

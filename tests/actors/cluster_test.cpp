@@ -1,9 +1,11 @@
 // The embedded cluster (coordinator, router, expert hosts as actors; in-process data plane) against
 // transformers' greedy tokens, directly and over HTTP, with replicas and a host failing mid-run.
 #include "actors/embedded_cluster.hpp"
+#include "tests/actors/reference.hpp"
 #include "actors/placement.hpp"
 #include "api/http_server.hpp"
 #include "model/error.hpp"
+#include "model/moe.hpp"
 #include "model/safetensors.hpp"
 
 #include <arpa/inet.h>
@@ -19,6 +21,8 @@
 #include <filesystem>
 #include <future>
 #include <mutex>
+#include <span>
+#include <map>
 #include <set>
 #include <thread>
 
@@ -27,48 +31,10 @@ using json = nlohmann::json;
 
 namespace {
 
-std::filesystem::path fixture(const std::string& name) { return std::filesystem::path(SY_TEST_DATA) / "hf-tiny" / name; }
-
-struct reference {
-  std::vector<std::vector<int32_t>> prompts, greedy;  ///< greedy: the new tokens only
-};
-
-reference read_reference(const std::string& name) {
-  auto f = model::safetensors_file::open(fixture(name) / "reference.safetensors");
-  REQUIRE(f);
-  auto ids = *model::read_i64(*(*f)->find("input_ids"));
-  auto greedy = *model::read_i64(*(*f)->find("greedy_ids"));
-  const auto t = (*f)->find("input_ids")->shape[1], g = (*f)->find("greedy_ids")->shape[1];
-  reference r;
-  for (int64_t b = 0; b < (*f)->find("input_ids")->shape[0]; ++b) {
-    r.prompts.emplace_back(ids.begin() + b * t, ids.begin() + (b + 1) * t);
-    r.greedy.emplace_back(greedy.begin() + b * g + t, greedy.begin() + (b + 1) * g);
-  }
-  return r;
-}
-
-/// Submits and waits for every prompt (greedy, no EOS stop), in one batch.
-std::vector<scheduler::completion> generate(actors::embedded_cluster& c, const std::vector<std::vector<int32_t>>& prompts,
-                                            int max_tokens) {
-  std::vector<std::promise<scheduler::completion>> ps(prompts.size());
-  std::vector<std::future<scheduler::completion>> fs;
-  for (auto& p : ps) fs.push_back(p.get_future());
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    scheduler::generation_request r;
-    r.id = i;
-    r.prompt = prompts[i];
-    r.max_tokens = max_tokens;
-    r.stop_at_eos = false;
-    r.on_done = [&ps, i](scheduler::completion c) { ps[i].set_value(std::move(c)); };
-    REQUIRE_FALSE(c.submit(std::move(r)));
-  }
-  std::vector<scheduler::completion> out;
-  for (auto& f : fs) {
-    REQUIRE(f.wait_for(std::chrono::seconds(60)) == std::future_status::ready);
-    out.push_back(f.get());
-  }
-  return out;
-}
+using sy::test::fixture;
+using sy::test::generate;
+using sy::test::read_reference;
+using sy::test::reference;
 
 std::unique_ptr<actors::embedded_cluster> start(const std::string& name, int hosts, int replicas) {
   actors::embedded_config cfg;
@@ -148,6 +114,69 @@ TEST_CASE("embedded cluster: answers equal transformers' greedy tokens, batched 
       CHECK(one[0].tokens == ref.greedy[i]);
     }
   }
+}
+
+namespace {
+/// A device backend on the CPU that records what the host asks of it (the GPU one is tested on a
+/// GPU by tests/gpu): uploads, removals, batches.
+struct recording_device final : model::device_experts {
+  std::mutex mu;
+  /// The host keeps the weights alive while they are held (it frees them after `remove`).
+  std::map<std::pair<int, int>, const model::expert_weights*> held;
+  std::atomic<int> adds{0}, removes{0}, runs{0};
+  caf::error add(int layer, int expert, const model::expert_weights& w) override {
+    std::lock_guard lock(mu);
+    held[{layer, expert}] = &w;
+    ++adds;
+    return {};
+  }
+  void remove(int layer, int expert) override {
+    std::lock_guard lock(mu);
+    held.erase({layer, expert});
+    ++removes;
+  }
+  caf::error run(int layer, std::span<const int> experts, std::span<const float* const> inputs,
+                 std::span<const int64_t> rows, std::span<float* const> outputs) override {
+    std::lock_guard lock(mu);
+    ++runs;
+    for (size_t i = 0; i < experts.size(); ++i) {
+      auto it = held.find({layer, experts[i]});
+      if (it == held.end()) return model::make_error(model::model_errc::invalid_argument, "not on the device");
+      model::expert_forward(*it->second, inputs[i], rows[i], outputs[i]);
+    }
+    return {};
+  }
+  std::string describe() const override { return "recording"; }
+};
+}  // namespace
+
+TEST_CASE("embedded cluster: hosts with a device backend compute there and answer the reference tokens", "[actors]") {
+  std::vector<std::shared_ptr<recording_device>> devices;
+  actors::embedded_config cfg;
+  cfg.model = fixture("qwen3moe_e16k4");
+  cfg.hosts = 3;
+  cfg.make_device = [&devices]() -> caf::expected<std::shared_ptr<model::device_experts>> {
+    devices.push_back(std::make_shared<recording_device>());
+    return std::shared_ptr<model::device_experts>(devices.back());
+  };
+  auto c = actors::embedded_cluster::start(cfg);
+  REQUIRE(c);
+  REQUIRE((*c)->wait_ready(std::chrono::seconds(30)));
+  REQUIRE(devices.size() == 3);
+  const auto ref = read_reference("qwen3moe_e16k4");
+  auto out = generate(**c, ref.prompts, static_cast<int>(ref.greedy[0].size()));
+  for (size_t i = 0; i < out.size(); ++i) CHECK(out[i].tokens == ref.greedy[i]);
+  int adds = 0, runs = 0;
+  size_t held = 0;
+  for (auto& d : devices) {
+    adds += d->adds;
+    runs += d->runs;
+    held += d->held.size();
+  }
+  // Every placed expert was uploaded once and every batch ran on a device.
+  CHECK(held == static_cast<size_t>(adds));
+  CHECK(held > 0);
+  CHECK(runs > 0);
 }
 
 TEST_CASE("embedded cluster: a host failing while requests run loses none of them (2 replicas)", "[actors]") {
