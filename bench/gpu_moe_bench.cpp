@@ -3,7 +3,11 @@
 // copy, a large cuBLAS bf16 GEMM) and, when given, Hugging Face transformers' own MoE block timed in
 // the same job (bench/gpu/hf_moe_block.py writes that JSON).
 //
-//   bench_gpu_moe [--hf-json FILE] [--reps N] [--layer mixtral|qwen3] [--tokens 1,8,...]
+//   bench_gpu_moe [--hf-json FILE] [--reps N] [--layer mixtral|qwen3] [--tokens 1,8,...] [--gemv-sweep]
+//
+// --gemv-sweep adds, at up to 8 tokens, the GEMV path under every `gemv_tuning` (rows per warp of
+// each kernel or `auto`, per-expert unrolling, dependent launch off), labelled
+// gemv/GU.DN[.split][.nopdl].
 //
 // Targets: at 1–8 tokens within 1.3x of (expert weight bytes read / copy bandwidth); at 4096 tokens
 // >= 70% of the bf16 GEMM rate.
@@ -49,12 +53,14 @@ std::vector<float> randv(size_t n, uint32_t seed, float scale) {
 int main(int argc, char** argv) {
   std::string hf_json, only_layer;
   int reps = 20;
+  bool sweep = false;
   std::vector<int64_t> tokens = {1, 2, 4, 8, 64, 512, 4096};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--hf-json" && i + 1 < argc) hf_json = argv[++i];
     else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (a == "--layer" && i + 1 < argc) only_layer = argv[++i];
+    else if (a == "--gemv-sweep") sweep = true;
     else if (a == "--tokens" && i + 1 < argc) {
       tokens.clear();
       for (std::string v = argv[++i]; !v.empty();) {
@@ -84,7 +90,7 @@ int main(int argc, char** argv) {
   std::printf("roofline (same run): device-to-device copy %.0f GB/s (read + write), cuBLAS bf16 GEMM 8192^3 %.0f TFLOP/s\n",
               roof->copy_gbs, roof->bf16_tflops);
   const std::vector<shape> shapes = {{"mixtral", 4096, 14336, 8, 2}, {"qwen3", 2048, 768, 128, 8}};
-  std::printf("\n%-8s %-12s %6s %7s %10s %9s %10s %10s %9s %9s | %11s %7s | %8s %7s\n", "layer", "gemm", "tokens", "active", "median ms", "device ms",
+  std::printf("\n%-8s %-15s %6s %7s %10s %9s %10s %10s %9s %9s | %11s %7s | %8s %7s\n", "layer", "gemm", "tokens", "active", "median ms", "device ms",
               "weight GB", "GB/s", "TFLOP/s", "vs GEMM", "bytes/bw ms", "ratio", "HF ms", "HF/ours");
   for (const auto& s : shapes) {
     if (!only_layer.empty() && s.name != only_layer) continue;
@@ -109,11 +115,33 @@ int main(int argc, char** argv) {
     }
     store.clear();  // host copies no longer needed
     (*layer)->set_timing(true);
+    struct variant {
+      gpu::gemm_mode mode;
+      gpu::gemv_tuning tuning;
+      std::string label;
+    };
+    std::vector<variant> variants;
+    for (auto mode : {gpu::gemm_mode::automatic, gpu::gemm_mode::grouped, gpu::gemm_mode::per_expert,
+                      gpu::gemm_mode::padded, gpu::gemm_mode::gemv})
+      variants.push_back({mode, {}, gpu::to_string(mode)});
+    if (sweep) {
+      for (bool split : {false, true}) {
+        for (int gu : {0, 4, 8})
+          for (int dn : {0, 2, 4, 8}) {
+            if ((gu == 0) != (dn == 0)) continue;
+            variants.push_back({gpu::gemm_mode::gemv, {gu, dn, true, split},
+                                "gemv/" + (gu == 0 ? std::string("auto") : std::to_string(gu) + "." + std::to_string(dn)) +
+                                    (split ? ".split" : "")});
+          }
+        variants.push_back({gpu::gemm_mode::gemv, {0, 0, false, split}, std::string("gemv/auto") + (split ? ".split" : "") + ".nopdl"});
+      }
+    }
     for (int64_t t : tokens)
-     for (auto mode : {gpu::gemm_mode::automatic, gpu::gemm_mode::grouped, gpu::gemm_mode::per_expert,
-                       gpu::gemm_mode::padded, gpu::gemm_mode::gemv}) {
+     for (const auto& v : variants) {
+      const auto mode = v.mode;
       if (mode == gpu::gemm_mode::gemv && t > gpu::gemv_max_rows) continue;
       (*layer)->set_gemm_mode(mode);
+      (*layer)->set_gemv_tuning(v.tuning);
       // Several input sets, rotated, so repeated runs do not measure one cached input.
       constexpr int sets = 3;
       std::vector<float*> xs, ys;
@@ -168,9 +196,9 @@ int main(int argc, char** argv) {
         std::snprintf(hfcol, sizeof hfcol, "%.3f", hf_ms);
         std::snprintf(ratio, sizeof ratio, "%.2fx", hf_ms / med);
       }
-      std::string kind = gpu::to_string(mode);
+      std::string kind = v.label;
       if (mode == gpu::gemm_mode::automatic) kind += std::string("=") + gpu::to_string((*layer)->last_gemm_mode());
-      std::printf("%-8s %-12s %6lld %7.1f %10.3f %9.3f %10.2f %10.0f %9.1f %8.0f%% | %11.3f %6.2fx | %8s %7s\n", s.name.c_str(),
+      std::printf("%-8s %-15s %6lld %7.1f %10.3f %9.3f %10.2f %10.0f %9.1f %8.0f%% | %11.3f %6.2fx | %8s %7s\n", s.name.c_str(),
                   kind.c_str(), static_cast<long long>(t), double(active) / reps, med, dev_med, bytes * 1e-9, bytes / (med * 1e-3) * 1e-9,
                   tflops, 100 * tflops / roof->bf16_tflops, bound_ms, med / bound_ms, hfcol, ratio);
     }

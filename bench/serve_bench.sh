@@ -3,6 +3,9 @@
 # bf16), served (1) by the embedded cluster and (2) by a router + 4 expert-host processes on
 # loopback (UCX), each driven by serve_load at concurrency 1, 8, 32, 128; prints both and the ratio.
 #   bench/serve_bench.sh [BUILD_DIR] [SECONDS_PER_LEVEL]
+# Environment: SWITCHYARD_BENCH_CONCURRENCY (default 1,8,32,128), SWITCHYARD_BENCH_MODEL,
+# SWITCHYARD_BENCH_ROUTER_ARGS (extra router flags, e.g. "--micro-batches 1"),
+# SWITCHYARD_BENCH_SKIP_EMBEDDED=1 (cluster only).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD="${1:-$ROOT/build}"
@@ -31,10 +34,12 @@ wait_ready() { for _ in $(seq 1 600); do curl -sf "127.0.0.1:$1/readyz" > /dev/n
 load() { "$LOAD" --port "$1" --seconds "$SECS" --concurrency "$CONC" --prompt-tokens 64 --max-tokens 64 --vocab 32000 --label "$2"; }
 
 # (1) embedded
-"$SY" serve --model "$MODEL" --http 127.0.0.1:0 --hosts 4 > "$TMP/serve" 2>&1 & PIDS+=($!)
-PORT="$(wait_port "$TMP/serve" '^serving .* on http://[^:]*:\([0-9]*\) .*')"
-load "$PORT" embedded | tee "$TMP/embedded.txt"
-kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+if [ "${SWITCHYARD_BENCH_SKIP_EMBEDDED:-0}" != 1 ]; then
+  "$SY" serve --model "$MODEL" --http 127.0.0.1:0 --hosts 4 > "$TMP/serve" 2>&1 & PIDS+=($!)
+  PORT="$(wait_port "$TMP/serve" '^serving .* on http://[^:]*:\([0-9]*\) .*')"
+  load "$PORT" embedded | tee "$TMP/embedded.txt"
+  kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+fi
 
 # (2) router + 4 expert-host processes. Co-located on this machine's cores, their OpenMP threads must
 # sleep rather than spin between parallel regions, or the router's spinning threads starve the hosts
@@ -46,11 +51,13 @@ CP="$(wait_port "$TMP/coord" '.*listening on [^:]*:\([0-9]*\).*')"
 for h in 0 1 2 3; do
   "$SY" expert-host --coordinator "127.0.0.1:$CP" --model "$MODEL" --slots 64 --threads 1 --name "host$h" > "$TMP/h$h" 2>&1 & PIDS+=($!)
 done
-"$SY" router --coordinator "127.0.0.1:$CP" --model "$MODEL" --http 127.0.0.1:0 > "$TMP/router" 2>&1 & PIDS+=($!)
+# shellcheck disable=SC2086  # word-splitting of the extra flags is intended
+"$SY" router --coordinator "127.0.0.1:$CP" --model "$MODEL" --http 127.0.0.1:0 ${SWITCHYARD_BENCH_ROUTER_ARGS:-} > "$TMP/router" 2>&1 & PIDS+=($!)
 RP="$(wait_port "$TMP/router" '.*serving HTTP on [^:]*:\([0-9]*\).*')"
 wait_ready "$RP"
 load "$RP" cluster | tee "$TMP/cluster.txt"
 
+[ -f "$TMP/embedded.txt" ] || exit 0
 echo
 echo "cluster / embedded output tokens/s (target >= 0.85 at concurrency >= 32):"
 paste <(awk '$1=="embedded"{print $2, $5}' "$TMP/embedded.txt") <(awk '$1=="cluster"{print $5}' "$TMP/cluster.txt") |

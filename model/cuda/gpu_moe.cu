@@ -234,6 +234,37 @@ __global__ void swiglu_kernel(const bf16* gu, int64_t rows, int64_t f, bf16* out
   }
 }
 
+// Programmatic dependent launch (sm_90): a kernel launched with the attribute may start while the
+// previous kernel on the stream drains; `pdl_wait` blocks until that kernel has finished and its
+// writes are visible, `pdl_trigger` lets the next kernel launch once every block of this one ran it.
+// Both are no-ops for a kernel launched without the attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+/// Launches `kernel` on `stream`, with programmatic dependent launch when `pdl` is set.
+template <class... P, class... A>
+cudaError_t launch_k(bool pdl, void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream, A&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<P>(std::forward<A>(args))...);
+}
+
 __device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_f32(float v) { return v; }
 
@@ -245,6 +276,8 @@ __global__ void combine_kernel(const T* yo, const int* pos, const float* w, int 
   constexpr int max_k = 32;
   __shared__ int sp[max_k];
   __shared__ float sw[max_k];
+  pdl_trigger();
+  pdl_wait();
   const int64_t t = blockIdx.x;
   if (threadIdx.x < k && threadIdx.x < max_k) {
     sp[threadIdx.x] = pos[t * k + threadIdx.x];
@@ -334,19 +367,13 @@ __device__ __forceinline__ void warp_dots(const bf16* const (&w)[NW], const floa
   }
 }
 
-/// hmid[row, c] = silu(gate_c · x_row) · (up_c · x_row) for P = NW/2 consecutive columns c per warp
-/// (gate rows c of the expert's [2F, H] gate_up, up rows F + c), blockIdx.y = the work list's expert.
+/// hmid[row, c] = silu(gate_c · x_row) · (up_c · x_row) for P = NW/2 consecutive columns c from c0
+/// (gate rows c of the expert's [2F, H] gate_up W, up rows F + c), for the expert's `cnt` ≤ R rows
+/// starting at work-list row r0.
 template <int NW, int R>
-__global__ void __launch_bounds__(gemv_warps * 32) gemv_gate_up_kernel(const float* __restrict__ x, int h, int f,
-                                                                       const bf16* const* __restrict__ tab,
-                                                                       gemv_work wk, float* __restrict__ hmid) {
+__device__ __forceinline__ void gate_up_body(const float* __restrict__ x, int h, int f, const bf16* W, const gemv_work& wk,
+                                             int r0, int cnt, int c0, float* __restrict__ hmid) {
   constexpr int P = NW / 2;
-  const int j = blockIdx.y;
-  if (j >= *wk.n_act) return;
-  const int c0 = (blockIdx.x * gemv_warps + (threadIdx.x >> 5)) * P;
-  if (c0 >= f) return;
-  const int r0 = wk.start[j], cnt = wk.cnt[j];
-  const bf16* W = tab[wk.act[j]];
   const bf16* rows[NW];
 #pragma unroll
   for (int q = 0; q < P; ++q) {
@@ -372,17 +399,10 @@ __global__ void __launch_bounds__(gemv_warps * 32) gemv_gate_up_kernel(const flo
   }
 }
 
-/// y[row, c] = down_c · hmid_row for NW consecutive output columns c per warp.
+/// y[row, c] = down_c · hmid_row for NW consecutive output columns from c0, `cnt` ≤ R rows from r0.
 template <int NW, int R>
-__global__ void __launch_bounds__(gemv_warps * 32) gemv_down_kernel(const float* __restrict__ hmid, int h, int f,
-                                                                    const bf16* const* __restrict__ tab, gemv_work wk,
-                                                                    float* __restrict__ y) {
-  const int j = blockIdx.y;
-  if (j >= *wk.n_act) return;
-  const int c0 = (blockIdx.x * gemv_warps + (threadIdx.x >> 5)) * NW;
-  if (c0 >= h) return;
-  const int r0 = wk.start[j], cnt = wk.cnt[j];
-  const bf16* W = tab[wk.act[j]];
+__device__ __forceinline__ void down_body(const float* __restrict__ hmid, int h, int f, const bf16* W, int r0, int cnt,
+                                          int c0, float* __restrict__ y) {
   const bf16* rows[NW];
 #pragma unroll
   for (int q = 0; q < NW; ++q) rows[q] = W + int64_t(min(c0 + q, h - 1)) * f;
@@ -399,6 +419,57 @@ __global__ void __launch_bounds__(gemv_warps * 32) gemv_down_kernel(const float*
     for (int q = 0; q < NW; ++q)
       if (c0 + q < h) y[int64_t(r0 + r) * h + c0 + q] = acc[q][r];
   }
+}
+
+/// Runs `body.template operator()<R'>()` for the smallest R' in {1, 2, 4, R} that holds `cnt` rows
+/// when `split` (the expert's own row count picks the unrolling: in a step of 8 tokens over 128
+/// experts most experts get one or two rows), else for R.
+template <int R, class Body>
+__device__ __forceinline__ void by_rows(bool split, int cnt, Body&& body) {
+  if constexpr (R > 1) {
+    if (split && cnt <= 1) return body.template operator()<1>();
+  }
+  if constexpr (R > 2) {
+    if (split && cnt <= 2) return body.template operator()<2>();
+  }
+  if constexpr (R > 4) {
+    if (split && cnt <= 4) return body.template operator()<4>();
+  }
+  body.template operator()<R>();
+}
+
+/// The gate_up GEMV of every expert on the work list in one launch: blockIdx.y = the work list's
+/// expert, each warp NW/2 output columns.
+template <int NW, int R>
+__global__ void __launch_bounds__(gemv_warps * 32) gemv_gate_up_kernel(const float* __restrict__ x, int h, int f,
+                                                                       const bf16* const* __restrict__ tab,
+                                                                       gemv_work wk, float* __restrict__ hmid, bool split) {
+  constexpr int P = NW / 2;
+  pdl_trigger();
+  pdl_wait();
+  const int j = blockIdx.y;
+  if (j >= *wk.n_act) return;
+  const int c0 = (blockIdx.x * gemv_warps + (threadIdx.x >> 5)) * P;
+  if (c0 >= f) return;
+  const int r0 = wk.start[j], cnt = wk.cnt[j];
+  const bf16* W = tab[wk.act[j]];
+  by_rows<R>(split, cnt, [&]<int Q>() { gate_up_body<NW, Q>(x, h, f, W, wk, r0, cnt, c0, hmid); });
+}
+
+/// The down GEMV of every expert on the work list in one launch, NW output columns per warp.
+template <int NW, int R>
+__global__ void __launch_bounds__(gemv_warps * 32) gemv_down_kernel(const float* __restrict__ hmid, int h, int f,
+                                                                    const bf16* const* __restrict__ tab, gemv_work wk,
+                                                                    float* __restrict__ y, bool split) {
+  pdl_trigger();
+  pdl_wait();
+  const int j = blockIdx.y;
+  if (j >= *wk.n_act) return;
+  const int c0 = (blockIdx.x * gemv_warps + (threadIdx.x >> 5)) * NW;
+  if (c0 >= h) return;
+  const int r0 = wk.start[j], cnt = wk.cnt[j];
+  const bf16* W = tab[wk.act[j]];
+  by_rows<R>(split, cnt, [&]<int Q>() { down_body<NW, Q>(hmid, h, f, W, r0, cnt, c0, y); });
 }
 
 /// `gate_token` by one warp (the small-step path, where one thread per token would leave the
@@ -555,6 +626,8 @@ __global__ void __launch_bounds__(32 * gemv_max_rows) router_route_small_kernel(
     const float* __restrict__ x, int h, const float* __restrict__ router, const float* bias, gate_params gp, int t,
     const int* slot, float* logits, unsigned* done, int* idx, float* wts, int* pos, int* n_act, int* act, int* start,
     int* cnt, int* row_tok) {
+  pdl_trigger();
+  pdl_wait();
   const int lane = threadIdx.x & 31, e = blockIdx.x * gemv_max_rows + (threadIdx.x >> 5);
   if (e < gp.experts) {
     const float* w = router + int64_t(e) * h;
@@ -599,6 +672,7 @@ struct expert_engine {
   cublasHandle_t blas = nullptr;
   bool grouped_ok = true;  ///< cleared when the library refuses the grouped call (then one GEMM per expert)
   gemm_mode mode = gemm_mode::automatic;
+  gemv_tuning tuning;
   int calls = 0;           ///< grouped calls since the stream was last idle: picks the pointer buffer
   struct weights {
     dbuf gate_up, down;  // bf16 [2F, H], [H, F]
@@ -697,25 +771,41 @@ struct expert_engine {
     SY_TRY(tables());
     SY_TRY(hmid.reserve(static_cast<size_t>(rows * ffn) * 4));
     last = gemm_mode::gemv;
-    if (max_rows <= 1) return gemv_launch<1>(x, wk, max_act, y);
-    if (max_rows <= 2) return gemv_launch<2>(x, wk, max_act, y);
-    if (max_rows <= 4) return gemv_launch<4>(x, wk, max_act, y);
-    return gemv_launch<gemv_max_rows>(x, wk, max_act, y);
+    if (max_rows <= 1) return gemv_rows<1>(x, wk, max_act, y);
+    if (max_rows <= 2) return gemv_rows<2>(x, wk, max_act, y);
+    if (max_rows <= 4) return gemv_rows<4>(x, wk, max_act, y);
+    return gemv_rows<gemv_max_rows>(x, wk, max_act, y);
   }
 
   template <int R>
-  caf::error gemv_launch(const float* x, const gemv_work& wk, int max_act, float* y) {
-    constexpr int gate_up_rows = 4, down_rows = 2;  // weight rows per warp
-    const dim3 ga(static_cast<unsigned>((ffn + gemv_warps * (gate_up_rows / 2) - 1) / (gemv_warps * (gate_up_rows / 2))),
+  caf::error gemv_rows(const float* x, const gemv_work& wk, int max_act, float* y) {
+    // Rows per warp when the tuning leaves them open (0), by the largest row count R: the best
+    // of the sweep on an H200 (bench_gpu_moe --gemv-sweep, Mixtral and Qwen3 shapes).
+    const int gu = tuning.gate_up_rows != 0 ? tuning.gate_up_rows : (R == 1 || R == 8 ? 8 : 4);
+    const int dn = tuning.down_rows != 0 ? tuning.down_rows : (R <= 2 ? 2 : R == 4 ? 4 : 8);
+    SY_TRY((gu == 8 ? gemv_gate_up<8, R>(x, wk, max_act) : gemv_gate_up<4, R>(x, wk, max_act)));
+    switch (dn) {
+      case 4: return gemv_down<4, R>(wk, max_act, y);
+      case 8: return gemv_down<8, R>(wk, max_act, y);
+      default: return gemv_down<2, R>(wk, max_act, y);
+    }
+  }
+
+  /// NW weight rows per warp (NW/2 output columns: a gate row and its up row each).
+  template <int NW, int R>
+  caf::error gemv_gate_up(const float* x, const gemv_work& wk, int max_act) {
+    const dim3 ga(static_cast<unsigned>((ffn + gemv_warps * (NW / 2) - 1) / (gemv_warps * (NW / 2))),
                   static_cast<unsigned>(max_act));
-    gemv_gate_up_kernel<gate_up_rows, R><<<ga, gemv_warps * 32, 0, stream>>>(
-        x, static_cast<int>(hidden), static_cast<int>(ffn), gu_tab.as<const bf16*>(), wk, hmid.as<float>());
-    SY_CU(cudaGetLastError());
-    const dim3 gb(static_cast<unsigned>((hidden + gemv_warps * down_rows - 1) / (gemv_warps * down_rows)),
-                  static_cast<unsigned>(max_act));
-    gemv_down_kernel<down_rows, R><<<gb, gemv_warps * 32, 0, stream>>>(
-        hmid.as<float>(), static_cast<int>(hidden), static_cast<int>(ffn), dn_tab.as<const bf16*>(), wk, y);
-    SY_CU(cudaGetLastError());
+    SY_CU((launch_k(tuning.pdl, gemv_gate_up_kernel<NW, R>, ga, dim3(gemv_warps * 32), stream, x, static_cast<int>(hidden),
+                   static_cast<int>(ffn), gu_tab.as<const bf16*>(), wk, hmid.as<float>(), tuning.split)));
+    return {};
+  }
+
+  template <int NW, int R>
+  caf::error gemv_down(const gemv_work& wk, int max_act, float* y) {
+    const dim3 gb(static_cast<unsigned>((hidden + gemv_warps * NW - 1) / (gemv_warps * NW)), static_cast<unsigned>(max_act));
+    SY_CU((launch_k(tuning.pdl, gemv_down_kernel<NW, R>, gb, dim3(gemv_warps * 32), stream, hmid.as<float>(),
+                   static_cast<int>(hidden), static_cast<int>(ffn), dn_tab.as<const bf16*>(), wk, y, tuning.split)));
     return {};
   }
 
@@ -1017,6 +1107,7 @@ caf::error gpu_experts::run(std::span<const int> ids, std::span<const float* con
 }
 
 void gpu_experts::set_gemm_mode(gemm_mode m) { impl_->engine.mode = m; }
+void gpu_experts::set_gemv_tuning(gemv_tuning t) { impl_->engine.tuning = t; }
 gemm_mode gpu_experts::last_gemm_mode() const { return impl_->engine.last; }
 
 // ---- gpu_moe_layer ----
@@ -1148,21 +1239,21 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
     // Router logits in fp32 (no TF32), so expert choices match the CPU's; routing in the same launch.
     const unsigned blocks = static_cast<unsigned>((e + gemv_max_rows - 1) / gemv_max_rows);
     auto launch = [&](auto kernel) {
-      kernel<<<blocks, 32 * gemv_max_rows, 0, eng.stream>>>(
-          x, static_cast<int>(h), s.router.as<float>(), s.bias.p ? s.bias.as<float>() : nullptr, gp, static_cast<int>(t),
-          s.slot.as<int>(), s.logits.as<float>(), s.done.as<unsigned>(), s.idx.as<int>(), s.w.as<float>(), s.pos.as<int>(),
-          s.n_act.as<int>(), s.act.as<int>(), s.act_start.as<int>(), s.act_cnt.as<int>(), s.row_tok.as<int>());
+      return launch_k(eng.tuning.pdl, kernel, dim3(blocks), dim3(32 * gemv_max_rows), eng.stream, x, static_cast<int>(h),
+                      s.router.as<float>(), s.bias.p ? s.bias.as<float>() : nullptr, gp, static_cast<int>(t),
+                      s.slot.as<int>(), s.logits.as<float>(), s.done.as<unsigned>(), s.idx.as<int>(), s.w.as<float>(),
+                      s.pos.as<int>(), s.n_act.as<int>(), s.act.as<int>(), s.act_start.as<int>(), s.act_cnt.as<int>(),
+                      s.row_tok.as<int>());
     };
-    if (t == 1) launch(router_route_small_kernel<1>);
-    else if (t <= 2) launch(router_route_small_kernel<2>);
-    else if (t <= 4) launch(router_route_small_kernel<4>);
-    else launch(router_route_small_kernel<gemv_max_rows>);
-    SY_CU(cudaGetLastError());
+    if (t == 1) SY_CU((launch(router_route_small_kernel<1>)));
+    else if (t <= 2) SY_CU((launch(router_route_small_kernel<2>)));
+    else if (t <= 4) SY_CU((launch(router_route_small_kernel<4>)));
+    else SY_CU((launch(router_route_small_kernel<gemv_max_rows>)));
     const gemv_work wk{s.n_act.as<int>(), s.act.as<int>(), s.act_start.as<int>(), s.act_cnt.as<int>(), s.row_tok.as<int>()};
     SY_TRY(eng.gemv(x, wk, static_cast<int>(std::min<int64_t>(s.local, n)), static_cast<int>(t), n, s.yo32.as<float>()));
-    combine_kernel<float><<<dim3(static_cast<unsigned>(t), static_cast<unsigned>((h + 255) / 256)), 256, 0, eng.stream>>>(s.yo32.as<float>(), s.pos.as<int>(),
-                                                                           s.w.as<float>(), static_cast<int>(k), h, y);
-    SY_CU(cudaGetLastError());
+    SY_CU((launch_k(eng.tuning.pdl, combine_kernel<float>, dim3(static_cast<unsigned>(t), static_cast<unsigned>((h + 255) / 256)),
+                   dim3(256), eng.stream, s.yo32.as<const float>(), s.pos.as<const int>(), s.w.as<const float>(),
+                   static_cast<int>(k), h, y)));
     s.stats_on_device = true;
     return {};
   }
@@ -1240,6 +1331,7 @@ caf::error gpu_moe_layer::forward(const float* x, int64_t t, float* y) {
 }
 
 void gpu_moe_layer::set_gemm_mode(gemm_mode m) { impl_->engine.mode = m; }
+void gpu_moe_layer::set_gemv_tuning(gemv_tuning t) { impl_->engine.tuning = t; }
 gemm_mode gpu_moe_layer::last_gemm_mode() const { return impl_->engine.last; }
 
 caf::error gpu_moe_layer::synchronize() {

@@ -43,6 +43,19 @@ enum class gemm_mode { automatic, grouped, per_expert, padded, gemv };
 /// step of up to this many tokens qualifies).
 inline constexpr int gemv_max_rows = 8;
 
+/// The GEMV path's shape: weight rows each warp streams in the gate_up kernel (4 or 8: a gate row
+/// and its up row per output column) and in the down kernel (2, 4 or 8; more rows per warp read
+/// each input row fewer times), 0 = chosen by the step's rows per expert; whether each expert's
+/// own row count picks the unrolling (`split`) rather than the step's largest; and whether the
+/// kernels use programmatic dependent launch (each launches while the previous one drains; sm_90).
+/// Defaults measured on an H200 (docs/benchmarks.md).
+struct gemv_tuning {
+  int gate_up_rows = 0;
+  int down_rows = 0;
+  bool pdl = true;
+  bool split = true;
+};
+
 class gpu_experts {
  public:
   static caf::expected<std::unique_ptr<gpu_experts>> make(int device, int64_t hidden, int64_t ffn);
@@ -61,6 +74,7 @@ class gpu_experts {
   [[nodiscard]] caf::error run(std::span<const int> ids, std::span<const float* const> inputs,
                                std::span<const int64_t> n, std::span<float* const> outputs);
   void set_gemm_mode(gemm_mode m);
+  void set_gemv_tuning(gemv_tuning t);
   /// The launch kind the last batch ran with (never `automatic`).
   [[nodiscard]] gemm_mode last_gemm_mode() const;
 
@@ -90,6 +104,7 @@ class gpu_moe_layer {
   /// the rest.
   [[nodiscard]] caf::error forward_device(const float* x_dev, int64_t t, float* y_dev);
   void set_gemm_mode(gemm_mode m);
+  void set_gemv_tuning(gemv_tuning t);
   /// The launch kind the last batch ran with (never `automatic`).
   [[nodiscard]] gemm_mode last_gemm_mode() const;
   /// With timing on, each `forward_device` is bracketed by device events; `last_device_ms` waits

@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <future>
 #include <string>
@@ -14,7 +15,14 @@
 
 namespace sy::test {
 
-inline std::filesystem::path fixture(const std::string& name) { return std::filesystem::path(SY_TEST_DATA) / "hf-tiny" / name; }
+/// The test data folder: $SY_TEST_DATA when set (binaries carried to another machine, such as the
+/// GPU one, where the checkout lives elsewhere), else the source tree's, fixed at build time.
+inline std::filesystem::path test_data() {
+  if (const char* e = std::getenv("SY_TEST_DATA"); e != nullptr && *e != '\0') return e;
+  return SY_TEST_DATA;
+}
+
+inline std::filesystem::path fixture(const std::string& name) { return test_data() / "hf-tiny" / name; }
 
 struct reference {
   std::vector<std::vector<int32_t>> prompts, greedy;  ///< greedy: the new tokens only

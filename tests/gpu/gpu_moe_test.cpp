@@ -6,6 +6,7 @@
 #include "model/make_model.hpp"
 #include "model/moe.hpp"
 #include "model/weights.hpp"
+#include "tests/actors/reference.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -283,8 +284,47 @@ TEST_CASE("gpu: whole MoE layers equal the CPU layer within bf16 tolerance", "[g
   }
 }
 
+TEST_CASE("gpu: every GEMV tuning (rows per warp, per-expert unrolling, dependent launch) gives the CPU layer", "[gpu]") {
+  // 264 × 392: output columns that do not fill the last block of either kernel at any tuning.
+  struct shape {
+    int64_t h, f;
+    int e, k;
+  };
+  for (auto s : std::vector<shape>{{264, 392, 8, 2}, {2048, 768, 128, 8}}) {
+    gating_config g;
+    g.num_experts = s.e, g.top_k = s.k, g.norm_topk_prob = true;
+    auto router = matrix::from_f32(dtype::f32, randv(size_t(s.e * s.h), 3, 1.0f / std::sqrt(float(s.h))), s.e, s.h);
+    std::vector<layer_experts> L(1);
+    L[0].experts.resize(size_t(s.e));
+    std::vector<const expert_weights*> ptrs;
+    for (int e = 0; e < s.e; ++e) {
+      L[0].experts[size_t(e)] = std::make_unique<expert_weights>(random_expert(s.h, s.f, 300 + e, dtype::bf16));
+      ptrs.push_back(L[0].experts[size_t(e)].get());
+    }
+    auto layer = gpu::gpu_moe_layer::make(0, g, router, nullptr, ptrs);
+    REQUIRE(layer);
+    (*layer)->set_gemm_mode(gpu::gemm_mode::gemv);
+    for (int64_t t : {int64_t{1}, int64_t{2}, int64_t{5}, int64_t{8}}) {
+      auto x = randv(size_t(t * s.h), 20 + uint32_t(t), 1.0f);
+      const auto want = to_double(cpu_layer(g, router, nullptr, L, x, t, s.h));
+      for (int gu : {0, 4, 8})
+        for (int dn : {0, 2, 4, 8})
+          for (int flags = 0; flags < 4; ++flags) {
+            const bool pdl = (flags & 1) != 0, split = (flags & 2) != 0;
+            INFO("hidden " << s.h << ", " << t << " tokens, gate_up rows " << gu << ", down rows " << dn << ", pdl " << pdl
+                           << ", split " << split);
+            (*layer)->set_gemv_tuning({gu, dn, pdl, split});
+            std::vector<float> y(size_t(t * s.h), std::nanf(""));
+            REQUIRE_FALSE((*layer)->forward(x.data(), t, y.data()));
+            CHECK((*layer)->last_gemm_mode() == gpu::gemm_mode::gemv);
+            CHECK(norm_err(y, want) < 1e-2);
+          }
+    }
+  }
+}
+
 TEST_CASE("gpu: the fixture models decode with GPU experts within bf16 tolerance of transformers", "[gpu]") {
-  const std::filesystem::path data = SY_TEST_DATA;
+  const std::filesystem::path data = sy::test::test_data();
   for (auto name : {"mixtral_e8k2", "qwen2moe_e8k2_shared", "qwen3moe_e16k4", "deepseekv3_e16k4"}) {
     INFO(name);
     auto dir = data / "hf-tiny" / name;
