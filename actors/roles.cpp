@@ -262,7 +262,8 @@ caf::expected<std::unique_ptr<router_process>> router_process::start(const route
     return std::make_shared<link_channel>(std::shared_ptr<transport::link_client>(std::move(*c)), hidden, dtype,
                                           o.batch_timeout, h.name);
   };
-  auto core = router_core::make(mcfg, *ck, connect, o.batcher, o.replica_wait, /*overlaps=*/true, o.micro_batches);
+  auto core = router_core::make(mcfg, *ck, connect, o.batcher, o.replica_wait, /*overlaps=*/true, o.micro_batches,
+                               o.micro_batch_min_rows);
   if (!core) return core.error();
   p->core = std::move(*core);
   p->sys = make_system(p->cfg);

@@ -78,6 +78,9 @@ struct router_options {
   /// Micro-batches per step (1 or 2): with 2, one half's attention runs while the other half's
   /// expert batches are on the wire.
   int micro_batches = 2;
+  /// Rows each half needs for a step to be split (measured: 8-row decode steps lost 14% split,
+  /// 128-row ones gained 4%; docs/benchmarks.md).
+  int64_t micro_batch_min_rows = 16;
 };
 
 class router_process {

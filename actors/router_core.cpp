@@ -14,7 +14,8 @@ caf::expected<std::unique_ptr<router_core>> router_core::make(std::shared_ptr<co
                                                               cluster_executor::connector connect,
                                                               scheduler::batcher_config batcher,
                                                               std::chrono::milliseconds replica_wait,
-                                                              bool channels_overlap, int micro_batches) {
+                                                              bool channels_overlap, int micro_batches,
+                                                              int64_t micro_batch_min_rows) {
   std::unique_ptr<router_core> r(new router_core());
   r->cfg_ = std::move(cfg);
   r->replica_wait_ = replica_wait;
@@ -28,7 +29,7 @@ caf::expected<std::unique_ptr<router_core>> router_core::make(std::shared_ptr<co
   r->exec_->set_replica_wait(replica_wait);
   r->exec_->set_overlaps(channels_overlap);
   r->decoder_ = std::make_unique<model::decoder>(*r->dense_, *r->exec_);
-  r->decoder_->set_micro_batches(micro_batches);
+  r->decoder_->set_micro_batches(micro_batches, micro_batch_min_rows);
   r->batcher_ = std::make_unique<scheduler::batcher>(*r->decoder_, batcher);
   r->engine_ = std::thread([raw = r.get()] { raw->run_engine(); });
   metrics::declare_router();

@@ -17,13 +17,15 @@ class router_core {
   /// Loads the dense part of the model (no routed experts) and starts the engine thread. Queued
   /// work waits up to `replica_wait` for every expert to have a live replica, then runs and fails
   /// with the reason. `channels_overlap`: the connector's channels return before the host answers
-  /// (a network), so a step may run as `micro_batches` (1 or 2) halves in ping-pong.
+  /// (a network), so a step of at least 2 · `micro_batch_min_rows` rows may run as `micro_batches`
+  /// (1 or 2) halves in ping-pong.
   static caf::expected<std::unique_ptr<router_core>> make(std::shared_ptr<const model::model_config> cfg,
                                                           const model::checkpoint& ckpt,
                                                           cluster_executor::connector connect,
                                                           scheduler::batcher_config batcher,
                                                           std::chrono::milliseconds replica_wait,
-                                                          bool channels_overlap = false, int micro_batches = 1);
+                                                          bool channels_overlap = false, int micro_batches = 1,
+                                                          int64_t micro_batch_min_rows = 1);
   ~router_core();
 
   [[nodiscard]] const std::shared_ptr<cluster_executor>& executor() const { return exec_; }

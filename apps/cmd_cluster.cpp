@@ -200,6 +200,7 @@ void add_cluster_commands(CLI::App& app) {
       std::string coordinator, model, per_expert = "all";
       http_options http;
       int threads = 0, max_running = 64, max_queue = 256, budget = 512, micro_batches = 2;
+      int64_t micro_min_rows = 16;
       bool bf16 = false, no_peer_errors = false, no_metrics = false;
     };
     auto a = std::make_shared<args>();
@@ -213,6 +214,9 @@ void add_cluster_commands(CLI::App& app) {
     cmd->add_option("--micro-batches", a->micro_batches,
                     "Micro-batches per step: 2 overlaps one half's attention with the other half's experts, 1 does not")
         ->check(CLI::Range(1, 2));
+    cmd->add_option("--micro-batch-min-rows", a->micro_min_rows,
+                    "Rows each half needs before a step is split in two micro-batches")
+        ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
     cmd->add_flag("--wire-bf16", a->bf16, "Send hidden rows as bf16 (half the bytes; answers then differ from local f32 in rounding)");
     cmd->add_flag("--no-peer-error-handling", a->no_peer_errors, "UCX without peer failure detection");
     cmd->add_option("--metrics-per-expert", a->per_expert,
@@ -232,6 +236,7 @@ void add_cluster_commands(CLI::App& app) {
       o.batcher.max_queue = a->max_queue;
       o.batcher.step_token_budget = a->budget;
       o.micro_batches = a->micro_batches;
+      o.micro_batch_min_rows = a->micro_min_rows;
       o.wire_bf16 = a->bf16;
       o.peer_error_handling = !a->no_peer_errors;
       auto r = actors::router_process::start(o);

@@ -5,7 +5,8 @@
 #   bench/serve_bench.sh [BUILD_DIR] [SECONDS_PER_LEVEL]
 # Environment: SWITCHYARD_BENCH_CONCURRENCY (default 1,8,32,128), SWITCHYARD_BENCH_MODEL,
 # SWITCHYARD_BENCH_ROUTER_ARGS (extra router flags, e.g. "--micro-batches 1"),
-# SWITCHYARD_BENCH_SKIP_EMBEDDED=1 (cluster only).
+# SWITCHYARD_BENCH_SKIP_EMBEDDED=1 (cluster only), SWITCHYARD_BENCH_HOST_THREADS (compute threads per
+# expert host, default 1), SWITCHYARD_BENCH_ROUTER_THREADS (default: all cores).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD="${1:-$ROOT/build}"
@@ -49,10 +50,11 @@ export OMP_WAIT_POLICY=passive
 "$SY" coordinator --listen 127.0.0.1:0 --model "$MODEL" --hosts 4 > "$TMP/coord" 2>&1 & PIDS+=($!)
 CP="$(wait_port "$TMP/coord" '.*listening on [^:]*:\([0-9]*\).*')"
 for h in 0 1 2 3; do
-  "$SY" expert-host --coordinator "127.0.0.1:$CP" --model "$MODEL" --slots 64 --threads 1 --name "host$h" > "$TMP/h$h" 2>&1 & PIDS+=($!)
+  "$SY" expert-host --coordinator "127.0.0.1:$CP" --model "$MODEL" --slots 64 --threads "${SWITCHYARD_BENCH_HOST_THREADS:-1}" --name "host$h" > "$TMP/h$h" 2>&1 & PIDS+=($!)
 done
 # shellcheck disable=SC2086  # word-splitting of the extra flags is intended
-"$SY" router --coordinator "127.0.0.1:$CP" --model "$MODEL" --http 127.0.0.1:0 ${SWITCHYARD_BENCH_ROUTER_ARGS:-} > "$TMP/router" 2>&1 & PIDS+=($!)
+"$SY" router --coordinator "127.0.0.1:$CP" --model "$MODEL" --http 127.0.0.1:0 \
+  ${SWITCHYARD_BENCH_ROUTER_THREADS:+--threads "$SWITCHYARD_BENCH_ROUTER_THREADS"} ${SWITCHYARD_BENCH_ROUTER_ARGS:-} > "$TMP/router" 2>&1 & PIDS+=($!)
 RP="$(wait_port "$TMP/router" '.*serving HTTP on [^:]*:\([0-9]*\).*')"
 wait_ready "$RP"
 load "$RP" cluster | tee "$TMP/cluster.txt"

@@ -63,7 +63,7 @@ caf::error decoder::step(std::span<sequence_step> batch, moe_probe* probe) {
     bool in_flight = false;
   };
   size_t split = batch.size();
-  if (micro_batches_ > 1 && batch.size() >= 2 && experts_.overlaps()) {
+  if (micro_batches_ > 1 && batch.size() >= 2 && total >= 2 * micro_min_rows_ && experts_.overlaps()) {
     // Balance the rows: the cut whose prefix is closest to half of them.
     split = 1;
     for (size_t k = 2; k < batch.size(); ++k)

@@ -42,8 +42,13 @@ class decoder {
 
   /// Splits a step of two or more sequences into this many micro-batches (1 or 2) when the
   /// executor overlaps (`expert_executor::overlaps`): while one micro-batch's expert batches are
-  /// away, the other's attention runs here (ping-pong). Results are the same as with 1.
-  void set_micro_batches(int n) { micro_batches_ = n < 2 ? 1 : 2; }
+  /// away, the other's attention runs here (ping-pong), if the step has at least `min_rows` rows
+  /// per half (small steps lose more to two rounds per layer than they gain). Results are the same
+  /// as with 1.
+  void set_micro_batches(int n, int64_t min_rows = 1) {
+    micro_batches_ = n < 2 ? 1 : 2;
+    micro_min_rows_ = min_rows < 1 ? 1 : min_rows;
+  }
   [[nodiscard]] int micro_batches() const { return micro_batches_; }
 
   /// One MoE block in flight: gating done and expert batches sent; `moe_finish` combines.
@@ -64,6 +69,7 @@ class decoder {
   expert_executor& experts_;
   attention attention_;
   int micro_batches_ = 1;
+  int64_t micro_min_rows_ = 1;
 };
 
 }  // namespace sy::model

@@ -157,7 +157,9 @@ cluster start_cluster(const std::string& model, int hosts, int replicas) {
     c.hosts.back()->wait_for(std::regex("expert host serving"));
   }
   c.router = std::make_unique<child>(std::vector<std::string>{"router", "--coordinator", "127.0.0.1:" + cport, "--model", m,
-                                                              "--http", "127.0.0.1:0", "--threads", "1"});
+                                                              "--http", "127.0.0.1:0", "--threads", "1",
+                                                              // every step of two or more sequences in ping-pong
+                                                              "--micro-batch-min-rows", "1"});
   c.http = static_cast<uint16_t>(std::stoi(c.router->wait_for(std::regex("router serving HTTP on [^:]+:(\\d+)"))));
   // Ready once every expert has a ready replica.
   for (int i = 0; i < 300; ++i) {
@@ -310,7 +312,8 @@ TEST_CASE("multi-process: the coordinator killed and restarted from its state fi
   for (int h = 0; h < 3; ++h)
     hosts.push_back(std::make_unique<child>(std::vector<std::string>{"expert-host", "--coordinator", "127.0.0.1:" + cport, "--model", m,
                                                                      "--slots", "64", "--threads", "1", "--name", "host" + std::to_string(h)}));
-  child router({"router", "--coordinator", "127.0.0.1:" + cport, "--model", m, "--http", "127.0.0.1:0", "--threads", "1"});
+  child router({"router", "--coordinator", "127.0.0.1:" + cport, "--model", m, "--http", "127.0.0.1:0", "--threads", "1",
+                "--micro-batch-min-rows", "1"});  // every step of two or more sequences in ping-pong
   const auto port = static_cast<uint16_t>(std::stoi(router.wait_for(std::regex("router serving HTTP on [^:]+:(\\d+)"))));
   auto ask = [&] {
     auto [st, body] = http_post(port, json{{"prompt", ref.prompts}, {"max_tokens", ref.greedy[0].size()}}.dump());
