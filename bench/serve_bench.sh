@@ -32,7 +32,10 @@ wait_port() {  # file regex-with-capture
   cat "$1" >&2; return 1
 }
 wait_ready() { for _ in $(seq 1 600); do curl -sf "127.0.0.1:$1/readyz" > /dev/null && return 0; sleep 0.1; done; return 1; }
-load() { "$LOAD" --port "$1" --seconds "$SECS" --concurrency "$CONC" --prompt-tokens 64 --max-tokens 64 --vocab 32000 --label "$2"; }
+# One short request before measuring: the first request pays page faults on the weights and, in the
+# cluster, the data-plane connections' setup, which are start-up costs, not serving throughput.
+warm_up() { curl -sf "127.0.0.1:$1/v1/completions" -d '{"prompt": [1, 2, 3, 4], "max_tokens": 4}' > /dev/null || true; }
+load() { warm_up "$1"; "$LOAD" --port "$1" --seconds "$SECS" --concurrency "$CONC" --prompt-tokens 64 --max-tokens 64 --vocab 32000 --label "$2"; }
 
 # (1) embedded
 if [ "${SWITCHYARD_BENCH_SKIP_EMBEDDED:-0}" != 1 ]; then
