@@ -199,25 +199,24 @@ void add_cluster_commands(CLI::App& app) {
     struct args {
       std::string coordinator, model, per_expert = "all";
       http_options http;
-      int threads = 0, max_running = 64, max_queue = 256, budget = 512, micro_batches = 2;
-      int64_t micro_min_rows = 16;
-      bool bf16 = false, no_peer_errors = false, no_metrics = false;
+      actors::router_options o;  // the flags below write into it; its defaults are the flags' defaults
+      bool no_peer_errors = false, no_metrics = false;
     };
     auto a = std::make_shared<args>();
     cmd->add_option("--coordinator", a->coordinator, "Coordinator HOST:PORT")->required();
     cmd->add_option("--model", a->model, "Model folder")->required();
     add_http_options(cmd, a->http);
-    cmd->add_option("--threads", a->threads, "Compute threads (0 = all cores)");
-    cmd->add_option("--max-running", a->max_running, "Sequences decoding at once")->check(CLI::Range(1, 1 << 16));
-    cmd->add_option("--max-queue", a->max_queue, "Queued requests before 503")->check(CLI::Range(0, 1 << 20));
-    cmd->add_option("--step-tokens", a->budget, "Tokens per engine step")->check(CLI::Range(1, 1 << 20));
-    cmd->add_option("--micro-batches", a->micro_batches,
+    cmd->add_option("--threads", a->o.threads, "Compute threads (0 = all cores)");
+    cmd->add_option("--max-running", a->o.batcher.max_running, "Sequences decoding at once")->check(CLI::Range(1, 1 << 16));
+    cmd->add_option("--max-queue", a->o.batcher.max_queue, "Queued requests before 503")->check(CLI::Range(0, 1 << 20));
+    cmd->add_option("--step-tokens", a->o.batcher.step_token_budget, "Tokens per engine step")->check(CLI::Range(1, 1 << 20));
+    cmd->add_option("--micro-batches", a->o.micro_batches,
                     "Micro-batches per step: 2 overlaps one half's attention with the other half's experts, 1 does not")
         ->check(CLI::Range(1, 2));
-    cmd->add_option("--micro-batch-min-rows", a->micro_min_rows,
+    cmd->add_option("--micro-batch-min-rows", a->o.micro_batch_min_rows,
                     "Rows each half needs before a step is split in two micro-batches")
         ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
-    cmd->add_flag("--wire-bf16", a->bf16, "Send hidden rows as bf16 (half the bytes; answers then differ from local f32 in rounding)");
+    cmd->add_flag("--wire-bf16", a->o.wire_bf16, "Send hidden rows as bf16 (half the bytes; answers then differ from local f32 in rounding)");
     cmd->add_flag("--no-peer-error-handling", a->no_peer_errors, "UCX without peer failure detection");
     cmd->add_option("--metrics-per-expert", a->per_expert,
                     "Per-(layer, expert) metric series on /metrics: all, off, or top:N (the N hottest)");
@@ -227,17 +226,10 @@ void add_cluster_commands(CLI::App& app) {
       auto [ch, cp] = parse_host_port(a->coordinator, "--coordinator");
       auto hc = make_http_config(a->http);
       auto tok = load_serving_tokenizer(a->http.tokenizer, a->model);
-      actors::router_options o;
+      actors::router_options o = a->o;
       o.coordinator_host = ch;
       o.coordinator_port = cp;
       o.model = a->model;
-      o.threads = a->threads;
-      o.batcher.max_running = a->max_running;
-      o.batcher.max_queue = a->max_queue;
-      o.batcher.step_token_budget = a->budget;
-      o.micro_batches = a->micro_batches;
-      o.micro_batch_min_rows = a->micro_min_rows;
-      o.wire_bf16 = a->bf16;
       o.peer_error_handling = !a->no_peer_errors;
       auto r = actors::router_process::start(o);
       if (!r) fail(model::describe(r.error()));
