@@ -23,6 +23,7 @@
 #include <mutex>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <random>
 #include <string>
 #include <sys/wait.h>
@@ -48,6 +49,8 @@ struct options {
   bool sync = true;  // ping-pong with call_sync (the caller drives the worker) or call().get()
   bool stream = true;
   bool serve = false;
+  int client_cpu = -1;  // pin the client process (all its threads) to this CPU; -1: no pinning
+  int server_cpu = -1;  // the same for the server process
 };
 
 options parse(int argc, char** argv) {
@@ -91,13 +94,23 @@ options parse(int argc, char** argv) {
       o.sync = next() != "0";
     } else if (a == "--caller-spin-us") {
       o.caller_spin_us = std::stoi(next());
+    } else if (a == "--cpus") {  // CLIENT,SERVER
+      const std::string v = next();
+      const size_t comma = v.find(',');
+      if (comma == std::string::npos) {
+        std::fprintf(stderr, "--cpus takes CLIENT,SERVER (two CPU numbers)\n");
+        std::exit(2);
+      }
+      o.client_cpu = std::stoi(v.substr(0, comma));
+      o.server_cpu = std::stoi(v.substr(comma + 1));
     } else if (a == "--awaiting-spin-us") {
       o.awaiting_spin_us = std::stoi(next());
     } else {
       std::fprintf(stderr,
                    "usage: transport_bench [--rows 1,8,64,512] [--hidden 4096] [--iters N] [--window W]\n"
                    "                       [--peer 0|1] [--workers N] [--client-spin-us N] [--server-spin-us N]\n"
-                   "                       [--awaiting-spin-us N] [--sync 0|1] [--caller-spin-us N] [--stream 0|1]\n");
+                   "                       [--awaiting-spin-us N] [--sync 0|1] [--caller-spin-us N] [--stream 0|1]\n"
+                   "                       [--cpus CLIENT,SERVER]\n");
       std::exit(2);
     }
   }
@@ -141,6 +154,18 @@ int serve(const options& o) {
   return 0;
 }
 
+/// Pins the calling process's threads (and those it starts later) to `cpu`; -1 leaves them free.
+void pin_to(int cpu) {
+  if (cpu < 0) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  if (::sched_setaffinity(0, sizeof set, &set) != 0) {
+    std::perror("sched_setaffinity");
+    std::exit(1);
+  }
+}
+
 struct child {
   pid_t pid = -1;
   int control = -1;
@@ -153,6 +178,7 @@ child spawn_server(const options& o) {
   if (::pipe2(status, O_CLOEXEC) != 0 || ::pipe2(control, O_CLOEXEC) != 0) std::exit(1);
   const pid_t pid = ::fork();
   if (pid == 0) {
+    pin_to(o.server_cpu);
     ::dup2(status[1], 3);
     ::dup2(control[0], 4);
     std::string workers = std::to_string(o.workers);
@@ -227,6 +253,7 @@ int main(int argc, char** argv) {
   if (o.serve) return serve(o);
 
   child server = spawn_server(o);
+  pin_to(o.client_cpu);
   auto rt = make_runtime(o, o.client_spin_us);
   ucx_client_options co;
   co.peer_error_handling = o.peer;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Data-plane benchmark: our UCX link (bench/transport_bench, two processes) next to ucx_perftest
-# (ucp_am_lat, ucp_am_bw) for the same message sizes and the same UCX_TLS, measured in one run.
+# (ucp_am_lat, tag_lat, ucp_am_bw) for the same message sizes and the same UCX_TLS and segment
+# size, measured in one run.
 #
 #   bench/transport_bench.sh [BUILD_DIR]
 #
@@ -23,6 +24,9 @@ HIDDEN=4096
 SERVER_SPIN_US="${SERVER_SPIN_US:-1000}"
 WORKERS="${SERVER_WORKERS:-0}"
 export UCX_NET_DEVICES="${UCX_NET_DEVICES:-lo}"
+# Our runtime sets the shared-memory segment size to 16 KiB + 512 unless the environment does
+# (transport/ucx_link.cpp); ucx_perftest gets the same value, so both run the same transport settings.
+export UCX_SYSV_SEG_SIZE="${UCX_SYSV_SEG_SIZE:-16896}" UCX_POSIX_SEG_SIZE="${UCX_POSIX_SEG_SIZE:-16896}"
 [ -x "$BENCH" ] || { echo "build transport_bench first ($BENCH)"; exit 1; }
 [ -n "$PERFTEST" ] || { echo "ucx_perftest not found (Debian package ucx-utils)"; exit 1; }
 
@@ -48,6 +52,7 @@ perftest() {  # perftest TEST BYTES HEADER EXTRA... → prints its final line (-
 }
 
 echo "# $(date -u +%FT%TZ) $(uname -n) $(nproc) cores; load: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# UCX_SYSV_SEG_SIZE=$UCX_SYSV_SEG_SIZE UCX_POSIX_SEG_SIZE=$UCX_POSIX_SEG_SIZE"
 echo "# ours: $BENCH --workers $WORKERS --server-spin-us $SERVER_SPIN_US; baseline: $PERFTEST ($("$PERFTEST" -h 2>&1 | head -0; ucx_info -v 2>/dev/null | head -1 | sed 's/# //'))"
 for cfg in $CONFIGS; do
   case $cfg in
@@ -59,10 +64,10 @@ for cfg in $CONFIGS; do
     --server-spin-us "$SERVER_SPIN_US" > "$TMP/ours.log"
   echo
   echo "## $cfg: UCX_TLS=$UCX_TLS, peer error handling $([ $OURS_PEER = 1 ] && echo on || echo off)"
-  printf "%9s | %9s %9s %9s %6s | %8s %8s %6s | %8s %8s %8s %6s %6s | %7s %7s\n" \
-    bytes ours_p50 ours_p99 pt_rtt ratio ours_pp pt_pp ratio ours_1dir ours_2dir pt_bw r_1dir r_2dir hot_cpy cold_cpy
-  printf "%9s | %9s %9s %9s %6s | %8s %8s %6s | %8s %8s %8s %6s %6s | %7s %7s\n" \
-    "" "RTT us" "us" "us" "x" "GB/s" "GB/s" "" "GB/s" "GB/s" "GB/s" "" "" "GB/s" "GB/s"
+  printf "%9s | %9s %9s %9s %6s %9s %6s | %8s %8s %6s | %8s %8s %8s %6s %6s | %7s %7s\n" \
+    bytes ours_p50 ours_p99 pt_rtt ratio tag_rtt ratio ours_pp pt_pp ratio ours_1dir ours_2dir pt_bw r_1dir r_2dir hot_cpy cold_cpy
+  printf "%9s | %9s %9s %9s %6s %9s %6s | %8s %8s %6s | %8s %8s %8s %6s %6s | %7s %7s\n" \
+    "" "RTT us" "us" "us" "x" "us" "x" "GB/s" "GB/s" "" "GB/s" "GB/s" "GB/s" "" "" "GB/s" "GB/s"
   grep '^RESULT' "$TMP/ours.log" | while read -r _ rows bytes p50 p99 pp stream mc mcc; do
     rows=${rows#rows=}; bytes=${bytes#bytes=}; p50=${p50#p50_us=}; p99=${p99#p99_us=}
     pp=${pp#pingpong_gbps=}; stream=${stream#stream_gbps=}; mc=${mc#memcpy_hot_gbps=}; mcc=${mcc#memcpy_cold_gbps=}
@@ -70,19 +75,25 @@ for cfg in $CONFIGS; do
     header=$(( 40 + 16 * segments ))
     lat=$(perftest ucp_am_lat "$bytes" "$header" "${PT_FLAGS[@]}")
     bw=$(perftest ucp_am_bw "$bytes" "$header" "${PT_FLAGS[@]}")
+    # tag_lat: the receiver takes each message into a buffer of its own, as ours does (ucp_am_lat's
+    # responder answers without reading the data; in an eager message over shared memory the rows
+    # then never cross between the two cores).
+    tag=$(perftest tag_lat "$bytes" 0 "${PT_FLAGS[@]}")
     # -f columns: iterations, latency p50/avg/overall (us), bandwidth avg/overall (MiB/s), rate avg/overall
     pt_rtt=$(awk '{printf "%.2f", 2 * $2}' <<< "$lat")
+    tag_rtt=$(awk '{printf "%.2f", 2 * $2}' <<< "$tag")
     pt_pp=$(awk -v b="$bytes" '{printf "%.3f", 2 * b / ($2 * 2) / 1e3}' <<< "$lat")
     pt_bw=$(awk '{printf "%.3f", $6 * 1048576 / 1e9}' <<< "$bw")
-    awk -v bytes="$bytes" -v p50="$p50" -v p99="$p99" -v pt_rtt="$pt_rtt" -v pp="$pp" -v pt_pp="$pt_pp" \
+    awk -v bytes="$bytes" -v p50="$p50" -v p99="$p99" -v pt_rtt="$pt_rtt" -v tag_rtt="$tag_rtt" -v pp="$pp" -v pt_pp="$pt_pp" \
         -v stream="$stream" -v pt_bw="$pt_bw" -v mc="$mc" -v mcc="$mcc" 'BEGIN {
-      printf "%9d | %9.1f %9.1f %9.1f %6.2f | %8.3f %8.3f %6.2f | %8.3f %8.3f %8.3f %6.2f %6.2f | %7.1f %7.1f\n",
-        bytes, p50, p99, pt_rtt, p50 / pt_rtt, pp, pt_pp, pp / pt_pp, stream, 2 * stream, pt_bw,
+      printf "%9d | %9.1f %9.1f %9.1f %6.2f %9.1f %6.2f | %8.3f %8.3f %6.2f | %8.3f %8.3f %8.3f %6.2f %6.2f | %7.1f %7.1f\n",
+        bytes, p50, p99, pt_rtt, p50 / pt_rtt, tag_rtt, p50 / tag_rtt, pp, pt_pp, pp / pt_pp, stream, 2 * stream, pt_bw,
         stream / pt_bw, 2 * stream / pt_bw, mc, mcc }'
   done
 done
 echo
-echo "ratio (latency) = ours p50 RTT / ucx_perftest RTT (target ≤ 1.5 at small sizes);"
+echo "ratio (latency) = ours p50 RTT / ucx_perftest ucp_am_lat RTT (target ≤ 1.5 at small sizes);"
+echo "tag_rtt = ucx_perftest tag_lat RTT (its receiver copies each message into its own buffer, as ours does);"
 echo "pp = ping-pong GB/s, 2·payload/RTT (ours p50, perftest median); ratio = ours / perftest;"
 echo "r_1dir / r_2dir = ours streamed payload per direction / both directions over ucp_am_bw (one direction);"
 echo "hot_cpy / cold_cpy = one memcpy of the payload between two cache-hot buffers / through 512 MiB of memory."

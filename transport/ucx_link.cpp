@@ -13,7 +13,9 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <condition_variable>
 #include <cstring>
 #include <future>
@@ -33,6 +35,20 @@ using internal::am_id_reply;
 using internal::am_id_request;
 
 std::string ucx_text(ucs_status_t s) { return ucs_status_string(s); }
+
+/// Shared-memory segments large enough for one eager fragment of a one-row batch up to hidden 8192
+/// in bf16 (or two rows at hidden 4096) with our frame header and UCP's: UCX's default of 8256 bytes
+/// leaves no room for the headers around an 8 KiB row, and the second fragment costs more than the
+/// row's copy (measured in docs/transport.md). UCX reads these from the environment only
+/// (ucp_config_modify does not reach the transports in 1.13), so they are set there, once, before
+/// the first context, unless the environment already has them.
+void default_shm_segments() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const std::string bytes = std::to_string((size_t{16} << 10) + 512);
+    for (const char* name : {"UCX_SYSV_SEG_SIZE", "UCX_POSIX_SEG_SIZE"}) ::setenv(name, bytes.c_str(), 0);
+  });
+}
 
 caf::expected<sockaddr_in> make_sockaddr(const std::string& host, uint16_t port) {
   sockaddr_in sa{};
@@ -125,6 +141,7 @@ struct ucx_runtime::impl : std::enable_shared_from_this<ucx_runtime::impl> {
     uint64_t batch_id;
   };
   std::multimap<clock::time_point, timer_ref> timers;
+  unsigned timer_passes = 0;  // passes since the timers were last looked at
   std::vector<void*> closing;  // ep close requests not yet complete
   std::vector<internal::task> running;
 
@@ -299,6 +316,7 @@ bool ucx_runtime::impl::init_on_thread(std::string& why) {
 }
 
 caf::error ucx_runtime::impl::start() {
+  default_shm_segments();
   event_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   epoll_fd = ::epoll_create1(EPOLL_CLOEXEC);
   if (event_fd < 0 || epoll_fd < 0) return make_error(wire_errc::ucx_error, "ucx: cannot create eventfd/epoll");
@@ -356,13 +374,18 @@ bool ucx_runtime::impl::pass() {
   }
   for (int i = 0; i < 64 && ucp_worker_progress(worker) != 0; ++i) active = true;
   if (!closing.empty()) poll_closing();
-  if (!timers.empty()) fire_timers(clock::now());
+  // Deadlines are milliseconds away; looking every 16th pass keeps clock reads off the spin path.
+  if (!timers.empty() && ++timer_passes >= 16) {
+    timer_passes = 0;
+    fire_timers(clock::now());
+  }
   return active;
 }
 
 void ucx_runtime::impl::loop() {
   std::unique_lock drive(drive_mu, std::defer_lock);
   auto last_active = clock::now();
+  unsigned idle_passes = 0;
   for (;;) {
     if (!drive.owns_lock()) {
       // A caller in call_sync drives the worker: stay out of its way (no spinning next to it).
@@ -382,13 +405,19 @@ void ucx_runtime::impl::loop() {
     }
     const bool active = pass();
     if (exit.load() && !has_tasks.load()) break;
-    const auto now = clock::now();
     if (active) {
-      last_active = now;
+      idle_passes = 0;
       continue;
     }
-    const auto idle_for = now - last_active;
-    if (idle_for < options.spin || (awaiting.load() > 0 && idle_for < options.spin_awaiting)) {
+    // Idle: the clock is read once per 32 passes (the first read starts the idle period).
+    bool keep_spinning = ++idle_passes % 32 != 0;
+    if (!keep_spinning) {
+      const auto now = clock::now();
+      if (idle_passes == 32) last_active = now;
+      const auto idle_for = now - last_active;
+      keep_spinning = idle_for < options.spin || (awaiting.load() > 0 && idle_for < options.spin_awaiting);
+    }
+    if (keep_spinning) {
       if (callers_driving.load() > 0) {  // a caller wants to drive: hand it the worker
         driver.store({});
         drive.unlock();
@@ -421,7 +450,7 @@ void ucx_runtime::impl::loop() {
     (void)::epoll_wait(epoll_fd, events, 2, timeout_ms);
     uint64_t drained = 0;
     [[maybe_unused]] auto n = ::read(event_fd, &drained, sizeof drained);
-    last_active = clock::now();  // whoever drove meanwhile, look again before sleeping
+    idle_passes = 0;  // whoever drove meanwhile, look again (a full spin) before sleeping
   }
   // Leaving: close what is left, give close requests a bounded time to finish.
   auto owners_left = std::move(owners);
@@ -496,7 +525,8 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
       return;
     }
     auto timer = rt->timers.emplace(deadline, ucx_runtime::impl::timer_ref{this, id});
-    pending.emplace(id, pending_call{std::move(cb), ob->batch.header, timer});
+    // The header is already encoded into ob->header; the pending call keeps it to check the reply.
+    pending.emplace(id, pending_call{std::move(cb), std::move(ob->batch.header), timer});
     ++rt->awaiting;
     internal::link_counters::bump(counters.requests_sent);
     internal::link_counters::bump(counters.bytes_sent, ob->header.size() + ob->batch.rows.size());
@@ -795,14 +825,20 @@ caf::expected<reply> ucx_client::call_sync(request req, std::chrono::millisecond
   bool work = true;  // whether the worker has work left for the progress thread when we leave
   while (!out->ready.load()) {
     if (wants_to_drive && rt->try_drive()) {
-      if (ob) state_->start(std::move(ob), cb, deadline);
+      if (ob) state_->start(std::move(ob), std::move(cb), deadline);  // ob and cb go together, once
+      // The clock is read once per 32 idle passes: a pass is tens of ns, a clock read as much.
       auto last = clock::now();
+      unsigned idle = 0;
       while (!out->ready.load()) {
         if (rt->pass()) {
-          last = clock::now();
-        } else if (clock::now() - last > rt->options.spin_awaiting) {
-          wants_to_drive = false;  // a slow reply: stop burning this core, let the progress thread watch
-          break;
+          idle = 1;
+        } else if (++idle % 32 == 0) {
+          const auto now = clock::now();
+          if (idle == 32) last = now;  // the first look after activity starts the idle period
+          if (now - last > rt->options.spin_awaiting) {
+            wants_to_drive = false;  // a slow reply: stop burning this core, let the progress thread watch
+            break;
+          }
         }
       }
       work = rt->stop_driving();
@@ -813,7 +849,9 @@ caf::expected<reply> ucx_client::call_sync(request req, std::chrono::millisecond
       continue;
     }
     if (ob) {
-      rt->post([s = state_, ob = std::move(ob), cb, deadline]() mutable { s->start(std::move(ob), std::move(cb), deadline); });
+      rt->post([s = state_, ob = std::move(ob), cb = std::move(cb), deadline]() mutable {
+        s->start(std::move(ob), std::move(cb), deadline);
+      });
       ob.reset();
     }
     // Someone else drives (the progress thread steps aside for us shortly, or another caller).

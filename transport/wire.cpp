@@ -126,7 +126,7 @@ namespace {
 /// Recycles large row buffers by power-of-two size class (see row_buffer).
 class buffer_cache {
  public:
-  static constexpr size_t min_bytes = size_t{64} << 10;
+  static constexpr size_t min_bytes = size_t{4} << 10;
   static constexpr int classes = 48;
   static constexpr size_t per_class = 16;
   static constexpr size_t max_total = size_t{256} << 20;

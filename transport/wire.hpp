@@ -91,11 +91,12 @@ struct batch_header {
 
 /// Owning, 64-byte aligned, uninitialised bytes. Allocation failure is an error, not an exception.
 ///
-/// Buffers of 64 KiB and more are recycled: they are carved from power-of-two size classes, and a
+/// Buffers of 4 KiB and more are recycled: they are carved from power-of-two size classes, and a
 /// freed one goes back to a process-wide cache (at most 16 per class and 256 MiB in all) instead of
 /// to the allocator. Batches of a step come and go at the same sizes; without the cache every
 /// received batch would be fresh pages from the kernel (measured: half the stream bandwidth at
-/// 512 KiB). The unused tail of a class is never touched, so it costs address space, not memory.
+/// 512 KiB), and a one-row batch a trip through malloc's bins. The unused tail of a class is never
+/// touched, so it costs address space, not memory.
 class row_buffer {
  public:
   row_buffer() = default;
