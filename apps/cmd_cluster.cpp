@@ -152,32 +152,30 @@ void add_cluster_commands(CLI::App& app) {
   {
     auto* cmd = app.add_subcommand("expert-host", "Run an expert host: holds experts, answers token batches over UCX");
     struct args {
-      std::string coordinator, model, listen = "127.0.0.1:0", name, metrics, device = "cpu";
-      int slots = 0, threads = 0;
+      std::string coordinator, model, listen, metrics, device = "cpu";
+      actors::expert_host_options o;  // the flags below write into it; its defaults are the flags' defaults
       bool no_peer_errors = false;
     };
     auto a = std::make_shared<args>();
+    a->listen = a->o.listen_host + ":" + std::to_string(a->o.listen_port);
     cmd->add_option("--coordinator", a->coordinator, "Coordinator HOST:PORT")->required();
     cmd->add_option("--model", a->model, "Model folder (shared filesystem or own copy)")->required();
-    cmd->add_option("--slots", a->slots, "Experts this host can hold")->required()->check(CLI::Range(1, 1 << 20));
-    cmd->add_option("--listen", a->listen, "Data-plane address HOST:PORT (port 0 = any)");
-    cmd->add_option("--name", a->name, "Host name (default expert-host-PID)");
-    cmd->add_option("--threads", a->threads, "Compute threads (0 = all cores)");
+    cmd->add_option("--slots", a->o.slots, "Experts this host can hold")->required()->check(CLI::Range(1, 1 << 20));
+    cmd->add_option("--listen", a->listen, "Data-plane address HOST:PORT (port 0 = any)")->capture_default_str();
+    cmd->add_option("--name", a->o.name, "Host name (default expert-host-PID)");
+    cmd->add_option("--threads", a->o.threads, "Compute threads (0 = all cores)");
     cmd->add_option("--device", a->device, "Where this host computes its experts: cpu, cuda or cuda:N");
     cmd->add_flag("--no-peer-error-handling", a->no_peer_errors, "UCX without peer failure detection (allows shared memory)");
     cmd->add_option("--metrics", a->metrics, "Serve /metrics on HOST:PORT (port 0 = any; default: not served)");
     cmd->callback([a] {
       auto [ch, cp] = parse_host_port(a->coordinator, "--coordinator");
       auto [lh, lp] = parse_host_port(a->listen, "--listen");
-      actors::expert_host_options o;
+      actors::expert_host_options o = a->o;
       o.coordinator_host = ch;
       o.coordinator_port = cp;
       o.model = a->model;
-      o.slots = a->slots;
       o.listen_host = lh;
       o.listen_port = lp;
-      o.name = a->name;
-      o.threads = a->threads;
       o.peer_error_handling = !a->no_peer_errors;
       auto dev = make_device(a->device);
       if (!dev) fail(model::describe(dev.error()));
