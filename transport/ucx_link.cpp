@@ -36,6 +36,24 @@ using internal::am_id_request;
 
 std::string ucx_text(ucs_status_t s) { return ucs_status_string(s); }
 
+/// How long a spinning driver has been idle. A pass is tens of ns and a clock read as much, so the
+/// clock is read once per 32 idle passes; the first read after activity starts the idle period.
+class idle_watch {
+ public:
+  void active() { passes_ = 0; }
+  /// Counts an idle pass: how long the driver has been idle if this pass read the clock.
+  std::optional<clock::duration> idle() {
+    if (++passes_ % 32 != 0) return std::nullopt;
+    const auto now = clock::now();
+    if (passes_ == 32) since_ = now;
+    return now - since_;
+  }
+
+ private:
+  unsigned passes_ = 0;
+  clock::time_point since_{};
+};
+
 /// Shared-memory segments large enough for one eager fragment of a one-row batch up to hidden 8192
 /// in bf16 (or two rows at hidden 4096) with our frame header and UCP's: UCX's default of 8256 bytes
 /// leaves no room for the headers around an 8 KiB row, and the second fragment costs more than the
@@ -384,8 +402,7 @@ bool ucx_runtime::impl::pass() {
 
 void ucx_runtime::impl::loop() {
   std::unique_lock drive(drive_mu, std::defer_lock);
-  auto last_active = clock::now();
-  unsigned idle_passes = 0;
+  idle_watch idle;
   for (;;) {
     if (!drive.owns_lock()) {
       // A caller in call_sync drives the worker: stay out of its way (no spinning next to it).
@@ -406,18 +423,11 @@ void ucx_runtime::impl::loop() {
     const bool active = pass();
     if (exit.load() && !has_tasks.load()) break;
     if (active) {
-      idle_passes = 0;
+      idle.active();
       continue;
     }
-    // Idle: the clock is read once per 32 passes (the first read starts the idle period).
-    bool keep_spinning = ++idle_passes % 32 != 0;
-    if (!keep_spinning) {
-      const auto now = clock::now();
-      if (idle_passes == 32) last_active = now;
-      const auto idle_for = now - last_active;
-      keep_spinning = idle_for < options.spin || (awaiting.load() > 0 && idle_for < options.spin_awaiting);
-    }
-    if (keep_spinning) {
+    const auto idle_for = idle.idle();
+    if (!idle_for || *idle_for < options.spin || (awaiting.load() > 0 && *idle_for < options.spin_awaiting)) {
       if (callers_driving.load() > 0) {  // a caller wants to drive: hand it the worker
         driver.store({});
         drive.unlock();
@@ -450,7 +460,7 @@ void ucx_runtime::impl::loop() {
     (void)::epoll_wait(epoll_fd, events, 2, timeout_ms);
     uint64_t drained = 0;
     [[maybe_unused]] auto n = ::read(event_fd, &drained, sizeof drained);
-    idle_passes = 0;  // whoever drove meanwhile, look again (a full spin) before sleeping
+    idle.active();  // whoever drove meanwhile, look again (a full spin) before sleeping
   }
   // Leaving: close what is left, give close requests a bounded time to finish.
   auto owners_left = std::move(owners);
@@ -826,19 +836,13 @@ caf::expected<reply> ucx_client::call_sync(request req, std::chrono::millisecond
   while (!out->ready.load()) {
     if (wants_to_drive && rt->try_drive()) {
       if (ob) state_->start(std::move(ob), std::move(cb), deadline);  // ob and cb go together, once
-      // The clock is read once per 32 idle passes: a pass is tens of ns, a clock read as much.
-      auto last = clock::now();
-      unsigned idle = 0;
+      idle_watch idle;
       while (!out->ready.load()) {
         if (rt->pass()) {
-          idle = 1;
-        } else if (++idle % 32 == 0) {
-          const auto now = clock::now();
-          if (idle == 32) last = now;  // the first look after activity starts the idle period
-          if (now - last > rt->options.spin_awaiting) {
-            wants_to_drive = false;  // a slow reply: stop burning this core, let the progress thread watch
-            break;
-          }
+          idle.active();
+        } else if (auto idle_for = idle.idle(); idle_for && *idle_for > rt->options.spin_awaiting) {
+          wants_to_drive = false;  // a slow reply: stop burning this core, let the progress thread watch
+          break;
         }
       }
       work = rt->stop_driving();
