@@ -307,6 +307,10 @@ struct gemv_work {
 /// Most (token, expert) pairs the one-block routing kernel holds.
 constexpr int gemv_max_pairs = 256;
 constexpr int gemv_warps = 8;  // warps per block of the GEMV kernels
+/// Blocks per SM the GEMV kernels are compiled for at R rows: left to the compiler up to 4 rows; at
+/// 8, capped at 128 registers (two blocks per SM), where the uncapped kernels took 205-255
+/// registers and so ran one block (8 warps) per SM.
+constexpr int gemv_min_blocks(int r) { return r >= 8 ? 2 : 1; }
 
 __device__ __forceinline__ void bf16x8(const uint4& v, float (&f)[8]) {
   const auto* p = reinterpret_cast<const __nv_bfloat162*>(&v);
@@ -441,7 +445,7 @@ __device__ __forceinline__ void by_rows(bool split, int cnt, Body&& body) {
 /// The gate_up GEMV of every expert on the work list in one launch: blockIdx.y = the work list's
 /// expert, each warp NW/2 output columns.
 template <int NW, int R>
-__global__ void __launch_bounds__(gemv_warps * 32) gemv_gate_up_kernel(const float* __restrict__ x, int h, int f,
+__global__ void __launch_bounds__(gemv_warps * 32, gemv_min_blocks(R)) gemv_gate_up_kernel(const float* __restrict__ x, int h, int f,
                                                                        const bf16* const* __restrict__ tab,
                                                                        gemv_work wk, float* __restrict__ hmid, bool split) {
   constexpr int P = NW / 2;
@@ -458,7 +462,7 @@ __global__ void __launch_bounds__(gemv_warps * 32) gemv_gate_up_kernel(const flo
 
 /// The down GEMV of every expert on the work list in one launch, NW output columns per warp.
 template <int NW, int R>
-__global__ void __launch_bounds__(gemv_warps * 32) gemv_down_kernel(const float* __restrict__ hmid, int h, int f,
+__global__ void __launch_bounds__(gemv_warps * 32, gemv_min_blocks(R)) gemv_down_kernel(const float* __restrict__ hmid, int h, int f,
                                                                     const bf16* const* __restrict__ tab, gemv_work wk,
                                                                     float* __restrict__ y, bool split) {
   pdl_trigger();
@@ -780,9 +784,10 @@ struct expert_engine {
   template <int R>
   caf::error gemv_rows(const float* x, const gemv_work& wk, int max_act, float* y) {
     // Rows per warp when the tuning leaves them open (0), by the largest row count R: the best
-    // of the sweep on an H200 (bench_gpu_moe --gemv-sweep, Mixtral and Qwen3 shapes).
+    // of the sweep on an H200 (bench_gpu_moe --gemv-sweep, Mixtral and Qwen3 shapes; at R = 8
+    // measured with the kernels' 128-register cap, where 8 down rows per warp lost to 4).
     const int gu = tuning.gate_up_rows != 0 ? tuning.gate_up_rows : (R == 1 || R == 8 ? 8 : 4);
-    const int dn = tuning.down_rows != 0 ? tuning.down_rows : (R <= 2 ? 2 : R == 4 ? 4 : 8);
+    const int dn = tuning.down_rows != 0 ? tuning.down_rows : (R <= 2 ? 2 : 4);
     SY_TRY((gu == 8 ? gemv_gate_up<8, R>(x, wk, max_act) : gemv_gate_up<4, R>(x, wk, max_act)));
     switch (dn) {
       case 4: return gemv_down<4, R>(wk, max_act, y);
