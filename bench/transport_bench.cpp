@@ -10,6 +10,8 @@
 //     one copy of the rows costs on this machine (TCP moves each byte through two copies, CMA one).
 // The server's handler answers with the request's own rows (moved, not copied), so the reply
 // carries the same bytes back. Lines starting with RESULT are for bench/transport_bench.sh.
+// Allocations: this binary counts every `operator new`; RESULT gives the client's per round trip
+// (ping-pong), and the server prints its per request served (SERVER line on stderr, at exit).
 #include "transport/ucx_link.hpp"
 
 #include <algorithm>
@@ -28,10 +30,36 @@
 #include <string>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <new>
+#include <optional>
 #include <vector>
 
 using namespace sy::transport;
 using clock_type = std::chrono::steady_clock;
+
+// Counting allocator: every C++ allocation in this process (ours, CAF's, the standard library's).
+namespace {
+std::atomic<uint64_t> g_allocs{0};
+void* counted(size_t n, size_t align) {
+  g_allocs.fetch_add(1, std::memory_order_relaxed);
+  void* p = align <= alignof(std::max_align_t) ? std::malloc(n == 0 ? 1 : n)
+                                                : std::aligned_alloc(align, (std::max<size_t>(n, 1) + align - 1) / align * align);
+  if (p == nullptr) throw std::bad_alloc();
+  return p;
+}
+}  // namespace
+void* operator new(size_t n) { return counted(n, 0); }
+void* operator new[](size_t n) { return counted(n, 0); }
+void* operator new(size_t n, std::align_val_t a) { return counted(n, static_cast<size_t>(a)); }
+void* operator new[](size_t n, std::align_val_t a) { return counted(n, static_cast<size_t>(a)); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, size_t) noexcept { std::free(p); }
+void operator delete[](void* p, size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, size_t, std::align_val_t) noexcept { std::free(p); }
 
 namespace {
 
@@ -129,6 +157,8 @@ std::shared_ptr<ucx_runtime> make_runtime(const options& o, int spin_us) {
   return *rt;
 }
 
+std::atomic<uint64_t> served{0}, allocs_at_first{0};
+
 int serve(const options& o) {
   auto rt = make_runtime(o, o.server_spin_us);
   ucx_server_options so;
@@ -137,6 +167,7 @@ int serve(const options& o) {
   auto server = ucx_server::make(
       rt,
       [](request r) -> caf::expected<reply> {
+        if (served.fetch_add(1, std::memory_order_relaxed) == 0) allocs_at_first.store(g_allocs.load());
         reply rep;
         static_cast<token_batch&>(rep) = std::move(r);
         return rep;
@@ -151,6 +182,10 @@ int serve(const options& o) {
   char c;
   while (::read(4, &c, 1) > 0) {
   }
+  const uint64_t n = served.load();
+  if (n > 1)
+    std::fprintf(stderr, "SERVER requests=%llu allocs_per_request=%.2f\n", static_cast<unsigned long long>(n),
+                 static_cast<double>(g_allocs.load() - allocs_at_first.load()) / static_cast<double>(n - 1));
   return 0;
 }
 
@@ -280,12 +315,14 @@ int main(int argc, char** argv) {
     request req = make_request(id, rows, o.hidden);
     std::vector<double> rtt;
     rtt.reserve(static_cast<size_t>(iters));
+    uint64_t allocs0 = 0;
     for (int i = 0; i < warmup + iters; ++i) {
+      if (i == warmup) allocs0 = g_allocs.load();
       req.header.batch_id = id++;
       const auto t0 = clock_type::now();
-      caf::expected<reply> rep = make_error(wire_errc::none, "");
+      std::optional<caf::expected<reply>> rep;  // no placeholder error: the loop allocates only what the link does
       if (o.sync) {
-        rep = link.call_sync(std::move(req), std::chrono::seconds(10));
+        rep.emplace(link.call_sync(std::move(req), std::chrono::seconds(10)));
       } else {
         auto fut = link.call(std::move(req), std::chrono::seconds(10));
         if (o.caller_spin_us > 0) {
@@ -294,16 +331,17 @@ int main(int argc, char** argv) {
           while (fut.wait_for(std::chrono::seconds(0)) != std::future_status::ready && clock_type::now() < until) {
           }
         }
-        rep = fut.get();
+        rep.emplace(fut.get());
       }
       const auto t1 = clock_type::now();
-      if (!rep) {
-        std::fprintf(stderr, "round trip failed: %s\n", describe(rep.error()).c_str());
+      if (!*rep) {
+        std::fprintf(stderr, "round trip failed: %s\n", describe(rep->error()).c_str());
         return 1;
       }
       if (i >= warmup) rtt.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
-      static_cast<token_batch&>(req) = std::move(*rep);
+      static_cast<token_batch&>(req) = std::move(**rep);
     }
+    const double allocs_per_rtt = static_cast<double>(g_allocs.load() - allocs0) / iters;
     const double p50 = percentile(rtt, 0.50);
     const double p99 = percentile(rtt, 0.99);
     const double pingpong = 2.0 * static_cast<double>(bytes) / (p50 * 1e-6) / 1e9;
@@ -363,8 +401,8 @@ int main(int argc, char** argv) {
     std::printf("%6u %10zu %8d %10.1f %10.1f %12.3f %12.3f %10.2f %10.2f\n", rows, bytes, iters, p50, p99, pingpong,
                 stream, hot, cold);
     std::printf("RESULT rows=%u bytes=%zu p50_us=%.2f p99_us=%.2f pingpong_gbps=%.4f stream_gbps=%.4f "
-                "memcpy_hot_gbps=%.3f memcpy_cold_gbps=%.3f\n",
-                rows, bytes, p50, p99, pingpong, stream, hot, cold);
+                "memcpy_hot_gbps=%.3f memcpy_cold_gbps=%.3f client_allocs_per_rtt=%.2f\n",
+                rows, bytes, p50, p99, pingpong, stream, hot, cold, allocs_per_rtt);
     std::fflush(stdout);
   }
   client->reset();

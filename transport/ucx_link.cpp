@@ -158,8 +158,26 @@ struct ucx_runtime::impl : std::enable_shared_from_this<ucx_runtime::impl> {
     struct ucx_client::state* client;
     uint64_t batch_id;
   };
-  std::multimap<clock::time_point, timer_ref> timers;
+  using timer_map = std::multimap<clock::time_point, timer_ref>;
+  timer_map timers;
+  std::vector<timer_map::node_type> spare_timers;  // nodes of removed timers, reused (no allocation per call)
   unsigned timer_passes = 0;  // passes since the timers were last looked at
+  /// Most spare nodes kept (of the timers here, of each client's pending calls): beyond a window of
+  /// requests in flight, nodes are freed as usual.
+  static constexpr size_t max_spare_nodes = 64;
+
+  timer_map::iterator add_timer(clock::time_point at, timer_ref ref) {
+    if (spare_timers.empty()) return timers.emplace(at, ref);
+    auto node = std::move(spare_timers.back());
+    spare_timers.pop_back();
+    node.key() = at;
+    node.mapped() = ref;
+    return timers.insert(std::move(node));
+  }
+  void remove_timer(timer_map::iterator it) {
+    auto node = timers.extract(it);
+    if (spare_timers.size() < max_spare_nodes) spare_timers.push_back(std::move(node));
+  }
   std::vector<void*> closing;  // ep close requests not yet complete
   std::vector<internal::task> running;
 
@@ -508,10 +526,12 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
   struct pending_call {
     reply_callback callback;
     batch_header req;
-    std::multimap<clock::time_point, ucx_runtime::impl::timer_ref>::iterator timer;
+    ucx_runtime::impl::timer_map::iterator timer;
     bool receiving = false;
   };
-  std::unordered_map<uint64_t, pending_call> pending;  // driver only
+  using pending_map = std::unordered_map<uint64_t, pending_call>;
+  pending_map pending;                           // driver only
+  std::vector<pending_map::node_type> spare_pending;  // driver only: nodes of completed calls, reused
 
   struct rx_op {
     std::shared_ptr<state> self;
@@ -534,9 +554,17 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
       cb(std::move(err));
       return;
     }
-    auto timer = rt->timers.emplace(deadline, ucx_runtime::impl::timer_ref{this, id});
+    auto timer = rt->add_timer(deadline, ucx_runtime::impl::timer_ref{this, id});
     // The header is already encoded into ob->header; the pending call keeps it to check the reply.
-    pending.emplace(id, pending_call{std::move(cb), std::move(ob->batch.header), timer});
+    if (spare_pending.empty()) {
+      pending.emplace(id, pending_call{std::move(cb), std::move(ob->batch.header), timer});
+    } else {
+      auto node = std::move(spare_pending.back());
+      spare_pending.pop_back();
+      node.key() = id;
+      node.mapped() = pending_call{std::move(cb), std::move(ob->batch.header), timer};
+      pending.insert(std::move(node));
+    }
     ++rt->awaiting;
     internal::link_counters::bump(counters.requests_sent);
     internal::link_counters::bump(counters.bytes_sent, ob->header.size() + ob->batch.rows.size());
@@ -554,10 +582,12 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
       if (result) internal::link_counters::bump(counters.late_replies);
       return;
     }
-    auto call = std::move(it->second);
-    pending.erase(it);
+    auto node = pending.extract(it);
+    auto call = std::move(node.mapped());
+    // Kept before the callback runs: a callback that sends the next request reuses the node.
+    if (spare_pending.size() < ucx_runtime::impl::max_spare_nodes) spare_pending.push_back(std::move(node));
     --rt->awaiting;
-    rt->timers.erase(call.timer);
+    rt->remove_timer(call.timer);
     if (result)
       internal::link_counters::bump(counters.replies_received);
     else
@@ -570,7 +600,7 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
     pending.clear();
     rt->awaiting -= static_cast<int64_t>(calls.size());
     for (auto& [id, call] : calls) {
-      rt->timers.erase(call.timer);
+      rt->remove_timer(call.timer);
       counters.count_error(err);
       call.callback(err);
     }
@@ -801,18 +831,20 @@ caf::expected<reply> ucx_client::call_sync(request req, std::chrono::millisecond
   auto* rt = state_->rt;
   if (rt->drives())
     return make_error(wire_errc::invalid_argument, "ucx: call_sync from a callback of the same runtime; use send");
+  // The outcome lives on this stack: the callback runs exactly once before this returns (a reply,
+  // an error, the timer, or the link failing), and it touches `out` only while holding out->mu,
+  // which this thread takes before it returns. So the callback needs no shared ownership and
+  // captures one pointer (no allocation: it fits std::function's own storage).
   struct outcome {
     std::mutex mu;
     std::condition_variable cv;
     std::atomic<bool> ready{false};
     std::optional<caf::expected<reply>> result;
-  };
-  auto out = std::make_shared<outcome>();
+  } outcome_here;
+  outcome* out = &outcome_here;
   reply_callback cb = [out](caf::expected<reply> r) {
-    {
-      std::lock_guard lock(out->mu);
-      out->result.emplace(std::move(r));
-    }
+    std::lock_guard lock(out->mu);
+    out->result.emplace(std::move(r));
     out->ready.store(true);
     out->cv.notify_all();
   };
