@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <condition_variable>
@@ -91,12 +92,32 @@ struct ep_owner {
 
 namespace {
 
-/// A frame being sent: owns the AM header and the rows until UCX is done with them.
+/// A frame being sent: owns the AM header and the rows until UCX is done with them. Headers of up
+/// to 8 segments are encoded into the frame itself (no allocation); larger ones and error frames
+/// into a vector. Held by unique_ptr and never moved, so `header` may point into it.
 struct outbound {
-  std::vector<std::byte> header;
+  static constexpr size_t inline_bytes = wire_fixed_bytes + 8 * wire_segment_bytes;
+  std::span<const std::byte> header;
   token_batch batch;  // empty for error frames
   std::shared_ptr<ep_owner> owner;
   uint64_t batch_id = 0;
+  std::array<std::byte, inline_bytes> inline_header;
+  std::vector<std::byte> spilled;
+
+  void encode(frame_kind kind, const batch_header& h) {
+    const size_t n = h.header_bytes();
+    if (n <= inline_bytes) {
+      encode_header_into(kind, h, {inline_header.data(), n});
+      header = {inline_header.data(), n};
+    } else {
+      spilled = encode_header(kind, h);
+      header = spilled;
+    }
+  }
+  void take(std::vector<std::byte> bytes) {
+    spilled = std::move(bytes);
+    header = spilled;
+  }
 };
 
 void send_done(void* request, ucs_status_t status, void* user_data) {
@@ -815,7 +836,7 @@ void ucx_client::send(request req, std::chrono::milliseconds timeout, reply_call
   if (!st.open.load()) return fail(make_error(wire_errc::link_closed, "ucx: the link to " + st.peer + " is closed"));
   if (auto err = validate(req.header, req.rows.size(), st.rt->options.limits)) return fail(std::move(err));
   auto ob = std::make_unique<outbound>();
-  ob->header = encode_header(frame_kind::request, req.header);
+  ob->encode(frame_kind::request, req.header);
   if (st.rt->max_am_header != 0 && ob->header.size() > st.rt->max_am_header)
     return fail(make_error(wire_errc::too_many_segments, "ucx: a header of " + std::to_string(ob->header.size()) +
                                                              " bytes exceeds UCX's AM header limit of " +
@@ -854,7 +875,7 @@ caf::expected<reply> ucx_client::call_sync(request req, std::chrono::millisecond
     return std::move(*out->result);
   }
   auto ob = std::make_unique<outbound>();
-  ob->header = encode_header(frame_kind::request, req.header);
+  ob->encode(frame_kind::request, req.header);
   if (rt->max_am_header != 0 && ob->header.size() > rt->max_am_header) {
     send(std::move(req), timeout, std::move(cb));
     return std::move(*out->result);
@@ -960,6 +981,7 @@ struct server_conn final : ep_owner, std::enable_shared_from_this<server_conn> {
   ucp_ep_h ep = nullptr;
   bool open = true;  // driver only
   internal::link_counters counters;
+  batch_header inline_meta;  // driver only: the request header kept for an inline handler's reply
 
   struct rx_op {
     std::shared_ptr<server_conn> self;
@@ -1056,12 +1078,15 @@ struct server_conn final : ep_owner, std::enable_shared_from_this<server_conn> {
   void dispatch(request req) {
     if (!open || !server) return;
     bump(&internal::link_counters::requests_received);
-    batch_header meta = req.header;  // rows go to the handler; the header stays for the reply
     auto* srv = server.get();
     if (!srv->pool) {
-      send_reply(meta, srv->handler(std::move(req)));
+      // Rows go to the handler; the header stays for the reply, in a copy whose segment list keeps
+      // its capacity from request to request (the handler runs inline on the driver, one at a time).
+      inline_meta = req.header;
+      send_reply(inline_meta, srv->handler(std::move(req)));
       return;
     }
+    batch_header meta = req.header;
     ++rt->awaiting;
     srv->pool->submit([self = shared_from_this(), srv, guard = awaiting_guard{rt}, meta = std::move(meta),
                        req = std::move(req)]() mutable {
@@ -1086,11 +1111,11 @@ struct server_conn final : ep_owner, std::enable_shared_from_this<server_conn> {
     }
     auto ob = std::make_unique<outbound>();
     if (r) {
-      ob->header = encode_header(frame_kind::reply, r->header);
+      ob->encode(frame_kind::reply, r->header);
       ob->batch = std::move(static_cast<token_batch&>(*r));
       bump(&internal::link_counters::replies_sent);
     } else {
-      ob->header = encode_error(meta.batch_id, meta.epoch, meta.layer, r.error());
+      ob->take(encode_error(meta.batch_id, meta.epoch, meta.layer, r.error()));
       bump(&internal::link_counters::errors_sent);
       count_error(r.error());
     }

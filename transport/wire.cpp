@@ -255,8 +255,7 @@ caf::error rows_to_f32(const token_batch& b, std::span<float> out) {
   return {};
 }
 
-std::vector<std::byte> encode_header(frame_kind kind, const batch_header& h) {
-  std::vector<std::byte> out(h.header_bytes());
+void encode_header_into(frame_kind kind, const batch_header& h, std::span<std::byte> out) {
   put_fixed(out.data(), kind, static_cast<uint8_t>(h.dtype), h.batch_id, h.epoch, h.layer, h.hidden,
             static_cast<uint32_t>(h.segments.size()), static_cast<uint32_t>(out.size()));
   std::byte* p = out.data() + wire_fixed_bytes;
@@ -267,6 +266,11 @@ std::vector<std::byte> encode_header(frame_kind kind, const batch_header& h) {
     put_u32(p + 12, s.rows);
     p += wire_segment_bytes;
   }
+}
+
+std::vector<std::byte> encode_header(frame_kind kind, const batch_header& h) {
+  std::vector<std::byte> out(h.header_bytes());
+  encode_header_into(kind, h, out);
   return out;
 }
 

@@ -151,6 +151,9 @@ struct encoded_frame {
 };
 
 [[nodiscard]] std::vector<std::byte> encode_header(frame_kind kind, const batch_header& h);
+/// The same bytes into `out`, which holds exactly `h.header_bytes()` (a buffer the caller owns: no
+/// allocation per frame).
+void encode_header_into(frame_kind kind, const batch_header& h, std::span<std::byte> out);
 [[nodiscard]] encoded_frame encode_request(const request& r);
 [[nodiscard]] encoded_frame encode_reply(const reply& r);
 /// An error frame for batch `batch_id` carrying `err` (any layer's; its message cut at 1024 bytes,

@@ -68,6 +68,16 @@ TEST_CASE("wire: a request frame round-trips through encode and decode", "[trans
   CHECK(d->kind == frame_kind::reply);
 }
 
+TEST_CASE("wire: encoding a header into a caller's buffer gives the same bytes", "[transport][wire]") {
+  for (size_t segments : {size_t{1}, size_t{8}, size_t{13}}) {
+    auto req = test::make_request(7, std::vector<uint32_t>(segments, 3), 64, wire_dtype::bf16, 11);
+    const auto want = encode_header(frame_kind::request, req.header);
+    std::vector<std::byte> got(req.header.header_bytes(), std::byte{0xAB});
+    encode_header_into(frame_kind::request, req.header, got);
+    CHECK(got == want);
+  }
+}
+
 TEST_CASE("wire: an error frame carries any layer's code, category and message", "[transport][wire]") {
   for (const auto& err : {make_error(wire_errc::unknown_expert, "host: layer 3 expert 9 is not held here"),
                           sy::model::make_error(sy::model::model_errc::bad_value, "model: rows are NaN")}) {
