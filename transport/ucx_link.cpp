@@ -104,6 +104,10 @@ struct outbound {
   std::array<std::byte, inline_bytes> inline_header;
   std::vector<std::byte> spilled;
 
+  outbound() = default;
+  outbound(const outbound&) = delete;  // `header` may point into this object
+  outbound& operator=(const outbound&) = delete;
+
   void encode(frame_kind kind, const batch_header& h) {
     const size_t n = h.header_bytes();
     if (n <= inline_bytes) {
@@ -605,6 +609,7 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
     }
     auto node = pending.extract(it);
     auto call = std::move(node.mapped());
+    node.mapped() = pending_call{};  // a spare node holds no callback captures (whatever the library's moved-from state)
     // Kept before the callback runs: a callback that sends the next request reuses the node.
     if (spare_pending.size() < ucx_runtime::impl::max_spare_nodes) spare_pending.push_back(std::move(node));
     --rt->awaiting;

@@ -7,6 +7,7 @@
 #include <caf/message.hpp>
 
 #include <algorithm>
+#include <cassert>
 #include <array>
 #include <bit>
 #include <mutex>
@@ -256,6 +257,7 @@ caf::error rows_to_f32(const token_batch& b, std::span<float> out) {
 }
 
 void encode_header_into(frame_kind kind, const batch_header& h, std::span<std::byte> out) {
+  assert(out.size() == h.header_bytes());
   put_fixed(out.data(), kind, static_cast<uint8_t>(h.dtype), h.batch_id, h.epoch, h.layer, h.hidden,
             static_cast<uint32_t>(h.segments.size()), static_cast<uint32_t>(out.size()));
   std::byte* p = out.data() + wire_fixed_bytes;
