@@ -97,6 +97,25 @@ class child {
   std::string buf_;
 };
 
+/// A loopback port below the kernel's ephemeral range (32768 and up here) that is free now. A
+/// process restarted on a fixed port needs one: a port the kernel handed out for `:0` can be handed
+/// to another test's process in the moment between the kill and the restart.
+uint16_t unused_fixed_port() {
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    const auto port = static_cast<uint16_t>(20000 + (static_cast<unsigned>(::getpid()) * 7919u + attempt * 104729u) % 12000u);
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    const bool free = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+    ::close(fd);
+    if (free) return port;
+  }
+  FAIL("no free loopback port in 20000-31999");
+  return 0;
+}
+
 std::pair<int, std::string> http_post(uint16_t port, const std::string& body) {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
@@ -305,9 +324,13 @@ TEST_CASE("multi-process: the coordinator killed and restarted from its state fi
   const std::string m = fixture("mixtral_e8k2").string();
   const std::string state = (std::filesystem::temp_directory_path() / ("sy-coord-state-" + std::to_string(::getpid()) + ".json")).string();
   std::filesystem::remove(state);
-  auto coordinator = std::make_unique<child>(std::vector<std::string>{"coordinator", "--listen", "127.0.0.1:0", "--model", m,
+  // A fixed port outside the ephemeral range: the restarted coordinator takes it again, and no
+  // other test's process can have been given it meanwhile (their routers would answer for ours).
+  const std::string fixed = std::to_string(unused_fixed_port());
+  auto coordinator = std::make_unique<child>(std::vector<std::string>{"coordinator", "--listen", "127.0.0.1:" + fixed, "--model", m,
                                                                       "--hosts", "3", "--state", state});
   const std::string cport = coordinator->wait_for(std::regex("coordinator listening on [^:]+:(\\d+)"));
+  REQUIRE(cport == fixed);
   std::vector<std::unique_ptr<child>> hosts;
   for (int h = 0; h < 3; ++h)
     hosts.push_back(std::make_unique<child>(std::vector<std::string>{"expert-host", "--coordinator", "127.0.0.1:" + cport, "--model", m,
@@ -334,6 +357,7 @@ TEST_CASE("multi-process: the coordinator killed and restarted from its state fi
 
   coordinator = std::make_unique<child>(std::vector<std::string>{"coordinator", "--listen", "127.0.0.1:" + cport, "--model", m,
                                                                   "--hosts", "3", "--state", state});
+  REQUIRE(coordinator->wait_for(std::regex("coordinator listening on [^:]+:(\\d+)")) == cport);  // bound again
   // Hosts and router reconnect; the recovered placement comes back under a newer epoch.
   json after;
   for (int i = 0; i < 200; ++i) {
