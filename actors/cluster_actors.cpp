@@ -603,7 +603,7 @@ caf::behavior router_actor(caf::event_based_actor* self, caf::actor coordinator,
   return {
       [=](placement_atom, placement_table p, std::vector<host_info> hosts) {
         const uint64_t epoch = p.epoch;
-        exec->update(std::move(p), std::move(hosts));
+        if (!exec->update(std::move(p), std::move(hosts))) return;  // refused (logged): not acknowledged
         self->send(self, drain_check_atom::value, epoch);
       },
       [=](drain_check_atom, uint64_t epoch) {

@@ -4,9 +4,11 @@
 #include "model/error.hpp"
 
 #include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <map>
+#include <string>
 
 namespace sy::actors {
 namespace {
@@ -15,13 +17,36 @@ namespace {
 constexpr int64_t kMinSplitRows = 32;
 }  // namespace
 
-void cluster_executor::update(placement_table p, std::vector<host_info> hosts) {
+void cluster_executor::set_shape(int layers, int experts, std::vector<bool> moe_layer) {
+  shape_ = {layers, experts, std::move(moe_layer)};
+}
+
+bool cluster_executor::update(placement_table p, std::vector<host_info> hosts) {
+  std::string bad;
+  if (shape_.layers >= 0 && (p.layers != shape_.layers || p.experts != shape_.experts || p.moe_layer != shape_.moe_layer))
+    bad = "it is for " + std::to_string(p.layers) + " layers of " + std::to_string(p.experts) +
+          " experts, this router serves " + std::to_string(shape_.layers) + " of " + std::to_string(shape_.experts) +
+          " (another model, or another cluster at the coordinator's address)";
+  if (bad.empty() && p.table.size() != static_cast<size_t>(p.layers)) bad = "its table does not have one row per layer";
+  for (size_t l = 0; bad.empty() && l < p.table.size(); ++l) {
+    const bool sparse = l < p.moe_layer.size() && p.moe_layer[l];
+    if (sparse && p.table[l].size() != static_cast<size_t>(p.experts)) bad = "layer " + std::to_string(l) + " does not list every expert";
+    for (const auto& reps : p.table[l])
+      for (const auto& r : reps)
+        if (bad.empty() && (r.host < 0 || static_cast<size_t>(r.host) >= hosts.size()))
+          bad = "a replica of layer " + std::to_string(l) + " names host " + std::to_string(r.host) + ", which it does not list";
+  }
+  if (!bad.empty()) {
+    spdlog::error("router: placement epoch {} ignored: {}", p.epoch, bad);
+    return false;
+  }
   auto v = std::make_shared<const view>(view{std::move(p), std::move(hosts)});
   {
     std::lock_guard lock(mu_);
     if (!latest_ || v->placement.epoch >= latest_->placement.epoch) latest_ = std::move(v);
   }
   updated_.notify_all();
+  return true;
 }
 
 bool cluster_executor::ready() const {

@@ -31,8 +31,14 @@ class cluster_executor final : public model::expert_executor {
   /// has one (the coordinator re-places lost experts) before the step fails.
   void set_replica_wait(std::chrono::milliseconds w) { replica_wait_ = w; }
 
-  /// A new placement; steps started from now on use it.
-  void update(placement_table p, std::vector<host_info> hosts);
+  /// The model this router serves: a placement for another shape (layers, experts, which layers
+  /// are sparse) is refused by `update`. Unset, every placement is taken.
+  void set_shape(int layers, int experts, std::vector<bool> moe_layer);
+
+  /// A new placement; steps started from now on use it. False (and an error logged, the current
+  /// placement kept) when it does not fit the shape set above or names a host it does not list:
+  /// a coordinator for another model, or a malformed table.
+  bool update(placement_table p, std::vector<host_info> hosts);
   [[nodiscard]] bool ready() const;
   [[nodiscard]] uint64_t epoch() const;
   /// The newest placement received.
@@ -81,6 +87,10 @@ class cluster_executor final : public model::expert_executor {
   std::condition_variable updated_;  ///< notified on every new placement
   std::chrono::milliseconds replica_wait_{10000};
   std::shared_ptr<const view> latest_;
+  struct shape {
+    int layers = -1, experts = -1;
+    std::vector<bool> moe_layer;
+  } shape_;  ///< set once, before the first update
   std::shared_ptr<const view> step_;  ///< pinned by begin_step (engine thread only)
   std::vector<bool> failed_;          ///< hosts that failed during the current step
   [[nodiscard]] bool wait_for_replica(int layer, int expert);

@@ -26,6 +26,7 @@ caf::expected<std::unique_ptr<router_core>> router_core::make(std::shared_ptr<co
   if (!dense) return dense.error();
   r->dense_ = std::move(*dense);
   r->exec_ = std::make_shared<cluster_executor>(std::move(connect));
+  r->exec_->set_shape(r->cfg_->num_layers, r->cfg_->gating.num_experts, r->cfg_->moe_layer);
   r->exec_->set_replica_wait(replica_wait);
   r->exec_->set_overlaps(channels_overlap);
   r->decoder_ = std::make_unique<model::decoder>(*r->dense_, *r->exec_);

@@ -1,5 +1,6 @@
 // The embedded cluster (coordinator, router, expert hosts as actors; in-process data plane) against
 // transformers' greedy tokens, directly and over HTTP, with replicas and a host failing mid-run.
+#include "actors/cluster_executor.hpp"
 #include "actors/embedded_cluster.hpp"
 #include "tests/actors/reference.hpp"
 #include "actors/placement.hpp"
@@ -477,4 +478,34 @@ TEST_CASE("embedded cluster: with one replica, a lost host's experts are re-plac
     }
   }
   CHECK(holders.size() == 2);
+}
+
+TEST_CASE("cluster executor: a placement for another model's shape or naming unknown hosts is refused, the current one kept",
+          "[actors]") {
+  sy::actors::cluster_executor exec([](const sy::actors::host_info&) { return std::shared_ptr<sy::actors::expert_channel>{}; });
+  exec.set_shape(2, 4, {false, true});  // layer 0 dense, layer 1 with 4 experts
+  const std::vector<sy::actors::host_info> hosts = {{0, "a", "inproc://0", 8, true}};
+  auto table_for = [](int layers, int experts, std::vector<bool> moe, uint64_t epoch, int host) {
+    sy::actors::placement_table p;
+    p.epoch = epoch, p.layers = layers, p.experts = experts, p.moe_layer = moe;
+    p.table.resize(static_cast<size_t>(layers));
+    for (int l = 0; l < layers; ++l)
+      if (moe[static_cast<size_t>(l)])
+        for (int e = 0; e < experts; ++e) p.table[static_cast<size_t>(l)].push_back({{host, e, 1, 1.0, true}});
+    return p;
+  };
+  CHECK(exec.update(table_for(2, 4, {false, true}, 5, 0), hosts));
+  CHECK(exec.epoch() == 5);
+  CHECK(exec.ready());
+  CHECK_FALSE(exec.update(table_for(2, 8, {false, true}, 6, 0), hosts));  // other expert count
+  CHECK_FALSE(exec.update(table_for(3, 4, {false, true, true}, 7, 0), hosts));  // other layer count
+  CHECK_FALSE(exec.update(table_for(2, 4, {true, true}, 8, 0), hosts));  // other sparse layers
+  CHECK_FALSE(exec.update(table_for(2, 4, {false, true}, 9, 3), hosts));  // a host it does not list
+  auto short_row = table_for(2, 4, {false, true}, 10, 0);
+  short_row.table[1].pop_back();
+  CHECK_FALSE(exec.update(short_row, hosts));
+  CHECK(exec.epoch() == 5);
+  CHECK(exec.ready());
+  CHECK(exec.update(table_for(2, 4, {false, true}, 11, 0), hosts));
+  CHECK(exec.epoch() == 11);
 }
