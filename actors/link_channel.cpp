@@ -37,25 +37,34 @@ std::future<caf::error> link_channel::call_async(int layer, uint64_t epoch, std:
   h.layer = static_cast<uint32_t>(layer);
   h.hidden = static_cast<uint32_t>(hidden_);
   h.dtype = dtype_;
-  std::vector<float> rows;
   std::vector<size_t> sizes;
   for (size_t i = 0; i < experts.size(); ++i) {
+    if (inputs[i]->size() % static_cast<size_t>(hidden_) != 0) {
+      done->set_value(transport::make_error(transport::wire_errc::length_mismatch,
+                                            "link channel: expert " + std::to_string(experts[i]) + "'s input holds " +
+                                                std::to_string(inputs[i]->size()) + " values, not rows of " +
+                                                std::to_string(hidden_)));
+      return fut;
+    }
     const auto n = inputs[i]->size() / static_cast<size_t>(hidden_);
     h.segments.push_back({static_cast<uint32_t>(experts[i]), 0, 0, static_cast<uint32_t>(n)});
-    rows.insert(rows.end(), inputs[i]->begin(), inputs[i]->end());
     sizes.push_back(inputs[i]->size());
   }
-  auto batch = transport::make_batch(h, rows);
+  auto batch = transport::make_batch(std::move(h));
   if (!batch) {
     done->set_value(batch.error());
     return fut;
   }
+  // Each expert's rows go straight into their segment (converted to the wire dtype): no
+  // concatenated copy.
+  for (size_t i = 0; i < experts.size(); ++i)
+    transport::rows_from_f32(*inputs[i], batch->header.dtype, batch->segment_rows(i).data());
   transport::request req;
   req.header = std::move(batch->header);
   req.rows = std::move(batch->rows);
   std::vector<std::vector<float>*> outs(outputs.begin(), outputs.end());
   link_->send(std::move(req), timeout_,
-              [done, outs = std::move(outs), sizes = std::move(sizes), total = rows.size(), peer = peer_,
+              [done, outs = std::move(outs), sizes = std::move(sizes), hidden = hidden_, peer = peer_,
                t0 = std::chrono::steady_clock::now()](caf::expected<transport::reply> r) {
                 if (!peer.empty())
                   metrics::host_round_trip(peer, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
@@ -63,16 +72,26 @@ std::future<caf::error> link_channel::call_async(int layer, uint64_t epoch, std:
                   done->set_value(r.error());
                   return;
                 }
-                std::vector<float> out(total);
-                if (auto e = transport::rows_to_f32(*r, out)) {
-                  done->set_value(std::move(e));
+                // The link checked that the reply answers the request (same segments and rows);
+                // each segment is converted straight into its expert's output.
+                if (r->header.segments.size() != outs.size() || r->rows.size() != r->header.payload_bytes()) {
+                  done->set_value(transport::make_error(transport::wire_errc::length_mismatch,
+                                                        "link channel: the reply has " + std::to_string(r->header.segments.size()) +
+                                                            " segments for " + std::to_string(outs.size()) +
+                                                            " experts, or rows that do not match its header"));
                   return;
                 }
-                size_t off = 0;
                 for (size_t i = 0; i < outs.size(); ++i) {
-                  outs[i]->assign(out.begin() + static_cast<std::ptrdiff_t>(off),
-                                  out.begin() + static_cast<std::ptrdiff_t>(off + sizes[i]));
-                  off += sizes[i];
+                  const size_t n = static_cast<size_t>(r->header.segments[i].rows) * static_cast<size_t>(hidden);
+                  if (n != sizes[i] || r->header.hidden != static_cast<uint32_t>(hidden)) {
+                    done->set_value(transport::make_error(transport::wire_errc::length_mismatch,
+                                                          "link channel: reply segment " + std::to_string(i) + " holds " +
+                                                              std::to_string(n) + " values, the request " +
+                                                              std::to_string(sizes[i])));
+                    return;
+                  }
+                  outs[i]->resize(n);
+                  transport::rows_to_f32(r->segment_rows(i).data(), r->header.dtype, *outs[i]);
                 }
                 done->set_value({});
               });
@@ -83,27 +102,33 @@ transport::request_handler host_request_handler(std::shared_ptr<expert_host_core
   return [core](transport::request req) -> caf::expected<transport::reply> {
     const auto& h = req.header;
     const size_t hidden = h.hidden;
-    std::vector<float> all(static_cast<size_t>(h.total_rows()) * hidden);
-    if (auto e = transport::rows_to_f32(req, all)) return e;
+    if (req.rows.size() != h.payload_bytes())
+      return transport::make_error(transport::wire_errc::length_mismatch,
+                                   "expert host: the request's rows hold " + std::to_string(req.rows.size()) +
+                                       " bytes, its header describes " + std::to_string(h.payload_bytes()));
+    // Each segment's rows are converted straight into its expert's input (the link validated the
+    // frame: the segments lie inside the rows), and each output straight into the reply's segment.
     std::vector<int> experts;
     std::vector<std::vector<float>> in(h.segments.size()), out(h.segments.size());
     std::vector<const std::vector<float>*> ip;
     std::vector<std::vector<float>*> op;
-    size_t off = 0;
     for (size_t i = 0; i < h.segments.size(); ++i) {
       experts.push_back(static_cast<int>(h.segments[i].expert));
-      const size_t n = static_cast<size_t>(h.segments[i].rows) * hidden;
-      in[i].assign(all.begin() + static_cast<std::ptrdiff_t>(off), all.begin() + static_cast<std::ptrdiff_t>(off + n));
-      off += n;
+      in[i].resize(static_cast<size_t>(h.segments[i].rows) * hidden);
+      transport::rows_to_f32(req.segment_rows(i).data(), h.dtype, in[i]);
       ip.push_back(&in[i]);
       op.push_back(&out[i]);
     }
     if (auto e = core->serve(static_cast<int>(h.layer), experts, ip, op)) return e;
-    std::vector<float> flat;
-    flat.reserve(all.size());
-    for (auto& o : out) flat.insert(flat.end(), o.begin(), o.end());
-    auto b = transport::make_batch(h, flat);
+    auto b = transport::make_batch(h);
     if (!b) return b.error();
+    for (size_t i = 0; i < out.size(); ++i) {
+      if (out[i].size() != in[i].size())
+        return transport::make_error(transport::wire_errc::length_mismatch,
+                                     "expert host: expert " + std::to_string(experts[i]) + " answered " +
+                                         std::to_string(out[i].size()) + " values for " + std::to_string(in[i].size()));
+      transport::rows_from_f32(out[i], b->header.dtype, b->segment_rows(i).data());
+    }
     transport::reply r;
     r.header = std::move(b->header);
     r.rows = std::move(b->rows);
