@@ -74,16 +74,17 @@ std::future<caf::error> link_channel::call_async(int layer, uint64_t epoch, std:
                 }
                 // The link checked that the reply answers the request (same segments and rows);
                 // each segment is converted straight into its expert's output.
-                if (r->header.segments.size() != outs.size() || r->rows.size() != r->header.payload_bytes()) {
+                if (r->header.segments.size() != outs.size() || r->header.hidden != static_cast<uint32_t>(hidden) ||
+                    r->rows.size() != r->header.payload_bytes()) {
                   done->set_value(transport::make_error(transport::wire_errc::length_mismatch,
                                                         "link channel: the reply has " + std::to_string(r->header.segments.size()) +
                                                             " segments for " + std::to_string(outs.size()) +
-                                                            " experts, or rows that do not match its header"));
+                                                            " experts, another hidden size, or rows that do not match its header"));
                   return;
                 }
                 for (size_t i = 0; i < outs.size(); ++i) {
                   const size_t n = static_cast<size_t>(r->header.segments[i].rows) * static_cast<size_t>(hidden);
-                  if (n != sizes[i] || r->header.hidden != static_cast<uint32_t>(hidden)) {
+                  if (n != sizes[i]) {
                     done->set_value(transport::make_error(transport::wire_errc::length_mismatch,
                                                           "link channel: reply segment " + std::to_string(i) + " holds " +
                                                               std::to_string(n) + " values, the request " +

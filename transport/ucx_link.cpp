@@ -24,6 +24,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <type_traits>
 #include <unordered_map>
 
 namespace sy::transport {
@@ -150,6 +151,42 @@ ucs_status_t am_send(ucp_ep_h ep, unsigned id, std::unique_ptr<outbound> ob) {
 
 }  // namespace
 
+/// Nodes taken out of a node-based map (`extract`), kept for the next insert so that a map whose
+/// entries come and go once per message allocates nothing in steady state; beyond `max_kept`
+/// nodes (a window of requests in flight) they are freed as usual.
+template <class Map>
+class spare_nodes {
+ public:
+  static constexpr size_t max_kept = 64;
+  /// Inserts (key, value), into a kept node when there is one; returns the entry's iterator.
+  typename Map::iterator insert(Map& m, typename Map::key_type key, typename Map::mapped_type value) {
+    if (nodes_.empty()) {
+      auto r = m.emplace(std::move(key), std::move(value));
+      if constexpr (std::is_same_v<decltype(r), typename Map::iterator>) return r;
+      else return r.first;
+    }
+    auto node = std::move(nodes_.back());
+    nodes_.pop_back();
+    node.key() = std::move(key);
+    node.mapped() = std::move(value);
+    auto r = m.insert(std::move(node));
+    if constexpr (std::is_same_v<decltype(r), typename Map::iterator>) return r;
+    else return r.position;
+  }
+  /// Takes the entry at `it` out of `m`; returns its value, and keeps the node (emptied first, so a
+  /// kept node holds nothing of the value's, such as a callback's captures).
+  typename Map::mapped_type remove(Map& m, typename Map::iterator it) {
+    auto node = m.extract(it);
+    auto value = std::move(node.mapped());
+    node.mapped() = typename Map::mapped_type{};
+    if (nodes_.size() < max_kept) nodes_.push_back(std::move(node));
+    return value;
+  }
+
+ private:
+  std::vector<typename Map::node_type> nodes_;
+};
+
 struct ucx_runtime::impl : std::enable_shared_from_this<ucx_runtime::impl> {
   ucx_runtime_options options;
   ucp_context_h context = nullptr;
@@ -185,24 +222,11 @@ struct ucx_runtime::impl : std::enable_shared_from_this<ucx_runtime::impl> {
   };
   using timer_map = std::multimap<clock::time_point, timer_ref>;
   timer_map timers;
-  std::vector<timer_map::node_type> spare_timers;  // nodes of removed timers, reused (no allocation per call)
+  spare_nodes<timer_map> spare_timers;  // nodes of removed timers, reused (no allocation per call)
   unsigned timer_passes = 0;  // passes since the timers were last looked at
-  /// Most spare nodes kept (of the timers here, of each client's pending calls): beyond a window of
-  /// requests in flight, nodes are freed as usual.
-  static constexpr size_t max_spare_nodes = 64;
 
-  timer_map::iterator add_timer(clock::time_point at, timer_ref ref) {
-    if (spare_timers.empty()) return timers.emplace(at, ref);
-    auto node = std::move(spare_timers.back());
-    spare_timers.pop_back();
-    node.key() = at;
-    node.mapped() = ref;
-    return timers.insert(std::move(node));
-  }
-  void remove_timer(timer_map::iterator it) {
-    auto node = timers.extract(it);
-    if (spare_timers.size() < max_spare_nodes) spare_timers.push_back(std::move(node));
-  }
+  timer_map::iterator add_timer(clock::time_point at, timer_ref ref) { return spare_timers.insert(timers, at, ref); }
+  void remove_timer(timer_map::iterator it) { (void)spare_timers.remove(timers, it); }
   std::vector<void*> closing;  // ep close requests not yet complete
   std::vector<internal::task> running;
 
@@ -555,8 +579,8 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
     bool receiving = false;
   };
   using pending_map = std::unordered_map<uint64_t, pending_call>;
-  pending_map pending;                           // driver only
-  std::vector<pending_map::node_type> spare_pending;  // driver only: nodes of completed calls, reused
+  pending_map pending;                      // driver only
+  spare_nodes<pending_map> spare_pending;   // driver only: nodes of completed calls, reused
 
   struct rx_op {
     std::shared_ptr<state> self;
@@ -581,15 +605,7 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
     }
     auto timer = rt->add_timer(deadline, ucx_runtime::impl::timer_ref{this, id});
     // The header is already encoded into ob->header; the pending call keeps it to check the reply.
-    if (spare_pending.empty()) {
-      pending.emplace(id, pending_call{std::move(cb), std::move(ob->batch.header), timer});
-    } else {
-      auto node = std::move(spare_pending.back());
-      spare_pending.pop_back();
-      node.key() = id;
-      node.mapped() = pending_call{std::move(cb), std::move(ob->batch.header), timer};
-      pending.insert(std::move(node));
-    }
+    spare_pending.insert(pending, id, pending_call{std::move(cb), std::move(ob->batch.header), timer});
     ++rt->awaiting;
     internal::link_counters::bump(counters.requests_sent);
     internal::link_counters::bump(counters.bytes_sent, ob->header.size() + ob->batch.rows.size());
@@ -607,11 +623,8 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
       if (result) internal::link_counters::bump(counters.late_replies);
       return;
     }
-    auto node = pending.extract(it);
-    auto call = std::move(node.mapped());
-    node.mapped() = pending_call{};  // a spare node holds no callback captures (whatever the library's moved-from state)
-    // Kept before the callback runs: a callback that sends the next request reuses the node.
-    if (spare_pending.size() < ucx_runtime::impl::max_spare_nodes) spare_pending.push_back(std::move(node));
+    // The node is kept before the callback runs: a callback that sends the next request reuses it.
+    auto call = spare_pending.remove(pending, it);
     --rt->awaiting;
     rt->remove_timer(call.timer);
     if (result)
