@@ -605,7 +605,12 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
     }
     auto timer = rt->add_timer(deadline, ucx_runtime::impl::timer_ref{this, id});
     // The header is already encoded into ob->header; the pending call keeps it to check the reply.
-    spare_pending.insert(pending, id, pending_call{std::move(cb), std::move(ob->batch.header), timer});
+    try {
+      spare_pending.insert(pending, id, pending_call{std::move(cb), std::move(ob->batch.header), timer});
+    } catch (...) {  // out of memory: no timer may outlive the call it would expire
+      rt->remove_timer(timer);
+      throw;
+    }
     ++rt->awaiting;
     internal::link_counters::bump(counters.requests_sent);
     internal::link_counters::bump(counters.bytes_sent, ob->header.size() + ob->batch.rows.size());
@@ -616,12 +621,12 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
       complete(id, make_error(wire_errc::send_failed, "ucx: sending to " + peer + " failed: " + ucx_text(st)));
   }
 
-  /// Delivers the outcome of request `id` if it is still pending.
-  void complete(uint64_t id, caf::expected<reply> result) {
+  /// Delivers the outcome of request `id` if it is still pending (returns whether it was).
+  bool complete(uint64_t id, caf::expected<reply> result) {
     auto it = pending.find(id);
     if (it == pending.end()) {
       if (result) internal::link_counters::bump(counters.late_replies);
-      return;
+      return false;
     }
     // The node is kept before the callback runs: a callback that sends the next request reuses it.
     auto call = spare_pending.remove(pending, it);
@@ -632,6 +637,7 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
     else
       counters.count_error(result.error());
     call.callback(std::move(result));
+    return true;
   }
 
   void fail_all(const caf::error& err) {
@@ -761,16 +767,20 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
       complete(batch_id, std::move(err));
   }
 
-  void expire(uint64_t id) {
-    complete(id, make_error(wire_errc::timeout,
-                            "ucx: no reply from " + peer + " for batch " + std::to_string(id) + " in time"));
+  /// Fails request `id` with a timeout; false when no such call is pending (its timer stays).
+  bool expire(uint64_t id) {
+    return complete(id, make_error(wire_errc::timeout,
+                                   "ucx: no reply from " + peer + " for batch " + std::to_string(id) + " in time"));
   }
 };
 
 void ucx_runtime::impl::fire_timers(clock::time_point now) {
   while (!timers.empty() && timers.begin()->first <= now) {
-    auto ref = timers.begin()->second;
-    ref.client->expire(ref.batch_id);  // erases the timer
+    const auto it = timers.begin();
+    const auto ref = it->second;
+    // Completing the call erases its timer; a timer with no call behind it is dropped here, or
+    // this loop would never end.
+    if (!ref.client->expire(ref.batch_id)) remove_timer(it);
   }
 }
 
