@@ -120,6 +120,31 @@ __global__ void fill_kernel(bf16* out, int64_t n, uint64_t seed, float scale) {
   }
 }
 
+/// One piece of a pure weight read (the benchmarks' same-bytes baseline): `n` 16-byte words at `p`.
+struct read_chunk {
+  const uint4* p;
+  int n;
+};
+/// 16-byte words per chunk: 64 KiB, so a chunk is a few iterations of a block of 256 threads.
+constexpr int read_chunk_words = 4096;
+
+/// Reads every word of `chunks` chunks once (streaming loads, four in flight per thread) and folds
+/// them into a value that is written only if it hits an unlikely constant, so no load is dead code.
+__global__ void __launch_bounds__(256) read_chunks_kernel(const read_chunk* __restrict__ c, int chunks, unsigned* sink) {
+  unsigned acc = 0;
+  for (int k = blockIdx.x; k < chunks; k += gridDim.x) {
+    const read_chunk ch = c[k];
+    for (int i = threadIdx.x; i < ch.n; i += 4 * 256) {
+      uint4 v[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[j] = i + j * 256 < ch.n ? __ldcs(ch.p + i + j * 256) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
+    }
+  }
+  if (acc == 0x9e3779b9u) atomicAdd(sink, 1u);
+}
+
 constexpr int max_experts = 512;
 constexpr int max_groups = 64;
 
@@ -593,18 +618,29 @@ __device__ void route_small(const float* logits, const float* bias, const gate_p
     s_cnt[e] = c;
   }
   __syncthreads();
-  if (tid == 0) {
+  if (warp == 0) {  // the work list: a warp-wide scan over 32 experts at a time, in ascending id order
+    const int lane = tid & 31;
     int rows = 0, na = 0;
-    for (int e = 0; e < gp.experts; ++e)
-      if (s_cnt[e] > 0) {
-        act[na] = e;
-        start[na] = rows;
-        cnt[na] = s_cnt[e];
-        s_start[e] = rows;
-        rows += s_cnt[e];
-        ++na;
+    for (int base = 0; base < gp.experts; base += 32) {
+      const int e = base + lane;
+      const int c = e < gp.experts ? s_cnt[e] : 0;
+      int incl = c;  // inclusive prefix sum of the rows over the lanes
+      for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
       }
-    *n_act = na;
+      const unsigned live = __ballot_sync(0xffffffffu, c > 0);
+      if (c > 0) {
+        const int a = na + __popc(live & ((1u << lane) - 1u)), r = rows + incl - c;
+        act[a] = e;
+        start[a] = r;
+        cnt[a] = c;
+        s_start[e] = r;
+      }
+      rows += __shfl_sync(0xffffffffu, incl, 31);
+      na += __popc(live);
+    }
+    if (lane == 0) *n_act = na;
   }
   __syncthreads();
   for (int i = tid; i < n; i += bd) {
@@ -621,10 +657,14 @@ __device__ void route_small(const float* logits, const float* bias, const gate_p
   }
 }
 
-/// Router logits and routing of a small step in one launch: each warp computes one expert's
-/// logits for the t ≤ R tokens in fp32 (router rows streamed once), and the block that finishes
-/// last (a device-wide counter, reset for the next launch) runs `route_small` on all of them.
-/// blockDim.x = 32 · gemv_max_rows.
+/// Warps per expert of the small-step router logits: each reads an interleaved quarter of the
+/// expert's router row, so a row of 2048 floats is four loads per lane, all in flight at once.
+constexpr int router_split = 4;
+
+/// Router logits and routing of a small step in one launch: `router_split` warps compute one
+/// expert's logits for the t ≤ R tokens in fp32 (router rows streamed once), and the block that
+/// finishes last (a device-wide counter, reset for the next launch) runs `route_small` on all of
+/// them. blockDim.x = 32 · gemv_max_rows, gemv_max_rows / router_split experts per block.
 template <int R>
 __global__ void __launch_bounds__(32 * gemv_max_rows) router_route_small_kernel(
     const float* __restrict__ x, int h, const float* __restrict__ router, const float* bias, gate_params gp, int t,
@@ -632,7 +672,10 @@ __global__ void __launch_bounds__(32 * gemv_max_rows) router_route_small_kernel(
     int* cnt, int* row_tok) {
   pdl_trigger();
   pdl_wait();
-  const int lane = threadIdx.x & 31, e = blockIdx.x * gemv_max_rows + (threadIdx.x >> 5);
+  static_assert(gemv_max_rows % router_split == 0);
+  __shared__ float s_part[gemv_max_rows][R];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, part = warp % router_split;
+  const int e = blockIdx.x * (gemv_max_rows / router_split) + warp / router_split;
   if (e < gp.experts) {
     const float* w = router + int64_t(e) * h;
     float acc[R];
@@ -641,7 +684,7 @@ __global__ void __launch_bounds__(32 * gemv_max_rows) router_route_small_kernel(
     // Rows past t repeat the last one (their sums are dropped), so every load is unconditional and
     // an iteration's loads are all in flight together: this kernel has few warps to hide latency.
 #pragma unroll 4
-    for (int c = lane * 4; c < h; c += 128) {
+    for (int c = (part * 32 + lane) * 4; c < h; c += 128 * router_split) {
       const float4 wv = __ldg(reinterpret_cast<const float4*>(w + c));
       float4 xv[R];
 #pragma unroll
@@ -651,10 +694,15 @@ __global__ void __launch_bounds__(32 * gemv_max_rows) router_route_small_kernel(
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      if (r >= t) break;
       for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
-      if (lane == 0) logits[int64_t(r) * gp.experts + e] = acc[r];
+      if (lane == 0) s_part[warp][r] = acc[r];
     }
+  }
+  __syncthreads();
+  if (e < gp.experts && part == 0 && lane < t && lane < R) {  // the warp's quarters, summed in a fixed order
+    float v = 0.0f;
+    for (int q = 0; q < router_split; ++q) v += s_part[warp + q][lane];
+    logits[int64_t(lane) * gp.experts + e] = v;
   }
   // The last block to finish sees every block's logits.
   __shared__ bool last;
@@ -1130,6 +1178,11 @@ struct gpu_moe_layer::impl {
   int last_active = 0;
   size_t last_bytes = 0;
   bool stats_on_device = false;  // the last forward's active-expert count is still on the device
+  bool last_gemv = false;        // the last forward took the GEMV path (its expert list is on the device)
+  std::vector<int> last_ids;     // otherwise: the local experts it used
+  static constexpr int read_tables = 4;
+  dbuf read_tab[read_tables], sink;  // the same-bytes read baseline's chunk tables
+  int read_chunks[read_tables] = {};
   cudaEvent_t ev[2] = {nullptr, nullptr};  // around each forward while timing is on
   bool timing = false, timed = false;
   ~impl() {
@@ -1242,7 +1295,8 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
     SY_TRY(s.row_tok.reserve(static_cast<size_t>(n) * 4));
     SY_TRY(s.yo32.reserve(static_cast<size_t>(n * h) * 4));
     // Router logits in fp32 (no TF32), so expert choices match the CPU's; routing in the same launch.
-    const unsigned blocks = static_cast<unsigned>((e + gemv_max_rows - 1) / gemv_max_rows);
+    constexpr int per_block = gemv_max_rows / router_split;  // experts per block of the router logits
+    const unsigned blocks = static_cast<unsigned>((e + per_block - 1) / per_block);
     auto launch = [&](auto kernel) {
       return launch_k(eng.tuning.pdl, kernel, dim3(blocks), dim3(32 * gemv_max_rows), eng.stream, x, static_cast<int>(h),
                       s.router.as<float>(), s.bias.p ? s.bias.as<float>() : nullptr, gp, static_cast<int>(t),
@@ -1260,6 +1314,7 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
                    dim3(256), eng.stream, s.yo32.as<const float>(), s.pos.as<const int>(), s.w.as<const float>(),
                    static_cast<int>(k), h, y)));
     s.stats_on_device = true;
+    s.last_gemv = true;
     return {};
   }
   s.stats_on_device = false;
@@ -1297,6 +1352,8 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
   }
   s.last_active = static_cast<int>(ids.size());
   s.last_bytes = ids.size() * static_cast<size_t>(3 * h * eng.ffn) * 2;
+  s.last_gemv = false;
+  s.last_ids = ids;
   if (padded) {  // the stream is idle: growing the buffers is safe
     SY_TRY(s.xs.reserve(static_cast<size_t>(rows * h) * 2));
     SY_TRY(s.yo.reserve(static_cast<size_t>(rows * h) * 2));
@@ -1381,6 +1438,56 @@ int gpu_moe_layer::last_active_experts() const {
 size_t gpu_moe_layer::last_weight_bytes() const {
   settle_stats(*impl_);
   return impl_->last_bytes;
+}
+
+caf::expected<size_t> gpu_moe_layer::prepare_read_baseline(int table) {
+  auto& s = *impl_;
+  auto& eng = s.engine;
+  if (table < 0 || table >= impl::read_tables)
+    return make_error(model_errc::invalid_argument, "gpu layer: read baseline table " + std::to_string(table));
+  SY_CU(cudaSetDevice(eng.device));
+  SY_CU(cudaStreamSynchronize(eng.stream));
+  std::vector<int> ids = s.last_ids;
+  if (s.last_gemv) {
+    int na = 0;
+    SY_CU(cudaMemcpy(&na, s.n_act.p, sizeof na, cudaMemcpyDeviceToHost));
+    ids.assign(static_cast<size_t>(std::max(na, 0)), 0);
+    if (na > 0) SY_CU(cudaMemcpy(ids.data(), s.act.p, ids.size() * sizeof(int), cudaMemcpyDeviceToHost));
+  }
+  std::vector<read_chunk> chunks;
+  size_t bytes = 0;
+  auto add = [&](const dbuf& m, size_t len) {
+    const auto* p = m.as<const uint4>();
+    const int64_t words = static_cast<int64_t>(len / 16);
+    for (int64_t i = 0; i < words; i += read_chunk_words)
+      chunks.push_back({p + i, static_cast<int>(std::min<int64_t>(read_chunk_words, words - i))});
+    bytes += len;
+  };
+  const size_t mat = static_cast<size_t>(eng.hidden * eng.ffn) * 2;  // one [F, H] matrix in bf16
+  for (int id : ids) {
+    const auto& w = *eng.experts.at(id);
+    add(w.gate_up, 2 * mat);
+    add(w.down, mat);
+  }
+  SY_TRY(s.read_tab[table].reserve(std::max<size_t>(chunks.size(), 1) * sizeof(read_chunk)));
+  SY_TRY(s.sink.reserve(sizeof(unsigned)));
+  if (!chunks.empty())
+    SY_CU(cudaMemcpy(s.read_tab[table].p, chunks.data(), chunks.size() * sizeof(read_chunk), cudaMemcpyHostToDevice));
+  s.read_chunks[table] = static_cast<int>(chunks.size());
+  return bytes;
+}
+
+caf::error gpu_moe_layer::read_baseline(int table, int blocks_per_sm) {
+  auto& s = *impl_;
+  if (table < 0 || table >= impl::read_tables || s.read_chunks[table] == 0) return {};
+  int sms = 0;
+  SY_CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, s.engine.device));
+  const int n = s.read_chunks[table];
+  const int grid = blocks_per_sm > 0 ? std::min(n, sms * blocks_per_sm) : n;
+  read_chunks_kernel<<<static_cast<unsigned>(grid), 256, 0, s.engine.stream>>>(s.read_tab[table].as<read_chunk>(), n,
+                                                                               s.sink.as<unsigned>());
+  SY_CU(cudaGetLastError());
+  return {};
 }
 
 caf::expected<float*> gpu_moe_layer::device_alloc(size_t elems) {

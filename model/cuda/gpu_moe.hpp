@@ -121,6 +121,14 @@ class gpu_moe_layer {
   [[nodiscard]] int last_active_experts() const;
   [[nodiscard]] size_t last_weight_bytes() const;
 
+  /// The benchmarks' same-bytes baseline: `prepare_read_baseline(i)` (waits for the stream) records
+  /// in table i (0-3) the weight matrices of the local experts the last forward used and returns
+  /// their bytes; `read_baseline(i, b)` then launches, asynchronously on the layer's stream, one
+  /// kernel that only reads those bytes once (b blocks of 256 threads per SM, 0 = one per 64 KiB):
+  /// what any implementation spends at least on the same weights, timed the same way.
+  [[nodiscard]] caf::expected<size_t> prepare_read_baseline(int table);
+  [[nodiscard]] caf::error read_baseline(int table, int blocks_per_sm);
+
   /// Device scratch for benchmarks: f32 buffers of `elems` elements.
   [[nodiscard]] caf::expected<float*> device_alloc(size_t elems);
   [[nodiscard]] caf::error upload(float* dst, const float* src, size_t elems);
