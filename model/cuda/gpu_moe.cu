@@ -347,6 +347,11 @@ __device__ __forceinline__ void bf16x8(const uint4& v, float (&f)[8]) {
   }
 }
 
+/// A weight load of the GEMV kernels: streaming (evict-first, `ld.global.cs`), since each weight
+/// byte is read once per step; measured on an H200 against `__ldg` and an L2::256B-prefetch
+/// non-coherent load (docs/benchmarks.md, 2026-12-03): 10% faster at 8 tokens of Qwen3.
+__device__ __forceinline__ uint4 load_weights(const uint4* p) { return __ldcs(p); }
+
 /// acc[q][r] = Σ_c W_q[c] · X_r[c] over rows of length `len` (a multiple of 8), for the first `cnt`
 /// of R ≥ cnt input rows (R is a compile-time bound, so the accumulators stay in registers and a
 /// one-row step keeps the kernel small enough for high occupancy): each lane streams
@@ -364,7 +369,7 @@ __device__ __forceinline__ void warp_dots(const bf16* const (&w)[NW], const floa
   for (int c = lane * 8; c < len; c += 256) {
     uint4 raw[NW];
 #pragma unroll
-    for (int q = 0; q < NW; ++q) raw[q] = __ldg(reinterpret_cast<const uint4*>(w[q] + c));
+    for (int q = 0; q < NW; ++q) raw[q] = load_weights(reinterpret_cast<const uint4*>(w[q] + c));
     float wf[NW][8];
 #pragma unroll
     for (int q = 0; q < NW; ++q) bf16x8(raw[q], wf[q]);
@@ -803,8 +808,9 @@ struct expert_engine {
   /// Whether the GEMV kernels take these shapes (16-byte loads along rows of H and F).
   bool gemv_shapes() const { return hidden % 8 == 0 && ffn % 8 == 0; }
   /// Few large experts (Mixtral-like: ≤ 16 of ≥ 16M weights per matrix) favour cuBLAS's kernels
-  /// from about two rows per expert on; many small ones favour the GEMV path up to 8 (measured on
-  /// an H100, docs/benchmarks.md).
+  /// above two rows per expert on average; many small ones favour the GEMV path up to 8 (measured
+  /// on an H200 with streaming weight loads, docs/benchmarks.md: Mixtral's 5-8 tokens, 2 rows per
+  /// expert, 0.50-0.74 ms by GEMV against 0.57-0.81 grouped; above 8 tokens GEMV is not built).
   bool few_large(size_t experts_active) const {
     return experts_active <= 16 && 2 * ffn * hidden >= (int64_t{16} << 20);
   }
@@ -812,7 +818,7 @@ struct expert_engine {
   bool use_gemv(int most, int64_t rows, size_t groups) const {
     if (mode == gemm_mode::grouped || mode == gemm_mode::per_expert || mode == gemm_mode::padded) return false;
     if (most > gemv_max_rows || !gemv_shapes()) return false;
-    return mode == gemm_mode::gemv || !few_large(groups) || rows <= static_cast<int64_t>(groups);
+    return mode == gemm_mode::gemv || !few_large(groups) || rows <= 2 * static_cast<int64_t>(groups);
   }
 
   /// The GEMV path on the work list `wk` (at most `max_act` experts, `rows` rows of at most
@@ -823,19 +829,22 @@ struct expert_engine {
     SY_TRY(tables());
     SY_TRY(hmid.reserve(static_cast<size_t>(rows * ffn) * 4));
     last = gemm_mode::gemv;
-    if (max_rows <= 1) return gemv_rows<1>(x, wk, max_act, y);
-    if (max_rows <= 2) return gemv_rows<2>(x, wk, max_act, y);
-    if (max_rows <= 4) return gemv_rows<4>(x, wk, max_act, y);
-    return gemv_rows<gemv_max_rows>(x, wk, max_act, y);
+    if (max_rows <= 1) return gemv_rows<1>(x, wk, max_act, rows, y);
+    if (max_rows <= 2) return gemv_rows<2>(x, wk, max_act, rows, y);
+    if (max_rows <= 4) return gemv_rows<4>(x, wk, max_act, rows, y);
+    return gemv_rows<gemv_max_rows>(x, wk, max_act, rows, y);
   }
 
   template <int R>
-  caf::error gemv_rows(const float* x, const gemv_work& wk, int max_act, float* y) {
+  caf::error gemv_rows(const float* x, const gemv_work& wk, int max_act, int64_t rows, float* y) {
     // Rows per warp when the tuning leaves them open (0), by the largest row count R: the best
-    // of the sweep on an H200 (bench_gpu_moe --gemv-sweep, Mixtral and Qwen3 shapes; at R = 8
-    // measured with the kernels' 128-register cap, where 8 down rows per warp lost to 4).
-    const int gu = tuning.gate_up_rows != 0 ? tuning.gate_up_rows : (R == 1 || R == 8 ? 8 : 4);
-    const int dn = tuning.down_rows != 0 ? tuning.down_rows : (R <= 2 ? 2 : 4);
+    // of the sweep on an H200 (bench_gpu_moe --gemv-sweep, Mixtral and Qwen3 shapes, streaming
+    // weight loads, the kernels' 128-register cap at R = 8). At R = 8 it depends on whether some
+    // expert must get several rows (more rows than expert slots: Mixtral's 8 tokens, 4 and 4 per
+    // warp) or most get one or two (Qwen3's 8 tokens over 128 experts: 8 and 8).
+    const bool crowded = rows > static_cast<int64_t>(max_act);
+    const int gu = tuning.gate_up_rows != 0 ? tuning.gate_up_rows : (R == 8 && !crowded ? 8 : 4);
+    const int dn = tuning.down_rows != 0 ? tuning.down_rows : (R == 2 ? 2 : R == 8 && !crowded ? 8 : 4);
     SY_TRY((gu == 8 ? gemv_gate_up<8, R>(x, wk, max_act) : gemv_gate_up<4, R>(x, wk, max_act)));
     switch (dn) {
       case 4: return gemv_down<4, R>(wk, max_act, y);
