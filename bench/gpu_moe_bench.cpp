@@ -21,6 +21,7 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -136,6 +137,14 @@ int main(int argc, char** argv) {
         variants.push_back({gpu::gemm_mode::gemv, {0, 0, false, split}, std::string("gemv/auto") + (split ? ".split" : "") + ".nopdl"});
       }
     }
+    // Input set i of t tokens (the same seed for the same i), in and out buffers on the device.
+    auto device_io = [&](int64_t t, int i) -> std::optional<std::pair<float*, float*>> {
+      auto x = randv(size_t(t * s.hidden), 7 + i, 1.0f);
+      auto dx = (*layer)->device_alloc(x.size());
+      auto dy = (*layer)->device_alloc(x.size());
+      if (!dx || !dy || (*layer)->upload(*dx, x.data(), x.size())) return std::nullopt;
+      return std::pair{*dx, *dy};
+    };
     std::map<int64_t, std::pair<double, double>> auto_ms_bytes;  // `auto` at each token count: median ms, mean bytes
     for (int64_t t : tokens)
      for (const auto& v : variants) {
@@ -147,15 +156,13 @@ int main(int argc, char** argv) {
       constexpr int sets = 3;
       std::vector<float*> xs, ys;
       for (int i = 0; i < sets; ++i) {
-        auto x = randv(size_t(t * s.hidden), 7 + i, 1.0f);
-        auto dx = (*layer)->device_alloc(x.size());
-        auto dy = (*layer)->device_alloc(x.size());
-        if (!dx || !dy || (*layer)->upload(*dx, x.data(), x.size())) {
+        auto io = device_io(t, i);
+        if (!io) {
           std::printf("error: device allocation failed\n");
           return 1;
         }
-        xs.push_back(*dx);
-        ys.push_back(*dy);
+        xs.push_back(io->first);
+        ys.push_back(io->second);
       }
       for (int i = 0; i < 3; ++i)
         if (auto e = (*layer)->forward_device(xs[size_t(i % sets)], t, ys[size_t(i % sets)])) {
@@ -218,14 +225,12 @@ int main(int argc, char** argv) {
       constexpr int tables = 3;  // three routings, rotated like the forward's inputs
       std::vector<size_t> tbytes;
       for (int i = 0; i < tables; ++i) {
-        auto x = randv(size_t(t * s.hidden), 7 + i, 1.0f);
-        auto dx = (*layer)->device_alloc(x.size());
-        auto dy = (*layer)->device_alloc(x.size());
-        if (!dx || !dy || (*layer)->upload(*dx, x.data(), x.size())) {
+        auto io = device_io(t, i);
+        if (!io) {
           std::printf("error: device allocation failed\n");
           return 1;
         }
-        if (auto e = (*layer)->forward_device(*dx, t, *dy)) {
+        if (auto e = (*layer)->forward_device(io->first, t, io->second)) {
           std::printf("error: %s\n", m::describe(e).c_str());
           return 1;
         }

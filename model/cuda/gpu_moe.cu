@@ -1187,11 +1187,12 @@ struct gpu_moe_layer::impl {
   int last_active = 0;
   size_t last_bytes = 0;
   bool stats_on_device = false;  // the last forward's active-expert count is still on the device
-  bool last_gemv = false;        // the last forward took the GEMV path (its expert list is on the device)
-  std::vector<int> last_ids;     // otherwise: the local experts it used
+  bool last_gemv = false;  // the last forward took the GEMV path (its expert list is on the device,
+                           // otherwise its per-expert counts are in counts_host)
   static constexpr int read_tables = 4;
   dbuf read_tab[read_tables], sink;  // the same-bytes read baseline's chunk tables
   int read_chunks[read_tables] = {};
+  int sms = 0;  // the device's SMs (sizes the read baseline's grid)
   cudaEvent_t ev[2] = {nullptr, nullptr};  // around each forward while timing is on
   bool timing = false, timed = false;
   ~impl() {
@@ -1362,7 +1363,6 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
   s.last_active = static_cast<int>(ids.size());
   s.last_bytes = ids.size() * static_cast<size_t>(3 * h * eng.ffn) * 2;
   s.last_gemv = false;
-  s.last_ids = ids;
   if (padded) {  // the stream is idle: growing the buffers is safe
     SY_TRY(s.xs.reserve(static_cast<size_t>(rows * h) * 2));
     SY_TRY(s.yo.reserve(static_cast<size_t>(rows * h) * 2));
@@ -1456,8 +1456,11 @@ caf::expected<size_t> gpu_moe_layer::prepare_read_baseline(int table) {
     return make_error(model_errc::invalid_argument, "gpu layer: read baseline table " + std::to_string(table));
   SY_CU(cudaSetDevice(eng.device));
   SY_CU(cudaStreamSynchronize(eng.stream));
-  std::vector<int> ids = s.last_ids;
-  if (s.last_gemv) {
+  std::vector<int> ids;
+  if (!s.last_gemv) {
+    for (int e = 0; e < s.gating.num_experts; ++e)
+      if (s.counts_host.as<int>()[e] > 0) ids.push_back(e);  // as the forward listed them
+  } else {
     int na = 0;
     SY_CU(cudaMemcpy(&na, s.n_act.p, sizeof na, cudaMemcpyDeviceToHost));
     ids.assign(static_cast<size_t>(std::max(na, 0)), 0);
@@ -1483,16 +1486,15 @@ caf::expected<size_t> gpu_moe_layer::prepare_read_baseline(int table) {
   if (!chunks.empty())
     SY_CU(cudaMemcpy(s.read_tab[table].p, chunks.data(), chunks.size() * sizeof(read_chunk), cudaMemcpyHostToDevice));
   s.read_chunks[table] = static_cast<int>(chunks.size());
+  SY_CU(cudaDeviceGetAttribute(&s.sms, cudaDevAttrMultiProcessorCount, eng.device));
   return bytes;
 }
 
 caf::error gpu_moe_layer::read_baseline(int table, int blocks_per_sm) {
   auto& s = *impl_;
   if (table < 0 || table >= impl::read_tables || s.read_chunks[table] == 0) return {};
-  int sms = 0;
-  SY_CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, s.engine.device));
   const int n = s.read_chunks[table];
-  const int grid = blocks_per_sm > 0 ? std::min(n, sms * blocks_per_sm) : n;
+  const int grid = blocks_per_sm > 0 ? std::min(n, s.sms * blocks_per_sm) : n;
   read_chunks_kernel<<<static_cast<unsigned>(grid), 256, 0, s.engine.stream>>>(s.read_tab[table].as<read_chunk>(), n,
                                                                                s.sink.as<unsigned>());
   SY_CU(cudaGetLastError());
