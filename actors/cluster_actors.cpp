@@ -461,8 +461,11 @@ caf::behavior coordinator_actor(caf::stateful_actor<coordinator_state>* self, mo
         ++st.placement.epoch;
         spdlog::info("coordinator: host {} ready; placement epoch {}", host, st.placement.epoch);
         broadcast(self);
-        if (st.recovering &&
-            std::all_of(st.hosts.begin(), st.hosts.end(), [](const host_info& h) { return h.up; }))
+        // Back means registered and ready: a host that has registered but not yet answered its
+        // assignment would count as holding nothing, and ending recovery then would re-place all
+        // of its experts elsewhere.
+        if (st.recovering && std::all_of(st.hosts.begin(), st.hosts.end(), [](const host_info& h) { return h.up; }) &&
+            st.placement.all_ready())
           end_recovery(self, "every host is back");
       },
       [self](recovery_timeout_atom) { end_recovery(self, "the wait ran out"); },

@@ -19,6 +19,14 @@ bool placement_table::complete(const std::vector<host_info>& hosts) const {
   return true;
 }
 
+bool placement_table::all_ready() const {
+  for (const auto& layer : table)
+    for (const auto& rs : layer)
+      for (const auto& r : rs)
+        if (!r.ready) return false;
+  return true;
+}
+
 std::vector<std::pair<int, int>> placement_table::assigned_to(int host) const {
   std::vector<std::pair<int, int>> out;
   for (int l = 0; l < layers; ++l)

@@ -34,6 +34,8 @@ struct placement_table {
 
   /// Every expert of every sparse layer has a ready replica on a host that is up.
   [[nodiscard]] bool complete(const std::vector<host_info>& hosts) const;
+  /// Every replica in the table is ready (its host has loaded it).
+  [[nodiscard]] bool all_ready() const;
   /// (layer, expert) pairs assigned to `host`.
   [[nodiscard]] std::vector<std::pair<int, int>> assigned_to(int host) const;
 };
