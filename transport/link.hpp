@@ -45,12 +45,14 @@ struct link_stats {
 };
 
 /// Receives a request's outcome. Runs on the link's thread (see each implementation): keep it short
-/// and do not block in it. Must not throw.
+/// and do not block in it. Must not throw: on the UCX link one that throws ends the process
+/// (std::terminate), whichever thread was driving; see ucx_link.cpp, `pass`.
 using reply_callback = std::function<void(caf::expected<reply>)>;
 
 /// Computes the reply to a request. The link stamps the request's batch id, epoch and layer on the
 /// reply, so the handler only fills segments, dtype, hidden size and rows; returning an error sends
-/// an error frame carrying it. May run on a worker thread of the server; must not throw.
+/// an error frame carrying it. May run on a worker thread of the server; must not throw (return
+/// an error instead: on the UCX link a handler that throws ends the process).
 using request_handler = std::function<caf::expected<reply>(request)>;
 
 /// The client end of a link to one server.

@@ -125,7 +125,7 @@ struct outbound {
   }
 };
 
-void send_done(void* request, ucs_status_t status, void* user_data) {
+void send_done(void* request, ucs_status_t status, void* user_data) noexcept {
   auto* ob = static_cast<outbound*>(user_data);
   if (status != UCS_OK && ob->owner) ob->owner->on_send_failed(ob->batch_id, status);
   delete ob;
@@ -237,7 +237,15 @@ struct ucx_runtime::impl : std::enable_shared_from_this<ucx_runtime::impl> {
   void post(internal::task t);
   /// One turn: queued tasks, worker progress, close requests, timers. Returns whether anything
   /// happened. Only the driver calls it.
-  bool pass();
+  ///
+  /// Nothing may leave it by an exception, whichever thread drives: callbacks and handlers must
+  /// not throw (link.hpp), and one that does (or an allocation failing in the runtime's own
+  /// bookkeeping) ends the process here, as it would on the progress thread. The alternative is
+  /// worse: an exception leaving a waiting caller's pass would skip releasing `drive_mu` and the
+  /// driver count (the worker then has no driver, ever), unwind through UCX's C frames, and leave
+  /// that caller's pending callback pointing into a stack frame that is gone. A dead process is
+  /// found at once by its peers and the coordinator; a wedged one only by timeouts.
+  bool pass() noexcept;
   bool drives() const { return driver.load(std::memory_order_relaxed) == std::this_thread::get_id(); }
   bool try_drive() {
     if (!drive_mu.try_lock()) return false;
@@ -282,7 +290,7 @@ struct ucx_runtime::impl : std::enable_shared_from_this<ucx_runtime::impl> {
   void poll_closing();
 
   static ucs_status_t on_am(void* arg, const void* header, size_t header_length, void* data, size_t length,
-                            const ucp_am_recv_param_t* param, unsigned am_id) {
+                            const ucp_am_recv_param_t* param, unsigned am_id) noexcept {
     auto* rt = static_cast<impl*>(arg);
     if (!(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) || param->reply_ep == nullptr) {
       rt->unattributed.fetch_add(1, std::memory_order_relaxed);
@@ -297,13 +305,13 @@ struct ucx_runtime::impl : std::enable_shared_from_this<ucx_runtime::impl> {
     return owner->on_frame(am_id, {static_cast<const std::byte*>(header), header_length}, data, length,
                            param->recv_attr);
   }
-  static ucs_status_t on_am_request(void* arg, const void* h, size_t hl, void* d, size_t l, const ucp_am_recv_param_t* p) {
+  static ucs_status_t on_am_request(void* arg, const void* h, size_t hl, void* d, size_t l, const ucp_am_recv_param_t* p) noexcept {
     return on_am(arg, h, hl, d, l, p, am_id_request);
   }
-  static ucs_status_t on_am_reply(void* arg, const void* h, size_t hl, void* d, size_t l, const ucp_am_recv_param_t* p) {
+  static ucs_status_t on_am_reply(void* arg, const void* h, size_t hl, void* d, size_t l, const ucp_am_recv_param_t* p) noexcept {
     return on_am(arg, h, hl, d, l, p, am_id_reply);
   }
-  static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t status) {
+  static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t status) noexcept {
     auto* rt = static_cast<impl*>(arg);
     auto it = rt->owners.find(ep);
     if (it == rt->owners.end()) return;
@@ -445,7 +453,7 @@ void ucx_runtime::impl::poll_closing() {
   }
 }
 
-bool ucx_runtime::impl::pass() {
+bool ucx_runtime::impl::pass() noexcept {
   bool active = false;
   if (has_tasks.load()) {
     {
@@ -733,7 +741,7 @@ struct ucx_client::state final : ep_owner, std::enable_shared_from_this<ucx_clie
     return UCS_OK;
   }
 
-  static void on_rx_done(void* request, ucs_status_t status, size_t /*length*/, void* user_data) {
+  static void on_rx_done(void* request, ucs_status_t status, size_t /*length*/, void* user_data) noexcept {
     auto* rx = static_cast<rx_op*>(user_data);
     rx->self->finish_rx(rx, status);
     delete rx;
@@ -790,7 +798,7 @@ struct flush_wait {
   std::promise<ucs_status_t> done;
 };
 
-void flush_done(void* request, ucs_status_t status, void* user_data) {
+void flush_done(void* request, ucs_status_t status, void* user_data) noexcept {
   auto* w = static_cast<std::shared_ptr<flush_wait>*>(user_data);
   (*w)->done.set_value(status);
   delete w;
@@ -916,16 +924,19 @@ caf::expected<reply> ucx_client::call_sync(request req, std::chrono::millisecond
   bool work = true;  // whether the worker has work left for the progress thread when we leave
   while (!out->ready.load()) {
     if (wants_to_drive && rt->try_drive()) {
-      if (ob) state_->start(std::move(ob), std::move(cb), deadline);  // ob and cb go together, once
-      idle_watch idle;
-      while (!out->ready.load()) {
-        if (rt->pass()) {
-          idle.active();
-        } else if (auto idle_for = idle.idle(); idle_for && *idle_for > rt->options.spin_awaiting) {
-          wants_to_drive = false;  // a slow reply: stop burning this core, let the progress thread watch
-          break;
+      // noexcept for the same reason as pass(): nothing may leave while this thread holds the worker.
+      [&]() noexcept {
+        if (ob) state_->start(std::move(ob), std::move(cb), deadline);  // ob and cb go together, once
+        idle_watch idle;
+        while (!out->ready.load()) {
+          if (rt->pass()) {
+            idle.active();
+          } else if (auto idle_for = idle.idle(); idle_for && *idle_for > rt->options.spin_awaiting) {
+            wants_to_drive = false;  // a slow reply: stop burning this core, let the progress thread watch
+            break;
+          }
         }
-      }
+      }();
       work = rt->stop_driving();
       if (!wants_to_drive) {
         rt->callers_driving.fetch_sub(1);
@@ -988,7 +999,7 @@ struct ucx_server::state {
   std::unordered_map<server_conn*, std::shared_ptr<server_conn>> conns;  // driver only
   std::weak_ptr<state> self;  // lets the listener callback hand connections a shared owner
 
-  static void on_conn_request(ucp_conn_request_h req, void* arg);
+  static void on_conn_request(ucp_conn_request_h req, void* arg) noexcept;
 };
 
 namespace {
@@ -1093,7 +1104,7 @@ struct server_conn final : ep_owner, std::enable_shared_from_this<server_conn> {
     return UCS_OK;
   }
 
-  static void on_rx_done(void* request, ucs_status_t status, size_t /*length*/, void* user_data) {
+  static void on_rx_done(void* request, ucs_status_t status, size_t /*length*/, void* user_data) noexcept {
     auto* rx = static_cast<rx_op*>(user_data);
     if (status == UCS_OK)
       rx->self->dispatch(std::move(rx->req));
@@ -1161,7 +1172,7 @@ struct server_conn final : ep_owner, std::enable_shared_from_this<server_conn> {
 
 }  // namespace
 
-void ucx_server::state::on_conn_request(ucp_conn_request_h req, void* arg) {
+void ucx_server::state::on_conn_request(ucp_conn_request_h req, void* arg) noexcept {
   auto* s = static_cast<state*>(arg);
   if (s->stopped.load()) {
     ucp_listener_reject(s->listener, req);

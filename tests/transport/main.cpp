@@ -11,5 +11,6 @@ int main(int argc, char** argv) {
   ::setenv("UCX_NET_DEVICES", "lo", 0);
   if (argc > 1 && std::strcmp(argv[1], "--child-server") == 0)
     return sy::transport::test::child_server_main(argc, argv);
+  if (argc > 1 && std::strcmp(argv[1], "--child-throwing-callback") == 0) return sy::transport::test::throwing_callback_main();
   return Catch::Session().run(argc, argv);
 }

@@ -12,7 +12,10 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <random>
+#include <stdexcept>
 #include <signal.h>
+#include <sys/resource.h>
+#include <thread>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -168,6 +171,39 @@ int child_server_main(int argc, char** argv) {
   while (::read(4, &c, 1) > 0) {
   }
   // The control pipe closed: leave without waiting for blocked handlers.
+  ::_exit(0);
+}
+
+int throwing_callback_main() {
+  const rlimit no_core{0, 0};
+  ::setrlimit(RLIMIT_CORE, &no_core);  // the expected abort leaves no core file behind
+  auto server_rt = ucx_runtime::make();
+  // The waiting caller keeps driving its runtime (no hand-back to the progress thread), so the
+  // throwing callback runs on the caller's thread, inside call_sync.
+  ucx_runtime_options co;
+  co.spin_awaiting = std::chrono::seconds(10);
+  auto client_rt = ucx_runtime::make(co);
+  if (!server_rt || !client_rt) return 2;
+  ucx_server_options so;
+  so.workers = 2;
+  auto server = ucx_server::make(*server_rt, [](request req) -> caf::expected<reply> {
+    std::this_thread::sleep_for(std::chrono::milliseconds(req.header.layer == 1 ? 50 : 500));
+    return negate(std::move(req));
+  }, so);
+  if (!server) return 3;
+  auto client = ucx_client::make(*client_rt, "127.0.0.1", (*server)->port());
+  if (!client) return 4;
+  auto quick = make_request(1, {1});
+  quick.header.layer = 1;
+  (*client)->send(std::move(quick), std::chrono::seconds(5), [](caf::expected<reply>) { throw std::runtime_error("a callback bug"); });
+  auto slow = make_request(2, {1});
+  slow.header.layer = 2;
+  try {
+    (void)(*client)->call_sync(std::move(slow), std::chrono::seconds(5));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "the callback's exception left call_sync: %s\n", e.what());
+    ::_exit(5);
+  }
   ::_exit(0);
 }
 

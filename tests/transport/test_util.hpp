@@ -48,4 +48,9 @@ struct child_server {
 /// Entry point of the child process (called from main on "--child-server").
 int child_server_main(int argc, char** argv);
 
+/// Entry point on "--child-throwing-callback": a reply callback throws while a call_sync caller
+/// drives the runtime. The process is expected to end by abort (std::terminate); it exits with 5
+/// if the exception reached the caller instead, and with 0 if nothing happened at all.
+int throwing_callback_main();
+
 }  // namespace sy::transport::test

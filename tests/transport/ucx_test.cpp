@@ -10,11 +10,13 @@
 #include <arpa/inet.h>
 #include <atomic>
 #include <condition_variable>
+#include <csignal>
 #include <cstring>
 #include <latch>
 #include <mutex>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
 
@@ -243,6 +245,29 @@ TEST_CASE("ucx: call_sync reports timeouts and refuses to run inside a callback"
   auto err = nested.get_future().get();
   CHECK(wire_code(err) == wire_errc::invalid_argument);
   CHECK(link.call_sync(test::make_request(4, {2}), 5s));
+}
+
+TEST_CASE("ucx: a reply callback that throws ends the process, also when a waiting caller drives", "[transport][ucx][process]") {
+  // The alternative, the exception leaving call_sync, would leave the worker without a driver for
+  // good (see ucx_link.cpp, pass). The child reports which of the outcomes it saw.
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    const char* argv[] = {"transport_tests", "--child-throwing-callback", nullptr};
+    ::execv("/proc/self/exe", const_cast<char* const*>(argv));
+    ::_exit(127);
+  }
+  int status = 0;
+  pid_t done = 0;
+  for (int i = 0; i < 300 && (done = ::waitpid(pid, &status, WNOHANG)) == 0; ++i) std::this_thread::sleep_for(100ms);
+  if (done == 0) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, &status, 0);
+    FAIL("the child neither ended nor returned within 30 s");
+  }
+  INFO("exit status " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1) << ", signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0));
+  const bool aborted = WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT;
+  CHECK(aborted);
 }
 
 TEST_CASE("ucx: many requests in flight are matched to their replies by batch id", "[transport][ucx]") {
