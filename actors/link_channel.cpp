@@ -74,12 +74,16 @@ std::future<caf::error> link_channel::call_async(int layer, uint64_t epoch, std:
                 }
                 // The link checked that the reply answers the request (same segments and rows);
                 // each segment is converted straight into its expert's output.
-                if (r->header.segments.size() != outs.size() || r->header.hidden != static_cast<uint32_t>(hidden) ||
-                    r->rows.size() != r->header.payload_bytes()) {
+                if (auto e = transport::check_rows(r->header, r->rows.size())) {
+                  done->set_value(std::move(e));
+                  return;
+                }
+                if (r->header.segments.size() != outs.size() || r->header.hidden != static_cast<uint32_t>(hidden)) {
                   done->set_value(transport::make_error(transport::wire_errc::length_mismatch,
                                                         "link channel: the reply has " + std::to_string(r->header.segments.size()) +
-                                                            " segments for " + std::to_string(outs.size()) +
-                                                            " experts, another hidden size, or rows that do not match its header"));
+                                                            " segments of hidden " + std::to_string(r->header.hidden) + " for " +
+                                                            std::to_string(outs.size()) + " experts of hidden " +
+                                                            std::to_string(hidden)));
                   return;
                 }
                 for (size_t i = 0; i < outs.size(); ++i) {
@@ -103,10 +107,7 @@ transport::request_handler host_request_handler(std::shared_ptr<expert_host_core
   return [core](transport::request req) -> caf::expected<transport::reply> {
     const auto& h = req.header;
     const size_t hidden = h.hidden;
-    if (req.rows.size() != h.payload_bytes())
-      return transport::make_error(transport::wire_errc::length_mismatch,
-                                   "expert host: the request's rows hold " + std::to_string(req.rows.size()) +
-                                       " bytes, its header describes " + std::to_string(h.payload_bytes()));
+    if (auto e = transport::check_rows(h, req.rows.size())) return e;
     // Each segment's rows are converted straight into its expert's input (the link validated the
     // frame: the segments lie inside the rows), and each output straight into the reply's segment.
     std::vector<int> experts;

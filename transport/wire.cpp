@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <limits>
 #include <array>
 #include <bit>
 #include <mutex>
@@ -120,6 +121,12 @@ caf::error validate(const batch_header& h, uint64_t payload_length, const wire_l
                                                       to_string(h.dtype) + " = " + num(bytes) +
                                                       " bytes, but the payload has " + num(payload_length));
   return {};
+}
+
+caf::error check_rows(const batch_header& h, uint64_t rows_bytes) {
+  constexpr wire_limits none{std::numeric_limits<uint32_t>::max(), std::numeric_limits<uint32_t>::max(),
+                             std::numeric_limits<uint64_t>::max()};
+  return validate(h, rows_bytes, none);
 }
 
 namespace {

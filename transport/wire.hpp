@@ -89,6 +89,11 @@ struct batch_header {
 /// makes after parsing (too_many_segments, bad_shape, bad_dtype, too_large, length_mismatch).
 [[nodiscard]] caf::error validate(const batch_header& h, uint64_t payload_length, const wire_limits& limits = {});
 
+/// `validate` without limits: that a batch's rows hold exactly what its header describes. For code
+/// handed a batch that already crossed a link (whose receiver applied its configured limits) or
+/// that came from the in-process link, before it indexes the rows by the header's segments.
+[[nodiscard]] caf::error check_rows(const batch_header& h, uint64_t rows_bytes);
+
 /// Owning, 64-byte aligned, uninitialised bytes. Allocation failure is an error, not an exception.
 ///
 /// Buffers of 4 KiB and more are recycled: they are carved from power-of-two size classes, and a

@@ -189,6 +189,20 @@ TEST_CASE("wire: overflowing rows × hidden × dtype is caught, not wrapped", "[
   CHECK(wire_code(d.error()) == wire_errc::too_large);
 }
 
+TEST_CASE("wire: check_rows applies no limits but still matches the rows to the header", "[transport][wire]") {
+  batch_header h = sample_header();
+  CHECK_FALSE(check_rows(h, sample_payload));
+  CHECK(wire_code(check_rows(h, sample_payload - 2)) == wire_errc::length_mismatch);
+  CHECK(wire_code(check_rows(h, sample_payload + 2)) == wire_errc::length_mismatch);
+  // Past the default receive limits (which a link configured otherwise may have let through).
+  h.segments.assign(300, segment{1, 2, 3, 1});
+  const uint64_t bytes = 300 * 8 * 2;
+  CHECK(wire_code(validate(h, bytes)) == wire_errc::too_many_segments);
+  CHECK_FALSE(check_rows(h, bytes));
+  h.segments[7].rows = 0;  // shape errors are still errors
+  CHECK(wire_code(check_rows(h, bytes)) == wire_errc::bad_shape);
+}
+
 TEST_CASE("wire: random corruption of headers never crashes and always yields a typed error or a frame",
           "[transport][wire]") {
   std::mt19937 rng(1234);
