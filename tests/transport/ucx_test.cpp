@@ -369,17 +369,17 @@ TEST_CASE("ucx: handler errors, invalid replies, duplicates and timeouts fail wi
 }
 
 TEST_CASE("ucx: closing a link fails its pending requests with link_closed, and a stopped server refuses", "[transport][ucx]") {
-  std::latch entered(1);
-  std::atomic<bool> entered_once{false};  // a latch must not count below zero
   std::mutex mu;
   std::condition_variable cv;
   bool release = false;
+  int entered = 0;  // blocked handlers running, under mu
   auto server_rt = runtime();
   auto client_rt = runtime();
   auto server = ucx_server::make(server_rt, [&](request r) -> caf::expected<reply> {
     if (r.header.layer == test::blocking_layer) {
-      if (!entered_once.exchange(true)) entered.count_down();
       std::unique_lock lock(mu);
+      ++entered;
+      cv.notify_all();
       cv.wait(lock, [&] { return release; });
     }
     return test::negate(std::move(r));
@@ -390,7 +390,11 @@ TEST_CASE("ucx: closing a link fails its pending requests with link_closed, and 
   auto blocked = test::make_request(1, {1});
   blocked.header.layer = test::blocking_layer;
   auto pending = (*client)->call(std::move(blocked), 10s);
-  entered.wait();
+  auto wait_entered = [&](int n) {
+    std::unique_lock lock(mu);
+    return cv.wait_for(lock, 5s, [&] { return entered >= n; });
+  };
+  REQUIRE(wait_entered(1));
   (*client)->close();
   auto r = pending.get();
   REQUIRE_FALSE(r);
@@ -406,6 +410,10 @@ TEST_CASE("ucx: closing a link fails its pending requests with link_closed, and 
   auto blocked2 = test::make_request(3, {1});
   blocked2.header.layer = test::blocking_layer;
   auto pending2 = (*client2)->call(std::move(blocked2), 10s);
+  // The server holds the request (queued behind the blocked handler) before it stops; else the call
+  // could start on an endpoint that had already failed, which is a call on a closed link.
+  for (int i = 0; i < 5000 && (*server)->stats().requests_received < 2; ++i) std::this_thread::sleep_for(1ms);
+  REQUIRE((*server)->stats().requests_received == 2);
   std::thread stopper([&] { (*server)->stop(); });  // returns once the blocked handler is released
   REQUIRE(pending2.wait_for(2s) == std::future_status::ready);
   r = pending2.get();
