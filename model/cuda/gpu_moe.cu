@@ -352,11 +352,12 @@ __device__ __forceinline__ void bf16x8(const uint4& v, float (&f)[8]) {
 /// non-coherent load (docs/benchmarks.md, 2026-12-03): 10% faster at 8 tokens of Qwen3.
 __device__ __forceinline__ uint4 load_weights(const uint4* p) { return __ldcs(p); }
 
-/// acc[q][r] = Σ_c W_q[c] · X_r[c] over rows of length `len` (a multiple of 8), for the first `cnt`
-/// of R ≥ cnt input rows (R is a compile-time bound, so the accumulators stay in registers and a
-/// one-row step keeps the kernel small enough for high occupancy): each lane streams
-/// 16-byte pieces of the warp's NW weight rows (read once: the bandwidth-bound part) and reuses
-/// each piece for every input row; then a warp reduction. Inputs are f32 rows (L1/L2-resident).
+/// acc[q][r] = this lane's part of Σ_c W_q[c] · X_r[c] over rows of length `len` (a multiple of 8),
+/// for the first `cnt` of R ≥ cnt input rows (0 for the others; R is a compile-time bound, so the
+/// accumulators stay in registers and a one-row step keeps the kernel small enough for high
+/// occupancy): each lane streams 16-byte pieces of the warp's NW weight rows (read once: the
+/// bandwidth-bound part) and reuses each piece for every input row. Inputs are f32 rows (L1/L2-
+/// resident). The sums over the warp are `warp_sum_spread`'s.
 template <int NW, int R>
 __device__ __forceinline__ void warp_dots(const bf16* const (&w)[NW], const float* const (&x)[R], int cnt,
                                           int len, float (&acc)[NW][R]) {
@@ -391,14 +392,51 @@ __device__ __forceinline__ void warp_dots(const bf16* const (&w)[NW], const floa
                      wf[q][5] * b.y + wf[q][6] * b.z + wf[q][7] * b.w;
     }
   }
+}
+
+/// One step of `warp_sum_spread` at lane offset O, with N values per lane still unsummed.
+template <int N, int O, int NW, int R>
+__device__ __forceinline__ void spread_step(float (&v)[NW][R], int lane, int& base) {
+  if constexpr (O > 0) {
+    if constexpr (N > 1) {
+      // The lanes with bit O set keep the upper half of the values, the others the lower half;
+      // each adds its partner's copy of the half it keeps.
+      constexpr int half = N / 2;
+      const bool hi = (lane & O) != 0;
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    if (r >= cnt) break;
-#pragma unroll
-    for (int q = 0; q < NW; ++q)
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[q][r] += __shfl_xor_sync(0xffffffffu, acc[q][r], o);
+      for (int i = 0; i < half; ++i) {
+        float& lo = v[i / R][i % R];
+        const float up = v[(i + half) / R][(i + half) % R];
+        const float send = hi ? lo : up;
+        lo = (hi ? up : lo) + __shfl_xor_sync(0xffffffffu, send, O);
+      }
+      if (hi) base += half;
+      spread_step<half, O / 2>(v, lane, base);
+    } else {
+      v[0][0] += __shfl_xor_sync(0xffffffffu, v[0][0], O);
+      spread_step<1, O / 2>(v, lane, base);
+    }
   }
+}
+
+/// Sums every one of the V = NW·R values (index q·R + r) over the warp, leaving the sums spread
+/// over the lanes: a lane ends with S = max(V / 32, 1) sums, in v's first S places (flat order),
+/// of the values base … base + S − 1, and returns its base. Each step halves what a lane holds, so
+/// it takes about V + 5 shuffles where summing each value alone takes 5·V. Below 32 values, the
+/// 32 / V lanes that differ only in their lowest bits hold the same sums. The lanes with bit 16
+/// set hold the upper half (base ≥ V / 2).
+template <int NW, int R>
+__device__ __forceinline__ int warp_sum_spread(float (&v)[NW][R]) {
+  int base = 0;
+  spread_step<NW * R, 16>(v, threadIdx.x & 31, base);
+  return base;
+}
+
+/// Whether this lane writes its sums after `warp_sum_spread` of V values: one lane per sum.
+template <int V>
+__device__ __forceinline__ bool spread_writer() {
+  if constexpr (V >= 32) return true;
+  else return (threadIdx.x & (32 / V - 1)) == 0;
 }
 
 /// hmid[row, c] = silu(gate_c · x_row) · (up_c · x_row) for P = NW/2 consecutive columns c from c0
@@ -420,16 +458,20 @@ __device__ __forceinline__ void gate_up_body(const float* __restrict__ x, int h,
   for (int r = 0; r < R; ++r) xs[r] = x + int64_t(wk.row_tok[r0 + min(r, cnt - 1)]) * h;
   float acc[NW][R];
   warp_dots<NW, R>(rows, xs, cnt, h, acc);
-  if ((threadIdx.x & 31) != 0) return;
+  // Gate sums (q < P) land on the lanes without bit 16, each up sum on the lane across bit 16.
+  constexpr int V = NW * R, S = V >= 32 ? V / 32 : 1;
+  const int base = warp_sum_spread(acc);
+  float up[S];
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    if (r >= cnt) break;
+  for (int j = 0; j < S; ++j) up[j] = __shfl_xor_sync(0xffffffffu, acc[j / R][j % R], 16);
+  if ((threadIdx.x & 16) != 0 || !spread_writer<V>()) return;
 #pragma unroll
-    for (int q = 0; q < P; ++q)
-      if (c0 + q < f) {
-        const float g = acc[q][r], u = acc[P + q][r];
-        hmid[int64_t(r0 + r) * f + c0 + q] = g / (1.0f + expf(-g)) * u;
-      }
+  for (int j = 0; j < S; ++j) {
+    const int i = base + j, q = i / R, r = i % R;
+    if (r < cnt && c0 + q < f) {
+      const float g = acc[j / R][j % R];
+      hmid[int64_t(r0 + r) * f + c0 + q] = g / (1.0f + expf(-g)) * up[j];
+    }
   }
 }
 
@@ -445,13 +487,13 @@ __device__ __forceinline__ void down_body(const float* __restrict__ hmid, int h,
   for (int r = 0; r < R; ++r) xs[r] = hmid + int64_t(r0 + min(r, cnt - 1)) * f;
   float acc[NW][R];
   warp_dots<NW, R>(rows, xs, cnt, f, acc);
-  if ((threadIdx.x & 31) != 0) return;
+  constexpr int V = NW * R, S = V >= 32 ? V / 32 : 1;
+  const int base = warp_sum_spread(acc);
+  if (!spread_writer<V>()) return;
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    if (r >= cnt) break;
-#pragma unroll
-    for (int q = 0; q < NW; ++q)
-      if (c0 + q < h) y[int64_t(r0 + r) * h + c0 + q] = acc[q][r];
+  for (int j = 0; j < S; ++j) {
+    const int i = base + j, q = i / R, r = i % R;
+    if (r < cnt && c0 + q < h) y[int64_t(r0 + r) * h + c0 + q] = acc[j / R][j % R];
   }
 }
 
