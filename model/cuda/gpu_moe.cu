@@ -432,6 +432,10 @@ __device__ __forceinline__ int warp_sum_spread(float (&v)[NW][R]) {
   return base;
 }
 
+/// How many sums each lane holds after `warp_sum_spread` of V values.
+template <int V>
+inline constexpr int spread_sums = V >= 32 ? V / 32 : 1;
+
 /// Whether this lane writes its sums after `warp_sum_spread` of V values: one lane per sum.
 template <int V>
 __device__ __forceinline__ bool spread_writer() {
@@ -459,7 +463,7 @@ __device__ __forceinline__ void gate_up_body(const float* __restrict__ x, int h,
   float acc[NW][R];
   warp_dots<NW, R>(rows, xs, cnt, h, acc);
   // Gate sums (q < P) land on the lanes without bit 16, each up sum on the lane across bit 16.
-  constexpr int V = NW * R, S = V >= 32 ? V / 32 : 1;
+  constexpr int V = NW * R, S = spread_sums<V>;
   const int base = warp_sum_spread(acc);
   float up[S];
 #pragma unroll
@@ -487,7 +491,7 @@ __device__ __forceinline__ void down_body(const float* __restrict__ hmid, int h,
   for (int r = 0; r < R; ++r) xs[r] = hmid + int64_t(r0 + min(r, cnt - 1)) * f;
   float acc[NW][R];
   warp_dots<NW, R>(rows, xs, cnt, f, acc);
-  constexpr int V = NW * R, S = V >= 32 ? V / 32 : 1;
+  constexpr int V = NW * R, S = spread_sums<V>;
   const int base = warp_sum_spread(acc);
   if (!spread_writer<V>()) return;
 #pragma unroll
