@@ -99,14 +99,59 @@ unsigned blocks_for(int64_t n, unsigned threads = 256) {
 
 // ---- kernels ----
 
+// Eight elements per thread where lengths and pointers allow 16-byte accesses (n % 8 == 0 and
+// every buffer 16-byte aligned), one otherwise.
+__device__ __forceinline__ uint4 pack8_bf16(const float (&v)[8]) {
+  uint4 u;
+  unsigned* w = &u.x;
+  for (int j = 0; j < 4; ++j) {
+    const __nv_bfloat162 b = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+    w[j] = *reinterpret_cast<const unsigned*>(&b);
+  }
+  return u;
+}
+__device__ __forceinline__ void unpack8_bf16(uint4 u, float (&v)[8]) {
+  const unsigned* w = &u.x;
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[j]));
+    v[2 * j] = f.x;
+    v[2 * j + 1] = f.y;
+  }
+}
+__host__ __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+__device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
 __global__ void f32_to_bf16_kernel(const float* in, bf16* out, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = __float2bfloat16(in[i]);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  if (n % 8 == 0 && aligned16(in) && aligned16(out)) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n / 8; i += stride) {
+      float v[8];
+      load8(in + i * 8, v);
+      reinterpret_cast<uint4*>(out)[i] = pack8_bf16(v);
+    }
+    return;
+  }
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride) out[i] = __float2bfloat16(in[i]);
 }
 
 __global__ void bf16_to_f32_kernel(const bf16* in, float* out, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = __bfloat162float(in[i]);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  if (n % 8 == 0 && aligned16(in) && aligned16(out)) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n / 8; i += stride) {
+      float v[8];
+      unpack8_bf16(reinterpret_cast<const uint4*>(in)[i], v);
+      store8(out + i * 8, v);
+    }
+    return;
+  }
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride) out[i] = __bfloat162float(in[i]);
 }
 
 /// Deterministic pseudo-random fill in [-scale, scale) for benchmarks (never time on zeros).
@@ -154,79 +199,6 @@ struct gate_params {
   float norm_eps, scale;
 };
 
-/// One token's scores, optional bias and group limit, top-k (ties to the lower id, in rank order),
-/// weights — the same rule as the CPU's `route_from_logits`.
-__device__ void gate_token(const float* logits, const float* bias, const gate_params& p, int64_t row, int* out_idx,
-                           float* out_w) {
-  const float* l = logits + row * p.experts;
-  float scores[max_experts], choice[max_experts];
-  if (p.sigmoid) {
-    for (int i = 0; i < p.experts; ++i) scores[i] = 1.0f / (1.0f + expf(-l[i]));
-  } else {
-    float m = l[0];
-    for (int i = 1; i < p.experts; ++i) m = fmaxf(m, l[i]);
-    double s = 0;
-    for (int i = 0; i < p.experts; ++i) {
-      scores[i] = expf(l[i] - m);
-      s += scores[i];
-    }
-    const float inv = static_cast<float>(1.0 / s);
-    for (int i = 0; i < p.experts; ++i) scores[i] *= inv;
-  }
-  for (int i = 0; i < p.experts; ++i) choice[i] = scores[i] + (bias ? bias[i] : 0.0f);
-  if (p.method != 0 && p.n_group > 1) {
-    const int per = p.experts / p.n_group;
-    float gs[max_groups];
-    bool keep[max_groups];
-    for (int g = 0; g < p.n_group; ++g) {
-      float best = -INFINITY, second = -INFINITY;
-      for (int i = 0; i < per; ++i) {
-        const float v = choice[g * per + i];
-        if (v > best) {
-          second = best;
-          best = v;
-        } else if (v > second) {
-          second = v;
-        }
-      }
-      gs[g] = p.method == 2 ? (per >= 2 ? best + second : best) : best;
-      keep[g] = false;
-    }
-    for (int j = 0; j < p.topk_group; ++j) {
-      int arg = -1;
-      for (int g = 0; g < p.n_group; ++g)
-        if (!keep[g] && (arg < 0 || gs[g] > gs[arg])) arg = g;
-      keep[arg] = true;
-    }
-    for (int i = 0; i < p.experts; ++i)
-      if (!keep[i / per]) choice[i] = 0.0f;
-  }
-  int* idx = out_idx + row * p.k;
-  float* w = out_w + row * p.k;
-  double sum = 0;
-  for (int j = 0; j < p.k; ++j) {
-    int arg = 0;
-    for (int i = 1; i < p.experts; ++i)
-      if (choice[i] > choice[arg]) arg = i;
-    idx[j] = arg;
-    w[j] = scores[arg];
-    sum += scores[arg];
-    choice[arg] = -INFINITY;
-  }
-  const bool normalise = p.norm && !(p.scale_only_unnormalised && p.k == 1);
-  if (normalise)
-    for (int j = 0; j < p.k; ++j) w[j] = static_cast<float>(w[j] / (sum + p.norm_eps));
-  if (p.scale != 1.0f && !(normalise && p.scale_only_unnormalised))
-    for (int j = 0; j < p.k; ++j) w[j] = static_cast<float>(static_cast<double>(w[j]) * p.scale);
-}
-
-/// One thread per token.
-__global__ void gate_kernel(const float* logits, const float* bias, gate_params p, int64_t t, int* out_idx,
-                            float* out_w) {
-  const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (row < t) gate_token(logits, bias, p, row, out_idx, out_w);
-}
-
 __global__ void count_kernel(const int* idx, int64_t n, const int* slot, int* counts) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     if (slot[idx[i]] >= 0) atomicAdd(&counts[idx[i]], 1);
@@ -246,18 +218,44 @@ __global__ void gather_kernel(const float* x, int64_t h, const int* pos, int k, 
   if (p < 0) return;
   const float* src = x + (i / k) * h;
   bf16* dst = xs + int64_t(p) * h;
+  if (h % 8 == 0 && aligned16(x) && aligned16(xs)) {
+    for (int64_t c = threadIdx.x; c < h / 8; c += blockDim.x) {
+      float v[8];
+      load8(src + c * 8, v);
+      reinterpret_cast<uint4*>(dst)[c] = pack8_bf16(v);
+    }
+    return;
+  }
   for (int64_t c = threadIdx.x; c < h; c += blockDim.x) dst[c] = __float2bfloat16(src[c]);
 }
 
-/// h = silu(gate) · up over rows of [gate | up] (bf16 in, fp32 math, bf16 out).
+/// h = silu(gate) · up over rows of [gate | up] (bf16 in, fp32 math, bf16 out); eight columns per
+/// thread when f % 8 == 0 (launch with rows · f / 8 threads), one otherwise (rows · f).
 __global__ void swiglu_kernel(const bf16* gu, int64_t rows, int64_t f, bf16* out) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  if (f % 8 == 0 && aligned16(gu) && aligned16(out)) {
+    const int64_t f8 = f / 8, n8 = rows * f8;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n8; i += stride) {
+      const int64_t r = i / f8, c = i - r * f8;
+      const uint4* row = reinterpret_cast<const uint4*>(gu + r * 2 * f);
+      float g[8], u[8];
+      unpack8_bf16(row[c], g);
+      unpack8_bf16(row[f8 + c], u);
+      for (int j = 0; j < 8; ++j) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+      reinterpret_cast<uint4*>(out)[i] = pack8_bf16(g);
+    }
+    return;
+  }
   const int64_t n = rows * f;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride) {
     const int64_t r = i / f, c = i - r * f;
     const float g = __bfloat162float(gu[r * 2 * f + c]), u = __bfloat162float(gu[r * 2 * f + f + c]);
     out[i] = __float2bfloat16(g / (1.0f + expf(-g)) * u);
   }
 }
+
+/// Threads swiglu_kernel wants for rows × f.
+int64_t swiglu_threads(int64_t rows, int64_t f) { return f % 8 == 0 ? rows * f / 8 : rows * f; }
 
 // Programmatic dependent launch (sm_90): a kernel launched with the attribute may start while the
 // previous kernel on the stream drains; `pdl_wait` blocks until that kernel has finished and its
@@ -315,6 +313,31 @@ __global__ void combine_kernel(const T* yo, const int* pos, const float* w, int 
   for (int j = 0; j < k; ++j)
     if (sp[j] >= 0) acc += sw[j] * to_f32(yo[int64_t(sp[j]) * h + c]);
   y[t * h + c] = acc;
+}
+
+/// combine_kernel over bf16 expert outputs, eight columns per thread (h % 8 == 0, yo and y 16-byte
+/// aligned): grid (tokens,
+/// column blocks of 8 · blockDim.x).
+__global__ void combine8_kernel(const bf16* yo, const int* pos, const float* w, int k, int64_t h, float* y) {
+  constexpr int max_k = 32;
+  __shared__ int sp[max_k];
+  __shared__ float sw[max_k];
+  const int64_t t = blockIdx.x;
+  if (threadIdx.x < k && threadIdx.x < max_k) {
+    sp[threadIdx.x] = pos[t * k + threadIdx.x];
+    sw[threadIdx.x] = w[t * k + threadIdx.x];
+  }
+  __syncthreads();
+  const int64_t c = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;  // in units of 8 columns
+  if (c >= h / 8) return;
+  float acc[8] = {};
+  for (int j = 0; j < k; ++j) {
+    if (sp[j] < 0) continue;
+    float v[8];
+    unpack8_bf16(reinterpret_cast<const uint4*>(yo + int64_t(sp[j]) * h)[c], v);
+    for (int q = 0; q < 8; ++q) acc[q] += sw[j] * v[q];
+  }
+  store8(y + t * h + c * 8, acc);
 }
 
 // ---- the GEMV path: up to gemv_max_rows rows per expert, every expert in one launch ----
@@ -552,10 +575,10 @@ __global__ void __launch_bounds__(gemv_warps * 32, gemv_min_blocks(R)) gemv_down
   by_rows<R>(split, cnt, [&]<int Q>() { down_body<NW, Q>(hmid, h, f, W, r0, cnt, c0, y); });
 }
 
-/// `gate_token` by one warp (the small-step path, where one thread per token would leave the
-/// layer waiting on a long serial chain): the same rule and the same tie-breaking (the lower id
-/// wins), the experts strided over the lanes; `choice`/`score` are this warp's shared scratch of
-/// `experts` floats, `gs`/`keep` of `n_group`.
+/// One token's scores, optional bias and group limit, top-k (ties to the lower id, in rank order)
+/// and weights — the same rule as the CPU's `route_from_logits` — by one warp (one thread per token
+/// would leave the layer waiting on a long serial chain), the experts strided over the lanes;
+/// `choice`/`score` are this warp's shared scratch of `experts` floats, `gs`/`keep` of `n_group`.
 __device__ void gate_token_warp(const float* logits, const float* bias, const gate_params& p, int row, int* out_idx,
                                 float* out_w, float* score, float* choice, float* gs, int* keep) {
   const int lane = threadIdx.x & 31, E = p.experts;
@@ -644,6 +667,19 @@ __device__ void gate_token_warp(const float* logits, const float* bias, const ga
 
 /// Shared scratch of the small-step routing kernel's warp gating, per warp.
 constexpr int gate_warp_floats = 2 * max_experts + 2 * max_groups;
+
+/// Gating of a large step: one warp per token (gate_token_warp), gate_block_warps tokens per block.
+constexpr int gate_block_warps = 4;
+__global__ void __launch_bounds__(32 * gate_block_warps) gate_kernel(const float* logits, const float* bias, gate_params p,
+                                                                     int64_t t, int* out_idx, float* out_w) {
+  __shared__ float scratch[gate_block_warps][gate_warp_floats];
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  const int64_t row = blockIdx.x * int64_t(gate_block_warps) + warp;
+  if (row >= t) return;  // the whole warp: gate_token_warp's shuffles need all 32 lanes
+  float* sc = scratch[warp];
+  gate_token_warp(logits, bias, p, static_cast<int>(row), out_idx, out_w, sc, sc + max_experts, sc + 2 * max_experts,
+                  reinterpret_cast<int*>(sc + 2 * max_experts + max_groups));
+}
 
 /// The whole routing of a small step in one block: gating per token, then the GEMV work list
 /// (local experts in ascending id order, each expert's rows in token order) and every pair's row
@@ -776,13 +812,13 @@ struct expert_engine {
   bool grouped_ok = true;  ///< cleared when the library refuses the grouped call (then one GEMM per expert)
   gemm_mode mode = gemm_mode::automatic;
   gemv_tuning tuning;
-  int calls = 0;           ///< grouped calls since the stream was last idle: picks the pointer buffer
+  int calls = 0;           ///< GEMM calls since the stream was last idle: picks the pointer buffer
   struct weights {
     dbuf gate_up, down;  // bf16 [2F, H], [H, F]
   };
   std::map<int, std::unique_ptr<weights>> experts;
   dbuf gu, h;  // scratch
-  dbuf ptrs[2];  // device pointer arrays of the two grouped calls of a forward
+  dbuf ptrs[2];  // device pointer arrays of the two grouped or batched calls of a forward
   hbuf host_ptrs[2];
   dbuf gu_tab, dn_tab;  // device tables of every expert's weight pointers, by id (the GEMV path)
   bool tabs_stale = true;
@@ -939,8 +975,8 @@ struct expert_engine {
           ldbs(static_cast<size_t>(groups), ldb), ldcs(static_cast<size_t>(groups), ldc), sizes(static_cast<size_t>(groups), 1);
       std::vector<float> alpha(static_cast<size_t>(groups), 1.0f), beta(static_cast<size_t>(groups), 0.0f);
       // The pointer arrays must live in device memory.
-      // The two grouped calls of a forward use their own buffers; the forward starts with the stream
-      // idle, so neither buffer can still feed an earlier copy.
+      // Each call of a forward uses its own buffers; the forward starts with the stream idle, so no
+      // buffer can still feed an earlier copy.
       const size_t pbytes = static_cast<size_t>(groups) * sizeof(void*);
       auto& hptr = host_ptrs[calls % 2];
       auto& dptr = ptrs[calls % 2];
@@ -1020,7 +1056,7 @@ struct expert_engine {
     }
     SY_TRY(batched(static_cast<int>(2 * ffn), mpad, static_cast<int>(hidden), a, static_cast<int>(hidden), b,
                    static_cast<int>(hidden), c, static_cast<int>(2 * ffn)));
-    swiglu_kernel<<<blocks_for(rows * ffn), 256, 0, stream>>>(gu.as<bf16>(), rows, ffn, h.as<bf16>());
+    swiglu_kernel<<<blocks_for(swiglu_threads(rows, ffn)), 256, 0, stream>>>(gu.as<bf16>(), rows, ffn, h.as<bf16>());
     SY_CU(cudaGetLastError());
     for (size_t g = 0; g < ids.size(); ++g) {
       a[g] = experts.at(ids[g])->down.p;
@@ -1039,13 +1075,25 @@ struct expert_engine {
   }
 
   /// Whether a batch of experts with these row counts runs as padded batched GEMMs: when asked
-  /// for, or (`automatic`) for more than 16 experts when padding adds at most a quarter of the rows.
+  /// for, or (`automatic`) by what padding costs. Measured on an H200 (docs/benchmarks.md,
+  /// bench_gpu_moe, 16-4096 tokens): cuBLAS's batched GEMM over padded rows beat the grouped call
+  /// at every size for Qwen3's 128 small experts (0.31 vs 0.33 ms at 16 tokens, 0.60 vs 0.86 at
+  /// 2048) and one GEMM per expert for Mixtral's 8 large ones up to 1024 tokens (1.28 vs 1.36 ms),
+  /// equal above. So: padded while each expert has at most 64 rows (the weight reads bound the
+  /// GEMMs, extra rows cost next to nothing), else while padding adds at most half the rows
+  /// (a quarter for few large experts, whose per-expert GEMMs run near the roofline), and for few
+  /// large experts not above 512 rows each.
   bool use_padded(const std::vector<int>& cnt) const {
     if (mode == gemm_mode::padded) return true;
     if (mode != gemm_mode::automatic && mode != gemm_mode::gemv) return false;
+    if (cnt.empty()) return false;
+    const int mpad = padded_rows(cnt);
+    if (mpad <= padded_free_rows) return true;
     int64_t rows = 0;
     for (int c : cnt) rows += c;
-    return cnt.size() > 16 && static_cast<int64_t>(cnt.size()) * padded_rows(cnt) * 4 <= rows * 5;
+    const int64_t padded = static_cast<int64_t>(cnt.size()) * mpad;
+    if (few_large(cnt.size())) return mpad <= 512 && padded * 4 <= rows * 5;
+    return padded * 2 <= rows * 3;
   }
 
   /// Experts ids[g] on rows [offset[g], offset[g] + n[g]) of xs (bf16 [R, H]) into yo (bf16 [R, H]).
@@ -1065,7 +1113,7 @@ struct expert_engine {
     }
     SY_TRY(grouped(static_cast<int>(2 * ffn), n, static_cast<int>(hidden), a, static_cast<int>(hidden), b,
                    static_cast<int>(hidden), c, static_cast<int>(2 * ffn)));
-    swiglu_kernel<<<blocks_for(total_rows * ffn), 256, 0, stream>>>(gu.as<bf16>(), total_rows, ffn, h.as<bf16>());
+    swiglu_kernel<<<blocks_for(swiglu_threads(total_rows, ffn)), 256, 0, stream>>>(gu.as<bf16>(), total_rows, ffn, h.as<bf16>());
     SY_CU(cudaGetLastError());
     for (size_t g = 0; g < ids.size(); ++g) {
       a[g] = experts.at(ids[g])->down.p;
@@ -1198,13 +1246,13 @@ caf::error gpu_experts::run(std::span<const int> ids, std::span<const float* con
     const gemv_work wk{d, d + 1, d + 1 + groups, d + 1 + 2 * groups, d + 1 + 3 * groups};
     SY_TRY(eng.gemv(s.x32.as<float>(), wk, static_cast<int>(groups), most, rows, s.y32.as<float>()));
   } else {
-    f32_to_bf16_kernel<<<blocks_for(span * h), 256, 0, eng.stream>>>(s.x32.as<float>(), s.xs.as<bf16>(), span * h);
+    f32_to_bf16_kernel<<<blocks_for(span * h / 8 + 1), 256, 0, eng.stream>>>(s.x32.as<float>(), s.xs.as<bf16>(), span * h);
     SY_CU(cudaGetLastError());
     if (padded)
       SY_TRY(eng.compute_padded(gid, mpad, s.xs.as<bf16>(), s.yo.as<bf16>()));
     else
       SY_TRY(eng.compute(gid, off, cnt, s.xs.as<bf16>(), span, s.yo.as<bf16>()));
-    bf16_to_f32_kernel<<<blocks_for(span * h), 256, 0, eng.stream>>>(s.yo.as<bf16>(), s.y32.as<float>(), span * h);
+    bf16_to_f32_kernel<<<blocks_for(span * h / 8 + 1), 256, 0, eng.stream>>>(s.yo.as<bf16>(), s.y32.as<float>(), span * h);
     SY_CU(cudaGetLastError());
   }
   SY_CU(cudaMemcpyAsync(s.host.p, s.y32.p, fbytes, cudaMemcpyDeviceToHost, eng.stream));
@@ -1379,7 +1427,7 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
   SY_CUBLAS(cublasSgemm(eng.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(e), static_cast<int>(t), static_cast<int>(h),
                         &one, s.router.as<float>(), static_cast<int>(h), x, static_cast<int>(h), &zero,
                         s.logits.as<float>(), static_cast<int>(e)));
-  gate_kernel<<<blocks_for(t, 128), 128, 0, eng.stream>>>(s.logits.as<float>(), s.bias.p ? s.bias.as<float>() : nullptr,
+  gate_kernel<<<blocks_for(t, gate_block_warps), 32 * gate_block_warps, 0, eng.stream>>>(s.logits.as<float>(), s.bias.p ? s.bias.as<float>() : nullptr,
                                                           gp, t, s.idx.as<int>(), s.w.as<float>());
   SY_CU(cudaGetLastError());
   SY_CU(cudaMemsetAsync(s.counts.p, 0, static_cast<size_t>(e) * 4, eng.stream));
@@ -1427,8 +1475,12 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
   else
     SY_TRY(eng.compute(ids, off, cnt, s.xs.as<bf16>(), rows, s.yo.as<bf16>()));
   if (t > 0) {
-    combine_kernel<bf16><<<dim3(static_cast<unsigned>(t), static_cast<unsigned>((h + 255) / 256)), 256, 0, eng.stream>>>(s.yo.as<bf16>(), s.pos.as<int>(), s.w.as<float>(),
-                                                                          static_cast<int>(k), h, y);
+    if (h % 8 == 0 && aligned16(y) && aligned16(s.yo.p))
+      combine8_kernel<<<dim3(static_cast<unsigned>(t), static_cast<unsigned>((h / 8 + 255) / 256)), 256, 0, eng.stream>>>(
+          s.yo.as<bf16>(), s.pos.as<int>(), s.w.as<float>(), static_cast<int>(k), h, y);
+    else
+      combine_kernel<bf16><<<dim3(static_cast<unsigned>(t), static_cast<unsigned>((h + 255) / 256)), 256, 0, eng.stream>>>(
+          s.yo.as<bf16>(), s.pos.as<int>(), s.w.as<float>(), static_cast<int>(k), h, y);
     SY_CU(cudaGetLastError());
   }
   return {};

@@ -36,12 +36,18 @@ namespace sy::model::cuda {
 ///   padded to the largest count (pays for the padding, gains cuBLAS's batched kernels);
 /// - `gemv`: our GEMV kernels, all experts in one launch per projection (at most 8 rows per
 ///   expert; other batches fall back to `automatic`);
-/// - `automatic`: `gemv` up to 8 rows per expert, then by shape (see `expert_engine::choose`).
+/// - `automatic`: `gemv` up to 8 rows per expert (few large experts: above 2 rows per expert on
+///   average not), then `padded` while padding is cheap (every expert at most `padded_free_rows`
+///   rows, or padding adds at most half the rows, a quarter for few large experts), else
+///   `grouped` for many small experts and `per_expert` for few large ones (`expert_engine::use_padded`).
 enum class gemm_mode { automatic, grouped, per_expert, padded, gemv };
 [[nodiscard]] const char* to_string(gemm_mode m);
 /// Rows per expert up to which the GEMV path runs (a token picks an expert at most once, so a layer
 /// step of up to this many tokens qualifies).
 inline constexpr int gemv_max_rows = 8;
+/// Rows per expert up to which `automatic` pads every expert to the largest count whatever the
+/// padding: the GEMMs are bound by their weight reads there.
+inline constexpr int padded_free_rows = 64;
 
 /// The GEMV path's shape: weight rows each warp streams in the gate_up kernel (4 or 8: a gate row
 /// and its up row per output column) and in the down kernel (2, 4 or 8; more rows per warp read

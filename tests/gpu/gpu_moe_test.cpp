@@ -127,7 +127,7 @@ TEST_CASE("gpu: the gating kernel makes the CPU's choices, for every family's ru
     auto x = randv(size_t(t * h), 3 + uint32_t(t), 1.0f);
     std::vector<float> y(size_t(t * h));
     REQUIRE_FALSE((*layer)->forward(x.data(), t, y.data()));
-    CHECK((*layer)->last_gemm_mode() == (t <= gpu::gemv_max_rows ? gpu::gemm_mode::gemv : gpu::gemm_mode::grouped));
+    CHECK(((*layer)->last_gemm_mode() == gpu::gemm_mode::gemv) == (t <= gpu::gemv_max_rows));
     auto got = (*layer)->last_routing();
     REQUIRE(got);
     auto want = gate(v.g, router, v.bias ? bias.data() : nullptr, x.data(), t);
@@ -217,6 +217,63 @@ TEST_CASE("gpu: an expert set runs many experts at once within 1e-2 of float64, 
           INFO("expert " << ids[i]);
           CHECK(norm_err(y[i], ref[i]) < 1e-2);
         }
+      }
+    }
+  }
+}
+
+TEST_CASE("gpu: automatic mode pads row counts only while padding is cheap, and every layout stays within 1e-2 of float64", "[gpu]") {
+  const int64_t h = 256, f = 512;
+  auto g = gpu::gpu_experts::make(0, h, f);
+  REQUIRE(g);
+  // 24 small experts, in an order that is not their ids': 8 with ~100 rows, 8 with ~40, 8 with
+  // ~10 (1174 rows; padded to 104 each, 2496: more than half again, so grouped), then equal
+  // counts of 70 (above padded_free_rows, no padding: padded), then counts of 9-64 (no more than
+  // padded_free_rows: padded however uneven).
+  std::vector<int> ids;
+  std::vector<expert_weights> ws;
+  for (int i = 0; i < 24; ++i) {
+    ids.push_back((i * 7) % 24);
+    ws.push_back(random_expert(h, f, 200 + uint32_t(ids.back()), dtype::bf16));
+    REQUIRE_FALSE((*g)->add_expert(ids.back(), ws.back()));
+  }
+  struct batch {
+    const char* name;
+    std::vector<int64_t> rows;
+    gpu::gemm_mode want;
+  };
+  std::vector<batch> batches(3);
+  batches[0] = {"spread 9-101", {}, gpu::gemm_mode::grouped};
+  batches[1] = {"equal 70", std::vector<int64_t>(24, 70), gpu::gemm_mode::padded};
+  batches[2] = {"spread 9-64", {}, gpu::gemm_mode::padded};
+  for (int i = 0; i < 24; ++i) {
+    batches[0].rows.push_back(i % 3 == 0 ? 97 + i % 5 : i % 3 == 1 ? 37 + i % 4 : 9 + i % 2);
+    batches[2].rows.push_back(i == 5 ? gpu::padded_free_rows : 9 + i % 4);
+  }
+  uint32_t seed = 300;
+  for (const auto& bt : batches) {
+    std::vector<std::vector<float>> x, y(ids.size());
+    std::vector<std::vector<double>> ref;
+    std::vector<const float*> in;
+    std::vector<float*> out;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      x.push_back(randv(size_t(bt.rows[i] * h), seed++, 1.0f));
+      ref.push_back(expert_f64(ws[i], x.back(), bt.rows[i]));
+    }
+    for (auto mode : {gpu::gemm_mode::automatic, gpu::gemm_mode::padded}) {
+      INFO(bt.name << ", mode " << gpu::to_string(mode));
+      in.clear(), out.clear();
+      for (size_t i = 0; i < ids.size(); ++i) {
+        y[i].assign(size_t(bt.rows[i] * h), std::nanf(""));
+        in.push_back(x[i].data());
+        out.push_back(y[i].data());
+      }
+      (*g)->set_gemm_mode(mode);
+      REQUIRE_FALSE((*g)->run(ids, in, bt.rows, out));
+      CHECK((*g)->last_gemm_mode() == (mode == gpu::gemm_mode::padded ? mode : bt.want));
+      for (size_t i = 0; i < ids.size(); ++i) {
+        INFO("expert " << ids[i] << ", " << bt.rows[i] << " rows");
+        CHECK(norm_err(y[i], ref[i]) < 1e-2);
       }
     }
   }
