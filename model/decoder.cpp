@@ -68,6 +68,9 @@ caf::error decoder::step(std::span<sequence_step> batch, moe_probe* probe) {
     split = 1;
     for (size_t k = 2; k < batch.size(); ++k)
       if (std::llabs(2 * offsets[k] - total) < std::llabs(2 * offsets[split] - total)) split = k;
+    // Both halves need min_rows rows: a 64-token prefill beside a few decode rows would otherwise
+    // be cut into 64 and 7, two rounds of messages per layer with little attention to overlap.
+    if (offsets[split] < micro_min_rows_ || total - offsets[split] < micro_min_rows_) split = batch.size();
   }
   std::vector<micro> mbs(split == batch.size() ? 1 : 2);
   mbs[0].first = 0;

@@ -141,6 +141,39 @@ TEST_CASE("decoder: a step of one sequence is not split", "[model]") {
     if (ev.start) CHECK(ev.rows == 4);
 }
 
+TEST_CASE("decoder: a step is split only when each half has at least the minimum rows", "[model]") {
+  auto w = load_model(sy::test::fixture("qwen3moe_e16k4"));
+  REQUIRE(w);
+  const int64_t vocab = (*w)->config.vocab_size;
+  struct want {
+    std::vector<int> lengths;  // rows of each sequence in the step
+    std::vector<int64_t> halves;  // the rows of each expert batch of a layer
+  };
+  // Minimum 4 rows per half: 10 + 1 + 1 balances best as 10 | 2, too small a half, so one piece;
+  // 5 + 6 splits as 5 | 6; 3 + 2 + 3 (8 rows, enough in all) balances as 3 | 5: one piece;
+  // 4 + 4 + 4 + 4 as 8 | 8.
+  for (const auto& c : std::vector<want>{{{10, 1, 1}, {12}}, {{5, 6}, {5, 6}}, {{3, 2, 3}, {8}}, {{4, 4, 4, 4}, {8, 8}}}) {
+    INFO("rows " << c.lengths.size() << " sequences, first " << c.lengths[0]);
+    async_executor async(&(*w)->experts);
+    decoder d(**w, async);
+    d.set_micro_batches(2, 4);
+    std::vector<kv_cache> caches(c.lengths.size());
+    std::vector<std::vector<int32_t>> prompts;
+    std::vector<std::vector<float>> logits(c.lengths.size());
+    std::vector<sequence_step> steps;
+    for (size_t i = 0; i < c.lengths.size(); ++i) {
+      prompts.emplace_back();
+      for (int j = 0; j < c.lengths[i]; ++j) prompts.back().push_back(static_cast<int32_t>((7 * i + 3 * j + 1) % vocab));
+    }
+    for (size_t i = 0; i < c.lengths.size(); ++i) steps.push_back({&caches[i], prompts[i], false, &logits[i]});
+    REQUIRE_FALSE(d.step(steps));
+    std::vector<int64_t> first_layer;
+    for (const auto& ev : async.events)
+      if (ev.start && ev.layer == async.events.front().layer) first_layer.push_back(ev.rows);
+    CHECK(first_layer == c.halves);
+  }
+}
+
 TEST_CASE("decoder: a failing half fails the step, finishes the other half's batches and rolls back every cache", "[model]") {
   auto w = load_model(sy::test::fixture("qwen3moe_e16k4"));
   REQUIRE(w);
