@@ -154,6 +154,9 @@ __global__ void bf16_to_f32_kernel(const bf16* in, float* out, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride) out[i] = __bfloat162float(in[i]);
 }
 
+/// Threads the two conversion kernels want for n elements (eight per thread when n % 8 == 0).
+int64_t convert_threads(int64_t n) { return n % 8 == 0 ? n / 8 : n; }
+
 /// Deterministic pseudo-random fill in [-scale, scale) for benchmarks (never time on zeros).
 __global__ void fill_kernel(bf16* out, int64_t n, uint64_t seed, float scale) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -1246,13 +1249,13 @@ caf::error gpu_experts::run(std::span<const int> ids, std::span<const float* con
     const gemv_work wk{d, d + 1, d + 1 + groups, d + 1 + 2 * groups, d + 1 + 3 * groups};
     SY_TRY(eng.gemv(s.x32.as<float>(), wk, static_cast<int>(groups), most, rows, s.y32.as<float>()));
   } else {
-    f32_to_bf16_kernel<<<blocks_for(span * h / 8 + 1), 256, 0, eng.stream>>>(s.x32.as<float>(), s.xs.as<bf16>(), span * h);
+    f32_to_bf16_kernel<<<blocks_for(convert_threads(span * h)), 256, 0, eng.stream>>>(s.x32.as<float>(), s.xs.as<bf16>(), span * h);
     SY_CU(cudaGetLastError());
     if (padded)
       SY_TRY(eng.compute_padded(gid, mpad, s.xs.as<bf16>(), s.yo.as<bf16>()));
     else
       SY_TRY(eng.compute(gid, off, cnt, s.xs.as<bf16>(), span, s.yo.as<bf16>()));
-    bf16_to_f32_kernel<<<blocks_for(span * h / 8 + 1), 256, 0, eng.stream>>>(s.yo.as<bf16>(), s.y32.as<float>(), span * h);
+    bf16_to_f32_kernel<<<blocks_for(convert_threads(span * h)), 256, 0, eng.stream>>>(s.yo.as<bf16>(), s.y32.as<float>(), span * h);
     SY_CU(cudaGetLastError());
   }
   SY_CU(cudaMemcpyAsync(s.host.p, s.y32.p, fbytes, cudaMemcpyDeviceToHost, eng.stream));
