@@ -8,6 +8,12 @@
 //     `ucx_perftest -t ucp_am_bw`, one direction);
 //   - memcpy: one copy of the payload, between two cache-hot buffers and through cold memory: what
 //     one copy of the rows costs on this machine (TCP moves each byte through two copies, CMA one).
+//   - cross-core: two threads of this process on the two processes' CPUs hand the payload back and
+//     forth, each copying the other's buffer into its own: a round trip of two copies, (new) of
+//     rows the other core has just written, as serving moves them, and (same) of buffers nobody
+//     rewrites, as ucx_perftest's ping-pong does (its buffers are written once, so after the first
+//     message each side's copy reads lines already in its own cache). Their difference is what
+//     moving new rows between the cores costs beyond the baseline's pattern.
 // The server's handler answers with the request's own rows (moved, not copied), so the reply
 // carries the same bytes back. Lines starting with RESULT are for bench/transport_bench.sh.
 // Allocations: this binary counts every `operator new`; RESULT gives the client's per round trip
@@ -26,11 +32,14 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sched.h>
+#include <thread>
 #include <random>
 #include <string>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <limits>
 #include <new>
+#include <pthread.h>
 #include <optional>
 #include <vector>
 
@@ -281,6 +290,63 @@ std::pair<double, double> memcpy_gbps(size_t bytes) {
   return {run(2 * bytes), run(size_t{512} << 20)};
 }
 
+/// The CPUs the cross-core baseline runs on: the pinned ones, else the first two this process may
+/// use; nullopt with fewer than two.
+std::optional<std::pair<int, int>> two_cpus(const options& o) {
+  if (o.client_cpu >= 0 && o.server_cpu >= 0 && o.client_cpu != o.server_cpu) return std::pair{o.client_cpu, o.server_cpu};
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof set, &set) != 0) return std::nullopt;
+  std::vector<int> cpus;
+  for (int c = 0; c < CPU_SETSIZE && cpus.size() < 2; ++c)
+    if (CPU_ISSET(c, &set)) cpus.push_back(c);
+  if (cpus.size() < 2) return std::nullopt;
+  return std::pair{cpus[0], cpus[1]};
+}
+
+void pin_thread(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  ::pthread_setaffinity_np(::pthread_self(), sizeof set, &set);
+}
+
+/// p50 of a round trip of two cross-core copies of `bytes` (see the file comment): `fresh` copies
+/// the buffer the other thread has just written; otherwise each copies from a buffer nobody writes.
+/// Runs with this process's own threads pinned to `cpus` (restored afterwards).
+double cross_core_rtt_us(size_t bytes, bool fresh, std::pair<int, int> cpus) {
+  cpu_set_t saved;
+  CPU_ZERO(&saved);
+  ::pthread_getaffinity_np(::pthread_self(), sizeof saved, &saved);
+  std::vector<char> a(bytes, 1), b(bytes, 2), same_a(bytes, 3), same_b(bytes, 4);
+  const int iters = static_cast<int>(std::clamp<size_t>((size_t{1} << 29) / bytes, 200, 20000));
+  std::atomic<int> turn{0};
+  std::thread peer([&] {
+    pin_thread(cpus.second);
+    for (int i = 0; i < iters; ++i) {
+      while (turn.load(std::memory_order_acquire) != 1) {
+      }
+      std::memcpy(b.data(), fresh ? a.data() : same_b.data(), bytes);
+      turn.store(2, std::memory_order_release);
+    }
+  });
+  pin_thread(cpus.first);
+  std::vector<double> rtt;
+  rtt.reserve(static_cast<size_t>(iters));
+  for (int i = 0; i < iters; ++i) {
+    const auto t0 = clock_type::now();
+    turn.store(1, std::memory_order_release);
+    while (turn.load(std::memory_order_acquire) != 2) {
+    }
+    std::memcpy(a.data(), fresh ? b.data() : same_a.data(), bytes);
+    rtt.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count());
+  }
+  peer.join();
+  ::pthread_setaffinity_np(::pthread_self(), sizeof saved, &saved);
+  const size_t warm = rtt.size() / 10;  // the first round trips fault pages in and fill caches
+  return percentile(std::vector<double>(rtt.begin() + static_cast<std::ptrdiff_t>(warm), rtt.end()), 0.50);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -303,8 +369,8 @@ int main(int argc, char** argv) {
               "window=%d ping-pong=%s\n",
               tls ? tls : "(default)", o.peer ? 1 : 0, o.workers, o.client_spin_us, o.server_spin_us,
               o.awaiting_spin_us, o.window, o.sync ? "call_sync" : "call().get()");
-  std::printf("%6s %10s %8s %10s %10s %12s %12s %10s %10s\n", "rows", "bytes", "iters", "p50_us", "p99_us",
-              "pingpong_GBs", "stream_GBs", "hot_cpy", "cold_cpy");
+  std::printf("%6s %10s %8s %10s %10s %12s %12s %10s %10s %10s %10s\n", "rows", "bytes", "iters", "p50_us", "p99_us",
+              "pingpong_GBs", "stream_GBs", "hot_cpy", "cold_cpy", "xc_new_us", "xc_same_us");
   uint64_t id = 1;
   for (uint32_t rows : o.rows) {
     const size_t bytes = size_t{rows} * o.hidden * 2;
@@ -398,11 +464,16 @@ int main(int argc, char** argv) {
     }
     const double stream = static_cast<double>(bytes) * total / secs / 1e9;
     const auto [hot, cold] = memcpy_gbps(bytes);
-    std::printf("%6u %10zu %8d %10.1f %10.1f %12.3f %12.3f %10.2f %10.2f\n", rows, bytes, iters, p50, p99, pingpong,
-                stream, hot, cold);
+    const auto cpus = two_cpus(o);
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    const double xc_new = cpus ? cross_core_rtt_us(bytes, true, *cpus) : nan;
+    const double xc_same = cpus ? cross_core_rtt_us(bytes, false, *cpus) : nan;
+    std::printf("%6u %10zu %8d %10.1f %10.1f %12.3f %12.3f %10.2f %10.2f %10.2f %10.2f\n", rows, bytes, iters, p50, p99,
+                pingpong, stream, hot, cold, xc_new, xc_same);
     std::printf("RESULT rows=%u bytes=%zu p50_us=%.2f p99_us=%.2f pingpong_gbps=%.4f stream_gbps=%.4f "
-                "memcpy_hot_gbps=%.3f memcpy_cold_gbps=%.3f client_allocs_per_rtt=%.2f\n",
-                rows, bytes, p50, p99, pingpong, stream, hot, cold, allocs_per_rtt);
+                "memcpy_hot_gbps=%.3f memcpy_cold_gbps=%.3f client_allocs_per_rtt=%.2f xcore_new_us=%.3f "
+                "xcore_same_us=%.3f\n",
+                rows, bytes, p50, p99, pingpong, stream, hot, cold, allocs_per_rtt, xc_new, xc_same);
     std::fflush(stdout);
   }
   client->reset();

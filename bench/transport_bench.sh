@@ -64,14 +64,14 @@ for cfg in $CONFIGS; do
     --server-spin-us "$SERVER_SPIN_US" > "$TMP/ours.log" 2> "$TMP/ours.err" || { cat "$TMP/ours.err" >&2; exit 1; }
   echo
   echo "## $cfg: UCX_TLS=$UCX_TLS, peer error handling $([ $OURS_PEER = 1 ] && echo on || echo off)"
-  printf "%9s | %9s %9s %9s %6s %9s %6s | %8s %8s %6s | %8s %8s %8s %6s %6s | %7s %7s | %6s\n" \
-    bytes ours_p50 ours_p99 pt_rtt ratio tag_rtt ratio ours_pp pt_pp ratio ours_1dir ours_2dir pt_bw r_1dir r_2dir hot_cpy cold_cpy allocs
-  printf "%9s | %9s %9s %9s %6s %9s %6s | %8s %8s %6s | %8s %8s %8s %6s %6s | %7s %7s | %6s\n" \
-    "" "RTT us" "us" "us" "x" "us" "x" "GB/s" "GB/s" "" "GB/s" "GB/s" "GB/s" "" "" "GB/s" "GB/s" "/RTT"
-  grep '^RESULT' "$TMP/ours.log" | while read -r _ rows bytes p50 p99 pp stream mc mcc al; do
+  printf "%9s | %9s %9s %9s %6s %9s %6s | %7s %7s %8s %6s | %8s %8s %6s | %8s %8s %8s %6s %6s | %7s %7s | %6s\n" \
+    bytes ours_p50 ours_p99 pt_rtt ratio tag_rtt ratio xc_new xc_same pt_new ratio ours_pp pt_pp ratio ours_1dir ours_2dir pt_bw r_1dir r_2dir hot_cpy cold_cpy allocs
+  printf "%9s | %9s %9s %9s %6s %9s %6s | %7s %7s %8s %6s | %8s %8s %6s | %8s %8s %8s %6s %6s | %7s %7s | %6s\n" \
+    "" "RTT us" "us" "us" "x" "us" "x" "us" "us" "us" "x" "GB/s" "GB/s" "" "GB/s" "GB/s" "GB/s" "" "" "GB/s" "GB/s" "/RTT"
+  grep '^RESULT' "$TMP/ours.log" | while read -r _ rows bytes p50 p99 pp stream mc mcc al xn xs; do
     rows=${rows#rows=}; bytes=${bytes#bytes=}; p50=${p50#p50_us=}; p99=${p99#p99_us=}
     pp=${pp#pingpong_gbps=}; stream=${stream#stream_gbps=}; mc=${mc#memcpy_hot_gbps=}; mcc=${mcc#memcpy_cold_gbps=}
-    al=${al#client_allocs_per_rtt=}
+    al=${al#client_allocs_per_rtt=}; xn=${xn#xcore_new_us=}; xs=${xs#xcore_same_us=}
     segments=$(( rows < 8 ? rows : 8 ))
     header=$(( 40 + 16 * segments ))
     lat=$(perftest ucp_am_lat "$bytes" "$header" "${PT_FLAGS[@]}")
@@ -86,16 +86,21 @@ for cfg in $CONFIGS; do
     pt_pp=$(awk -v b="$bytes" '{printf "%.3f", 2 * b / ($2 * 2) / 1e3}' <<< "$lat")
     pt_bw=$(awk '{printf "%.3f", $6 * 1048576 / 1e9}' <<< "$bw")
     awk -v bytes="$bytes" -v p50="$p50" -v p99="$p99" -v pt_rtt="$pt_rtt" -v tag_rtt="$tag_rtt" -v pp="$pp" -v pt_pp="$pt_pp" \
-        -v stream="$stream" -v pt_bw="$pt_bw" -v mc="$mc" -v mcc="$mcc" -v al="$al" 'BEGIN {
-      printf "%9d | %9.1f %9.1f %9.1f %6.2f %9.1f %6.2f | %8.3f %8.3f %6.2f | %8.3f %8.3f %8.3f %6.2f %6.2f | %7.1f %7.1f | %6.1f\n",
-        bytes, p50, p99, pt_rtt, p50 / pt_rtt, tag_rtt, p50 / tag_rtt, pp, pt_pp, pp / pt_pp, stream, 2 * stream, pt_bw,
-        stream / pt_bw, 2 * stream / pt_bw, mc, mcc, al }'
+        -v stream="$stream" -v pt_bw="$pt_bw" -v mc="$mc" -v mcc="$mcc" -v al="$al" -v xn="$xn" -v xs="$xs" 'BEGIN {
+      pt_new = pt_rtt - xs + xn
+      printf "%9d | %9.1f %9.1f %9.1f %6.2f %9.1f %6.2f | %7.1f %7.1f %8.1f %6.2f | %8.3f %8.3f %6.2f | %8.3f %8.3f %8.3f %6.2f %6.2f | %7.1f %7.1f | %6.1f\n",
+        bytes, p50, p99, pt_rtt, p50 / pt_rtt, tag_rtt, p50 / tag_rtt, xn, xs, pt_new, p50 / pt_new, pp, pt_pp, pp / pt_pp,
+        stream, 2 * stream, pt_bw, stream / pt_bw, 2 * stream / pt_bw, mc, mcc, al }'
   done
   sed 's/^SERVER /server (all sizes, ping-pong and stream): /' "$TMP/ours.err"
 done
 echo
 echo "ratio (latency) = ours p50 RTT / ucx_perftest ucp_am_lat RTT (target ≤ 1.5 at small sizes);"
 echo "tag_rtt = ucx_perftest tag_lat RTT (its receiver copies each message into its own buffer, as ours does);"
+echo "xc_new / xc_same = two threads on the two CPUs handing the payload there and back, each copying the other's"
+echo "  buffer: rows the other core has just written (as serving moves them) / buffers nobody rewrites (as"
+echo "  ucx_perftest's ping-pong reads them: written once, so after the first message they are in the reader's cache);"
+echo "pt_new = pt_rtt - xc_same + xc_new: perftest's round trip with its copies costed for new rows; ratio = ours / pt_new;"
 echo "pp = ping-pong GB/s, 2·payload/RTT (ours p50, perftest median); ratio = ours / perftest;"
 echo "r_1dir / r_2dir = ours streamed payload per direction / both directions over ucp_am_bw (one direction);"
 echo "hot_cpy / cold_cpy = one memcpy of the payload between two cache-hot buffers / through 512 MiB of memory;"
