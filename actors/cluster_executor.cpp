@@ -120,12 +120,37 @@ std::vector<std::vector<double>> cluster_executor::take_counts() {
 
 bool cluster_executor::drained(uint64_t epoch) const { return !in_step_ || step_epoch_ >= epoch; }
 
+namespace {
+// Envoy's outlier ejection starts at 30 s; a replica here is passed over only while another can
+// take its rows, so the first wait is short: about the coordinator's default time to mark a
+// silent host down (3 heartbeats of 500 ms).
+constexpr std::chrono::milliseconds kAvoidFirst{2000};
+constexpr std::chrono::milliseconds kAvoidMost{30000};
+}  // namespace
+
+void cluster_executor::note_failure(const std::string& address) {
+  auto& a = avoid_[address];
+  a.wait = a.wait.count() == 0 ? kAvoidFirst : std::min(a.wait * 2, kAvoidMost);
+  a.until = std::chrono::steady_clock::now() + a.wait;
+}
+
+void cluster_executor::mark_avoided() {
+  const auto now = std::chrono::steady_clock::now();
+  avoided_.assign(step_ ? step_->hosts.size() : 0, false);
+  if (!step_ || avoid_.empty()) return;
+  for (size_t h = 0; h < step_->hosts.size(); ++h) {
+    auto it = avoid_.find(step_->hosts[h].data_address);
+    avoided_[h] = it != avoid_.end() && it->second.until > now;
+  }
+}
+
 void cluster_executor::begin_step() {
   {
     std::lock_guard lock(mu_);
     step_ = latest_;
   }
   failed_.assign(step_ ? step_->hosts.size() : 0, false);
+  mark_avoided();
   const uint64_t e = step_ ? step_->placement.epoch : 0;
   step_epoch_ = e;
   in_step_ = true;
@@ -157,6 +182,7 @@ bool cluster_executor::wait_for_replica(int layer, int expert) {
   if (!ok) return false;
   step_ = latest_;
   step_epoch_ = step_->placement.epoch;
+  mark_avoided();
   return true;
 }
 
@@ -245,14 +271,19 @@ caf::error cluster_executor::finish(std::unique_ptr<model::expert_executor::tick
     auto& outputs = *f->outputs;
     std::vector<piece> retry;
     for (auto& c : f->calls) {
+      const auto& address = hosts[static_cast<size_t>(c.host)].data_address;
       if (auto err = c.result.get()) {
-        failed_[static_cast<size_t>(c.host)] = true;
-        channels_.erase(hosts[static_cast<size_t>(c.host)].data_address);  // reconnect if it comes back
+        if (!failed_[static_cast<size_t>(c.host)]) {  // one failure a step: both micro-batches may see it
+          failed_[static_cast<size_t>(c.host)] = true;
+          note_failure(address);
+        }
+        channels_.erase(address);  // reconnect if it comes back
         f->last = std::move(err);
         retry.insert(retry.end(), c.pieces.begin(), c.pieces.end());
         retries_ += c.pieces.size();
         continue;
       }
+      if (!avoid_.empty()) avoid_.erase(address);
       // Rows of split batches go back into place.
       size_t k = 0;
       for (size_t j = 0; j < c.pieces.size(); ++j) {
@@ -284,6 +315,7 @@ caf::error cluster_executor::send_round(flight& f) {
     const auto& p = step_->placement;
     const auto& hosts = step_->hosts;
     if (failed_.size() < hosts.size()) failed_.resize(hosts.size(), false);
+    if (avoided_.size() < hosts.size()) avoided_.resize(hosts.size(), false);
     bool repinned = false;
     std::map<int, std::vector<piece>> by_host;
     std::map<int, double> round_rows;  ///< rows given to each host in this round
@@ -294,11 +326,28 @@ caf::error cluster_executor::send_round(flight& f) {
       const auto& rs = p.table[static_cast<size_t>(layer)][static_cast<size_t>(e)];
       std::vector<const replica*> live;
       double total = 0;
-      for (const auto& r : rs)
-        if (r.ready && hosts[static_cast<size_t>(r.host)].up && !failed_[static_cast<size_t>(r.host)]) {
-          live.push_back(&r);
-          total += r.share;
+      // Replicas on hosts under avoidance only when no other is live.
+      for (const bool take_avoided : {false, true}) {
+        for (const auto& r : rs) {
+          const auto h = static_cast<size_t>(r.host);
+          if (r.ready && hosts[h].up && !failed_[h] && (take_avoided || !avoided_[h])) {
+            live.push_back(&r);
+            total += r.share;
+          }
         }
+        if (!live.empty()) break;
+      }
+      // A replica passed over keeps pace with its share as if it had taken it: back from avoidance
+      // it gets its share, not a burst to catch up on what the others took meanwhile.
+      if (live.size() < rs.size()) {
+        double all = 0;
+        for (const auto& r : rs) all += r.share;
+        for (const auto& r : rs) {
+          const auto h = static_cast<size_t>(r.host);
+          if (avoided_[h] && all > 0 && std::find(live.begin(), live.end(), &r) == live.end())
+            sent_[{layer, e, r.host}] += static_cast<double>(pc.n) * r.share / all;
+        }
+      }
       if (live.empty() && wait_for_replica(layer, e)) {
         repinned = true;  // the coordinator re-placed the expert: redo this round on the new epoch
         break;
@@ -396,6 +445,13 @@ caf::error cluster_executor::send_round(flight& f) {
       if (ch) {
         c.result = ch->call_async(layer, p.epoch, c.experts, c.in, c.out);
       } else {
+        // Failed now, not only once this call is collected: the other micro-batch's round of this
+        // step must not wait on a second connection attempt.
+        channels_.erase(hi.data_address);
+        if (!failed_[static_cast<size_t>(h)]) {
+          failed_[static_cast<size_t>(h)] = true;
+          note_failure(hi.data_address);
+        }
         std::promise<caf::error> unreachable;
         unreachable.set_value(model::make_error(model_errc::io_error, "cannot reach " + hi.name + " at " + hi.data_address));
         c.result = unreachable.get_future();

@@ -93,6 +93,19 @@ class cluster_executor final : public model::expert_executor {
   } shape_;  ///< set once, before the first update
   std::shared_ptr<const view> step_;  ///< pinned by begin_step (engine thread only)
   std::vector<bool> failed_;          ///< hosts that failed during the current step
+  /// Hosts a call (or the connection for it) failed on, by data address: passed over until
+  /// `until` while another live replica can take their rows, so a host that hangs is not waited on
+  /// (a batch timeout) or reconnected to (a connect timeout) by every step until the coordinator's
+  /// heartbeat marks it down. The wait doubles from kAvoidFirst with each failure up to kAvoidMost
+  /// and ends at the host's first answer. Engine thread only.
+  struct avoidance {
+    std::chrono::steady_clock::time_point until;
+    std::chrono::milliseconds wait{0};
+  };
+  std::map<std::string, avoidance> avoid_;
+  std::vector<bool> avoided_;  ///< per host of the pinned epoch: under avoidance when the step began
+  void mark_avoided();
+  void note_failure(const std::string& address);
   [[nodiscard]] bool wait_for_replica(int layer, int expert);
   /// Rows sent per (layer, expert, host) under the pinned epoch: the share-following split.
   std::map<std::tuple<int, int, int>, double> sent_;

@@ -509,3 +509,61 @@ TEST_CASE("cluster executor: a placement for another model's shape or naming unk
   CHECK(exec.update(table_for(2, 4, {false, true}, 11, 0), hosts));
   CHECK(exec.epoch() == 11);
 }
+
+namespace {
+
+/// A channel that counts its calls, fails the first `failures` of them, and otherwise answers
+/// each row with itself doubled.
+struct counting_channel final : sy::actors::expert_channel {
+  int calls = 0;
+  int failures = 0;
+  caf::error call(int, uint64_t, std::span<const int>, std::span<const std::vector<float>* const> inputs,
+                  std::span<std::vector<float>* const> outputs) override {
+    ++calls;
+    if (calls <= failures) return model::make_error(model::model_errc::io_error, "no answer in time");
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      outputs[i]->resize(inputs[i]->size());
+      for (size_t j = 0; j < inputs[i]->size(); ++j) (*outputs[i])[j] = 2 * (*inputs[i])[j];
+    }
+    return {};
+  }
+};
+
+}  // namespace
+
+TEST_CASE("cluster executor: a host whose call failed is passed over by later steps while another replica can answer",
+          "[actors]") {
+  auto a = std::make_shared<counting_channel>(), b = std::make_shared<counting_channel>();
+  b->failures = 1;  // b's first call fails (a batch timeout, a broken link), later ones succeed
+  sy::actors::cluster_executor exec([&](const sy::actors::host_info& h) -> std::shared_ptr<sy::actors::expert_channel> {
+    return h.id == 0 ? a : b;
+  });
+  const std::vector<sy::actors::host_info> hosts = {{0, "a", "tcp://a", 8, true}, {1, "b", "tcp://b", 8, true}};
+  sy::actors::placement_table p;
+  p.epoch = 1, p.layers = 1, p.experts = 2, p.moe_layer = {true};
+  // Expert 0 on both hosts, all of its traffic to b while b answers; expert 1 on b alone.
+  p.table = {{{{1, 0, 1, 1.0, true}, {0, 1, 1, 0.0, true}}, {{1, 2, 1, 1.0, true}}}};
+  REQUIRE(exec.update(p, hosts));
+  auto step = [&](int expert) {
+    model::dispatch_plan plan;
+    plan.tokens = 2;
+    plan.batches.push_back({expert, {0, 1}, {1.0f, 1.0f}});
+    std::vector<std::vector<float>> in{{1, 2, 3, 4}}, out{{0, 0, 0, 0}};
+    exec.begin_step();
+    auto err = exec.run(0, plan, in, out);
+    exec.end_step();
+    CHECK_FALSE(err);
+    CHECK(out[0] == std::vector<float>{2, 4, 6, 8});
+  };
+  step(0);  // b fails, a answers the retry
+  CHECK(b->calls == 1);
+  CHECK(a->calls == 1);
+  step(0);  // b is passed over: a answers at once, b is not asked again
+  CHECK(b->calls == 1);
+  CHECK(a->calls == 2);
+  step(1);  // expert 1 has no replica but b's: b is asked though passed over, and answers
+  CHECK(b->calls == 2);
+  step(0);  // b answered, so it takes expert 0's traffic again
+  CHECK(b->calls == 3);
+  CHECK(a->calls == 2);
+}
