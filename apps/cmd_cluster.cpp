@@ -8,6 +8,8 @@
 #include "apps/commands.hpp"
 #include "apps/observe.hpp"
 
+#include <chrono>
+
 #include <spdlog/spdlog.h>
 #include <toml++/toml.h>
 
@@ -199,11 +201,16 @@ void add_cluster_commands(CLI::App& app) {
       http_options http;
       actors::router_options o;  // the flags below write into it; its defaults are the flags' defaults
       bool no_peer_errors = false, no_metrics = false;
+      int64_t batch_timeout_ms = std::chrono::duration_cast<std::chrono::milliseconds>(o.batch_timeout).count();
     };
     auto a = std::make_shared<args>();
     cmd->add_option("--coordinator", a->coordinator, "Coordinator HOST:PORT")->required();
     cmd->add_option("--model", a->model, "Model folder")->required();
     add_http_options(cmd, a->http);
+    cmd->add_option("--batch-timeout-ms", a->batch_timeout_ms,
+                    "An expert batch with no answer by then is sent to another replica (a hung or slow host)")
+        ->capture_default_str()
+        ->check(CLI::Range(int64_t{10}, int64_t{600000}));
     cmd->add_option("--threads", a->o.threads, "Compute threads (0 = all cores)");
     cmd->add_option("--max-running", a->o.batcher.max_running, "Sequences decoding at once")->check(CLI::Range(1, 1 << 16));
     cmd->add_option("--max-queue", a->o.batcher.max_queue, "Queued requests before 503")->check(CLI::Range(0, 1 << 20));
@@ -225,6 +232,7 @@ void add_cluster_commands(CLI::App& app) {
       auto hc = make_http_config(a->http);
       auto tok = load_serving_tokenizer(a->http.tokenizer, a->model);
       actors::router_options o = a->o;
+      o.batch_timeout = std::chrono::milliseconds(a->batch_timeout_ms);
       o.coordinator_host = ch;
       o.coordinator_port = cp;
       o.model = a->model;

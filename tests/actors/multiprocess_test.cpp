@@ -90,6 +90,9 @@ class child {
     ::waitpid(pid_, nullptr, 0);
     pid_ = -1;
   }
+  /// SIGSTOP / SIGCONT: the process keeps its sockets open and answers nothing (a hung peer).
+  void freeze() { REQUIRE(::kill(pid_, SIGSTOP) == 0); }
+  void thaw() { REQUIRE(::kill(pid_, SIGCONT) == 0); }
 
  private:
   pid_t pid_ = -1;
@@ -162,7 +165,7 @@ struct cluster {
   uint16_t http = 0;
 };
 
-cluster start_cluster(const std::string& model, int hosts, int replicas) {
+cluster start_cluster(const std::string& model, int hosts, int replicas, const std::vector<std::string>& router_flags = {}) {
   cluster c;
   const std::string m = fixture(model).string();
   c.coordinator = std::make_unique<child>(std::vector<std::string>{"coordinator", "--listen", "127.0.0.1:0", "--model", m,
@@ -175,10 +178,12 @@ cluster start_cluster(const std::string& model, int hosts, int replicas) {
                                                                        "--name", "host" + std::to_string(h)}));
     c.hosts.back()->wait_for(std::regex("expert host serving"));
   }
-  c.router = std::make_unique<child>(std::vector<std::string>{"router", "--coordinator", "127.0.0.1:" + cport, "--model", m,
-                                                              "--http", "127.0.0.1:0", "--threads", "1",
-                                                              // every step of two or more sequences in ping-pong
-                                                              "--micro-batch-min-rows", "1"});
+  std::vector<std::string> router_args{"router", "--coordinator", "127.0.0.1:" + cport, "--model", m, "--http", "127.0.0.1:0",
+                                       "--threads", "1",
+                                       // every step of two or more sequences in ping-pong
+                                       "--micro-batch-min-rows", "1"};
+  router_args.insert(router_args.end(), router_flags.begin(), router_flags.end());
+  c.router = std::make_unique<child>(router_args);
   c.http = static_cast<uint16_t>(std::stoi(c.router->wait_for(std::regex("router serving HTTP on [^:]+:(\\d+)"))));
   // Ready once every expert has a ready replica.
   for (int i = 0; i < 300; ++i) {
@@ -255,6 +260,39 @@ TEST_CASE("multi-process: an expert host killed with SIGKILL mid-run loses no re
     for (size_t k = 0; k < calls.size(); ++k)
       if (which[k] == i) CHECK(got[k] == calm);
   }
+}
+
+TEST_CASE("multi-process: an expert host that hangs (SIGSTOP) mid-run loses no request (2 replicas)", "[multiprocess]") {
+  // Unlike a killed process, a hung one keeps its connections open: nothing fails fast, so the
+  // router's batch timeout (1 s here, 5 s by default) and the coordinator's heartbeat are what must
+  // get the traffic elsewhere.
+  auto ref = read_reference("qwen3moe_e16k4");
+  auto c = start_cluster("qwen3moe_e16k4", 3, 2, {"--batch-timeout-ms", "1000"});
+  std::vector<std::future<std::pair<int, std::string>>> calls;
+  for (int k = 0; k < 12; ++k)
+    calls.push_back(std::async(std::launch::async, [&, k] {
+      return http_post(c.http, json{{"prompt", ref.prompts[static_cast<size_t>(k % 2)]}, {"max_tokens", 64}}.dump());
+    }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  c.hosts[1]->freeze();
+  std::vector<std::vector<int32_t>> got(calls.size());
+  for (size_t k = 0; k < calls.size(); ++k) {
+    auto [st, body] = calls[k].get();
+    INFO("request " << k << ": " << body);
+    REQUIRE(st == 200);
+    got[k] = json::parse(body)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
+    REQUIRE(got[k].size() == 64);
+    CHECK(std::vector<int32_t>(got[k].begin(), got[k].begin() + 8) == ref.greedy[k % 2]);
+  }
+  // While the host is still hung, new requests are answered too, with the same tokens.
+  for (size_t i = 0; i < 2; ++i) {
+    auto [s2, b2] = http_post(c.http, json{{"prompt", ref.prompts[i]}, {"max_tokens", 64}}.dump());
+    REQUIRE(s2 == 200);
+    auto calm = json::parse(b2)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
+    for (size_t k = 0; k < calls.size(); ++k)
+      if (k % 2 == i) CHECK(got[k] == calm);
+  }
+  c.hosts[1]->thaw();
 }
 
 TEST_CASE("multi-process: a rebalance (switchyard ctl rebalance) while requests run loses none and changes no answer", "[multiprocess]") {
