@@ -15,6 +15,7 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -139,6 +140,36 @@ std::pair<int, std::string> http_post(uint16_t port, const std::string& body) {
   ::close(fd);
   if (resp.size() < 12) return {0, ""};
   return {std::stoi(resp.substr(9, 3)), resp.substr(resp.find("\r\n\r\n") + 4)};
+}
+
+/// GET `path`; the body of a 200 answer, else empty.
+std::string http_get(uint16_t port, const std::string& path) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    ::close(fd);
+    return {};
+  }
+  std::string req = "GET " + path + " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+  (void)::send(fd, req.data(), req.size(), 0);
+  std::string resp;
+  char b[4096];
+  ssize_t n;
+  while ((n = ::recv(fd, b, sizeof b, 0)) > 0) resp.append(b, static_cast<size_t>(n));
+  ::close(fd);
+  const auto split = resp.find("\r\n\r\n");
+  if (resp.size() < 12 || resp.substr(9, 3) != "200" || split == std::string::npos) return {};
+  return resp.substr(split + 4);
+}
+
+/// The value of an unlabelled counter in a Prometheus text page (-1 when absent).
+double metric(const std::string& page, const std::string& name) {
+  std::smatch m;
+  if (std::regex_search(page, m, std::regex("(^|\n)" + name + " ([0-9.e+]+)"))) return std::stod(m[2].str());
+  return -1;
 }
 
 struct reference {
@@ -293,6 +324,49 @@ TEST_CASE("multi-process: an expert host that hangs (SIGSTOP) mid-run loses no r
       if (k % 2 == i) CHECK(got[k] == calm);
   }
   c.hosts[1]->thaw();
+}
+
+TEST_CASE("multi-process: an expert host that stalls on and off (a slow peer) changes no answer (2 replicas)", "[multiprocess]") {
+  // Stopped 400 ms of every 500 while requests run: some of its answers come after the router's
+  // 300 ms batch timeout, when their rows have gone to the other replica; those late replies must
+  // be dropped, not taken for another batch's.
+  auto ref = read_reference("qwen3moe_e16k4");
+  auto c = start_cluster("qwen3moe_e16k4", 3, 2, {"--batch-timeout-ms", "300"});
+  std::atomic<bool> stalling{true};
+  std::thread staller([&] {
+    while (stalling) {
+      c.hosts[1]->freeze();
+      std::this_thread::sleep_for(std::chrono::milliseconds(400));
+      c.hosts[1]->thaw();
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
+  std::vector<std::future<std::pair<int, std::string>>> calls;
+  for (int k = 0; k < 12; ++k)
+    calls.push_back(std::async(std::launch::async, [&, k] {
+      return http_post(c.http, json{{"prompt", ref.prompts[static_cast<size_t>(k % 2)]}, {"max_tokens", 64}}.dump());
+    }));
+  std::vector<std::pair<int, std::string>> answers;
+  for (auto& f : calls) answers.push_back(f.get());
+  stalling = false;
+  staller.join();
+  // The stalls did cost batches their answers: rows went to the other replica.
+  CHECK(metric(http_get(c.http, "/metrics"), "switchyard_router_batch_retries_total") > 0);
+  std::vector<std::vector<int32_t>> got(answers.size());
+  for (size_t k = 0; k < answers.size(); ++k) {
+    INFO("request " << k << ": " << answers[k].second);
+    REQUIRE(answers[k].first == 200);
+    got[k] = json::parse(answers[k].second)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
+    REQUIRE(got[k].size() == 64);
+    CHECK(std::vector<int32_t>(got[k].begin(), got[k].begin() + 8) == ref.greedy[k % 2]);
+  }
+  for (size_t i = 0; i < 2; ++i) {
+    auto [s2, b2] = http_post(c.http, json{{"prompt", ref.prompts[i]}, {"max_tokens", 64}}.dump());
+    REQUIRE(s2 == 200);
+    auto calm = json::parse(b2)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
+    for (size_t k = 0; k < answers.size(); ++k)
+      if (k % 2 == i) CHECK(got[k] == calm);
+  }
 }
 
 TEST_CASE("multi-process: a rebalance (switchyard ctl rebalance) while requests run loses none and changes no answer", "[multiprocess]") {
