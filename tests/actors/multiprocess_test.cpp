@@ -9,6 +9,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -120,49 +121,40 @@ uint16_t unused_fixed_port() {
   return 0;
 }
 
-std::pair<int, std::string> http_post(uint16_t port, const std::string& body) {
+/// One request over a new loopback connection (Connection: close, so the answer ends with it):
+/// {status, body}, or {0, ""} when the connection is refused or the answer cut short. A client
+/// that waits forever would hang the test on a cluster that drops a request: 60 s at most.
+std::pair<int, std::string> http_request(uint16_t port, const std::string& request) {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_port = htons(port);
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  timeval limit{60, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit);
   if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
     ::close(fd);
     return {0, ""};
   }
-  std::string req = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: " +
-                    std::to_string(body.size()) + "\r\n\r\n" + body;
-  (void)::send(fd, req.data(), req.size(), 0);
-  std::string resp;
-  char b[4096];
-  ssize_t n;
-  while ((n = ::recv(fd, b, sizeof b, 0)) > 0) resp.append(b, static_cast<size_t>(n));
-  ::close(fd);
-  if (resp.size() < 12) return {0, ""};
-  return {std::stoi(resp.substr(9, 3)), resp.substr(resp.find("\r\n\r\n") + 4)};
-}
-
-/// GET `path`; the body of a 200 answer, else empty.
-std::string http_get(uint16_t port, const std::string& path) {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(port);
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
-    ::close(fd);
-    return {};
-  }
-  std::string req = "GET " + path + " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-  (void)::send(fd, req.data(), req.size(), 0);
+  (void)::send(fd, request.data(), request.size(), 0);
   std::string resp;
   char b[4096];
   ssize_t n;
   while ((n = ::recv(fd, b, sizeof b, 0)) > 0) resp.append(b, static_cast<size_t>(n));
   ::close(fd);
   const auto split = resp.find("\r\n\r\n");
-  if (resp.size() < 12 || resp.substr(9, 3) != "200" || split == std::string::npos) return {};
-  return resp.substr(split + 4);
+  if (resp.size() < 12 || split == std::string::npos) return {0, ""};
+  return {std::stoi(resp.substr(9, 3)), resp.substr(split + 4)};
+}
+
+std::pair<int, std::string> http_post(uint16_t port, const std::string& body) {
+  return http_request(port, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: " +
+                                std::to_string(body.size()) + "\r\n\r\n" + body);
+}
+
+/// GET `path` with `headers` (each ending in CRLF).
+std::pair<int, std::string> http_get(uint16_t port, const std::string& path, const std::string& headers = "") {
+  return http_request(port, "GET " + path + " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + headers + "\r\n");
 }
 
 /// The value of an unlabelled counter in a Prometheus text page (-1 when absent).
@@ -218,25 +210,47 @@ cluster start_cluster(const std::string& model, int hosts, int replicas, const s
   c.http = static_cast<uint16_t>(std::stoi(c.router->wait_for(std::regex("router serving HTTP on [^:]+:(\\d+)"))));
   // Ready once every expert has a ready replica.
   for (int i = 0; i < 300; ++i) {
-    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(c.http);
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    bool ok = false;
-    if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
-      std::string req = "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-      (void)::send(fd, req.data(), req.size(), 0);
-      char b[256];
-      ssize_t n = ::recv(fd, b, sizeof b, 0);
-      ok = n > 12 && std::string(b, 12).find("200") != std::string::npos;
-    }
-    ::close(fd);
-    if (ok) return c;
+    if (http_get(c.http, "/readyz").first == 200) return c;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   FAIL("the cluster did not become ready");
   return c;
+}
+
+/// 12 concurrent clients, each asking for 64 tokens of one of the two reference prompts (k % 2).
+std::vector<std::future<std::pair<int, std::string>>> start_requests(const cluster& c, const reference& ref) {
+  std::vector<std::future<std::pair<int, std::string>>> calls;
+  for (int k = 0; k < 12; ++k)
+    calls.push_back(std::async(std::launch::async, [&c, &ref, k] {
+      return http_post(c.http, json{{"prompt", ref.prompts[static_cast<size_t>(k % 2)]}, {"max_tokens", 64}}.dump());
+    }));
+  return calls;
+}
+
+std::vector<std::pair<int, std::string>> collect(std::vector<std::future<std::pair<int, std::string>>>& calls) {
+  std::vector<std::pair<int, std::string>> answers;
+  for (auto& f : calls) answers.push_back(f.get());
+  return answers;
+}
+
+/// Every answer is a 200 with 64 tokens whose first 8 are the reference's (what it covers), and
+/// all 64 equal those of a request made now, on the cluster as it is after the fault.
+void check_answers(const cluster& c, const reference& ref, const std::vector<std::pair<int, std::string>>& answers) {
+  std::vector<std::vector<int32_t>> got(answers.size());
+  for (size_t k = 0; k < answers.size(); ++k) {
+    INFO("request " << k << ": " << answers[k].second);
+    REQUIRE(answers[k].first == 200);
+    got[k] = json::parse(answers[k].second)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
+    REQUIRE(got[k].size() == 64);
+    CHECK(std::vector<int32_t>(got[k].begin(), got[k].begin() + 8) == ref.greedy[k % 2]);
+  }
+  for (size_t i = 0; i < 2; ++i) {
+    auto [st, body] = http_post(c.http, json{{"prompt", ref.prompts[i]}, {"max_tokens", 64}}.dump());
+    REQUIRE(st == 200);
+    auto now = json::parse(body)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
+    for (size_t k = 0; k < answers.size(); ++k)
+      if (k % 2 == i) CHECK(got[k] == now);
+  }
 }
 
 }  // namespace
@@ -261,37 +275,12 @@ TEST_CASE("multi-process: coordinator + 3 expert hosts + router on loopback answ
 TEST_CASE("multi-process: an expert host killed with SIGKILL mid-run loses no request (2 replicas)", "[multiprocess]") {
   auto ref = read_reference("qwen3moe_e16k4");
   auto c = start_cluster("qwen3moe_e16k4", 3, 2);
-  // 12 concurrent clients, each sending the reference prompts; host 1 dies while they run.
-  std::vector<std::future<std::pair<int, std::string>>> calls;
-  std::vector<size_t> which;
-  for (int k = 0; k < 12; ++k) {
-    const size_t i = static_cast<size_t>(k % 2);
-    which.push_back(i);
-    calls.push_back(std::async(std::launch::async, [&, i] {
-      return http_post(c.http, json{{"prompt", ref.prompts[i]}, {"max_tokens", 64}}.dump());
-    }));
-  }
+  auto calls = start_requests(c, ref);
   std::this_thread::sleep_for(std::chrono::milliseconds(30));
   c.hosts[1]->kill_hard();
-  std::vector<std::vector<int32_t>> got(calls.size());
-  for (size_t k = 0; k < calls.size(); ++k) {
-    auto [st, body] = calls[k].get();
-    INFO("request " << k << ": " << body);
-    REQUIRE(st == 200);
-    got[k] = json::parse(body)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
-    REQUIRE(got[k].size() == 64);
-    // The reference covers the first 8 tokens.
-    CHECK(std::vector<int32_t>(got[k].begin(), got[k].begin() + 8) == ref.greedy[which[k]]);
-  }
-  // All 64 tokens equal an unperturbed run's (made after the failure, on the survivors).
-  for (size_t i = 0; i < 2; ++i) {
-    auto [s2, b2] = http_post(c.http, json{{"prompt", ref.prompts[i]}, {"max_tokens", 64}}.dump());
-    REQUIRE(s2 == 200);
-    auto calm = json::parse(b2)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
-    for (size_t k = 0; k < calls.size(); ++k)
-      if (which[k] == i) CHECK(got[k] == calm);
-  }
+  check_answers(c, ref, collect(calls));  // the answers made now come from the survivors
 }
+
 
 TEST_CASE("multi-process: an expert host that hangs (SIGSTOP) mid-run loses no request (2 replicas)", "[multiprocess]") {
   // Unlike a killed process, a hung one keeps its connections open: nothing fails fast, so the
@@ -299,32 +288,13 @@ TEST_CASE("multi-process: an expert host that hangs (SIGSTOP) mid-run loses no r
   // get the traffic elsewhere.
   auto ref = read_reference("qwen3moe_e16k4");
   auto c = start_cluster("qwen3moe_e16k4", 3, 2, {"--batch-timeout-ms", "1000"});
-  std::vector<std::future<std::pair<int, std::string>>> calls;
-  for (int k = 0; k < 12; ++k)
-    calls.push_back(std::async(std::launch::async, [&, k] {
-      return http_post(c.http, json{{"prompt", ref.prompts[static_cast<size_t>(k % 2)]}, {"max_tokens", 64}}.dump());
-    }));
+  auto calls = start_requests(c, ref);
   std::this_thread::sleep_for(std::chrono::milliseconds(30));
   c.hosts[1]->freeze();
-  std::vector<std::vector<int32_t>> got(calls.size());
-  for (size_t k = 0; k < calls.size(); ++k) {
-    auto [st, body] = calls[k].get();
-    INFO("request " << k << ": " << body);
-    REQUIRE(st == 200);
-    got[k] = json::parse(body)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
-    REQUIRE(got[k].size() == 64);
-    CHECK(std::vector<int32_t>(got[k].begin(), got[k].begin() + 8) == ref.greedy[k % 2]);
-  }
-  // While the host is still hung, new requests are answered too, with the same tokens.
-  for (size_t i = 0; i < 2; ++i) {
-    auto [s2, b2] = http_post(c.http, json{{"prompt", ref.prompts[i]}, {"max_tokens", 64}}.dump());
-    REQUIRE(s2 == 200);
-    auto calm = json::parse(b2)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
-    for (size_t k = 0; k < calls.size(); ++k)
-      if (k % 2 == i) CHECK(got[k] == calm);
-  }
+  check_answers(c, ref, collect(calls));  // the answers made now come while the host is still hung
   c.hosts[1]->thaw();
 }
+
 
 TEST_CASE("multi-process: an expert host that stalls on and off (a slow peer) changes no answer (2 replicas)", "[multiprocess]") {
   // Stopped 400 ms of every 500 while requests run: some of its answers come after the router's
@@ -341,64 +311,26 @@ TEST_CASE("multi-process: an expert host that stalls on and off (a slow peer) ch
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
   });
-  std::vector<std::future<std::pair<int, std::string>>> calls;
-  for (int k = 0; k < 12; ++k)
-    calls.push_back(std::async(std::launch::async, [&, k] {
-      return http_post(c.http, json{{"prompt", ref.prompts[static_cast<size_t>(k % 2)]}, {"max_tokens", 64}}.dump());
-    }));
-  std::vector<std::pair<int, std::string>> answers;
-  for (auto& f : calls) answers.push_back(f.get());
+  auto calls = start_requests(c, ref);
+  auto answers = collect(calls);
   stalling = false;
   staller.join();
   // The stalls did cost batches their answers: rows went to the other replica.
-  CHECK(metric(http_get(c.http, "/metrics"), "switchyard_router_batch_retries_total") > 0);
-  std::vector<std::vector<int32_t>> got(answers.size());
-  for (size_t k = 0; k < answers.size(); ++k) {
-    INFO("request " << k << ": " << answers[k].second);
-    REQUIRE(answers[k].first == 200);
-    got[k] = json::parse(answers[k].second)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
-    REQUIRE(got[k].size() == 64);
-    CHECK(std::vector<int32_t>(got[k].begin(), got[k].begin() + 8) == ref.greedy[k % 2]);
-  }
-  for (size_t i = 0; i < 2; ++i) {
-    auto [s2, b2] = http_post(c.http, json{{"prompt", ref.prompts[i]}, {"max_tokens", 64}}.dump());
-    REQUIRE(s2 == 200);
-    auto calm = json::parse(b2)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
-    for (size_t k = 0; k < answers.size(); ++k)
-      if (k % 2 == i) CHECK(got[k] == calm);
-  }
+  CHECK(metric(http_get(c.http, "/metrics").second, "switchyard_router_batch_retries_total") > 0);
+  check_answers(c, ref, answers);
 }
+
 
 TEST_CASE("multi-process: a rebalance (switchyard ctl rebalance) while requests run loses none and changes no answer", "[multiprocess]") {
   ::setenv("SWITCHYARD_ADMIN_TOKEN", "multiprocess-test-token", 1);  // inherited by the router and ctl
   auto ref = read_reference("qwen3moe_e16k4");
   auto c = start_cluster("qwen3moe_e16k4", 3, 1);
-  std::vector<std::future<std::pair<int, std::string>>> calls;
-  for (int k = 0; k < 12; ++k)
-    calls.push_back(std::async(std::launch::async, [&, k] {
-      return http_post(c.http, json{{"prompt", ref.prompts[static_cast<size_t>(k % 2)]}, {"max_tokens", 64}}.dump());
-    }));
+  auto calls = start_requests(c, ref);
   std::this_thread::sleep_for(std::chrono::milliseconds(30));
   child ctl({"ctl", "rebalance", "--router", "127.0.0.1:" + std::to_string(c.http)});
   const std::string status = ctl.wait_for(std::regex("\"status\": \"([a-z]+)\""));
   CHECK(status == "done");
-  std::vector<std::vector<int32_t>> got(calls.size());
-  for (size_t k = 0; k < calls.size(); ++k) {
-    auto [st, body] = calls[k].get();
-    INFO("request " << k << ": " << body);
-    REQUIRE(st == 200);
-    got[k] = json::parse(body)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
-    REQUIRE(got[k].size() == 64);
-    CHECK(std::vector<int32_t>(got[k].begin(), got[k].begin() + 8) == ref.greedy[k % 2]);
-  }
-  // Every answer equals one made after the rebalance, on the new placement.
-  for (size_t i = 0; i < 2; ++i) {
-    auto [s2, b2] = http_post(c.http, json{{"prompt", ref.prompts[i]}, {"max_tokens", 64}}.dump());
-    REQUIRE(s2 == 200);
-    auto calm = json::parse(b2)["choices"][0]["token_ids"].get<std::vector<int32_t>>();
-    for (size_t k = 0; k < calls.size(); ++k)
-      if (k % 2 == i) CHECK(got[k] == calm);
-  }
+  check_answers(c, ref, collect(calls));  // the answers made now run on the new placement
   ::unsetenv("SWITCHYARD_ADMIN_TOKEN");
 }
 
@@ -406,26 +338,9 @@ namespace {
 
 /// GET /admin/cluster from the router (admin token from the environment).
 json cluster_state(uint16_t port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(port);
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
-    ::close(fd);
-    return {};
-  }
-  std::string req = std::string("GET /admin/cluster HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer ") +
-                    std::getenv("SWITCHYARD_ADMIN_TOKEN") + "\r\n\r\n";
-  (void)::send(fd, req.data(), req.size(), 0);
-  std::string resp;
-  char b[4096];
-  ssize_t n;
-  while ((n = ::recv(fd, b, sizeof b, 0)) > 0) resp.append(b, static_cast<size_t>(n));
-  ::close(fd);
-  const auto split = resp.find("\r\n\r\n");
-  if (resp.size() < 12 || resp.substr(9, 3) != "200" || split == std::string::npos) return {};
-  return json::parse(resp.substr(split + 4), nullptr, false);
+  auto [status, body] =
+      http_get(port, "/admin/cluster", std::string("Authorization: Bearer ") + std::getenv("SWITCHYARD_ADMIN_TOKEN") + "\r\n");
+  return status == 200 ? json::parse(body, nullptr, false) : json{};
 }
 
 }  // namespace
