@@ -134,6 +134,27 @@ void cluster_executor::note_failure(const std::string& address) {
   a.until = std::chrono::steady_clock::now() + a.wait;
 }
 
+bool cluster_executor::marked_down(const std::string& address) const {
+  std::lock_guard lock(mu_);
+  if (!latest_) return false;
+  for (const auto& h : latest_->hosts)
+    if (h.data_address == address) return !h.up;
+  return true;
+}
+
+void cluster_executor::await(std::future<caf::error>& result, const std::string& address) {
+  // A reply normally comes in far less than a slice; only a slow or hung host makes this look.
+  constexpr std::chrono::milliseconds slice{20};
+  while (result.wait_for(slice) != std::future_status::ready) {
+    if (!marked_down(address)) continue;
+    auto it = channels_.find(address);
+    if (it == channels_.end()) continue;  // abandoned already: its calls are failing
+    auto ch = std::move(it->second);
+    channels_.erase(it);
+    if (ch) ch->abandon();
+  }
+}
+
 void cluster_executor::mark_avoided() {
   const auto now = std::chrono::steady_clock::now();
   avoided_.assign(step_ ? step_->hosts.size() : 0, false);
@@ -272,6 +293,7 @@ caf::error cluster_executor::finish(std::unique_ptr<model::expert_executor::tick
     std::vector<piece> retry;
     for (auto& c : f->calls) {
       const auto& address = hosts[static_cast<size_t>(c.host)].data_address;
+      await(c.result, address);
       if (auto err = c.result.get()) {
         if (!failed_[static_cast<size_t>(c.host)]) {  // one failure a step: both micro-batches may see it
           failed_[static_cast<size_t>(c.host)] = true;

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <functional>
+#include <future>
 #include <map>
 #include <string>
 #include <tuple>
@@ -106,6 +107,11 @@ class cluster_executor final : public model::expert_executor {
   std::vector<bool> avoided_;  ///< per host of the pinned epoch: under avoidance when the step began
   void mark_avoided();
   void note_failure(const std::string& address);
+  /// Whether the newest placement has the host at `address` down (or no longer lists it).
+  [[nodiscard]] bool marked_down(const std::string& address) const;
+  /// Waits for a call's outcome; if the coordinator marks its host down meanwhile, abandons the
+  /// host's channel (its calls fail now, not at the batch timeout) so the rows go elsewhere sooner.
+  void await(std::future<caf::error>& result, const std::string& address);
   [[nodiscard]] bool wait_for_replica(int layer, int expert);
   /// Rows sent per (layer, expert, host) under the pinned epoch: the share-following split.
   std::map<std::tuple<int, int, int>, double> sent_;

@@ -85,6 +85,10 @@ class expert_channel {
     p.set_value(call(layer, epoch, experts, inputs, outputs));
     return p.get_future();
   }
+  /// Fails every call in flight at once (the host is known to be gone: no reply is worth waiting
+  /// for); once it returns, no call writes its outputs any more. A channel whose calls complete
+  /// before `call_async` returns has nothing to do.
+  virtual void abandon() {}
 };
 
 class inproc_channel final : public expert_channel {

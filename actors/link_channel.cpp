@@ -17,6 +17,8 @@ link_channel::~link_channel() {
   if (link_) link_->close();
 }
 
+void link_channel::abandon() { link_->close(); }
+
 caf::error link_channel::call(int layer, uint64_t epoch, std::span<const int> experts,
                               std::span<const std::vector<float>* const> inputs, std::span<std::vector<float>* const> outputs) {
   return call_async(layer, epoch, experts, inputs, outputs).get();

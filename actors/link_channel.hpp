@@ -26,6 +26,8 @@ class link_channel final : public expert_channel {
   [[nodiscard]] std::future<caf::error> call_async(int layer, uint64_t epoch, std::span<const int> experts,
                                                    std::span<const std::vector<float>* const> inputs,
                                                    std::span<std::vector<float>* const> outputs) override;
+  /// Closes the link: its pending calls fail with `link_closed`.
+  void abandon() override;
 
  private:
   std::shared_ptr<transport::link_client> link_;

@@ -22,6 +22,7 @@
 #include <filesystem>
 #include <future>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <map>
 #include <set>
@@ -566,4 +567,81 @@ TEST_CASE("cluster executor: a host whose call failed is passed over by later st
   step(0);  // b answered, so it takes expert 0's traffic again
   CHECK(b->calls == 3);
   CHECK(a->calls == 2);
+}
+
+namespace {
+
+/// A host that never answers: its calls end only when abandoned, or after 10 s (a batch timeout).
+struct hanging_channel final : sy::actors::expert_channel {
+  struct pending {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::optional<std::promise<caf::error>> done;
+    void finish(caf::error e) {
+      std::lock_guard lock(mu);
+      if (done) done->set_value(std::move(e)), done.reset();
+      cv.notify_all();
+    }
+  };
+  std::shared_ptr<pending> p = std::make_shared<pending>();
+  std::atomic<bool> abandoned{false};
+  std::vector<std::thread> timers;
+  ~hanging_channel() override {
+    for (auto& t : timers) t.join();
+  }
+  caf::error call(int, uint64_t, std::span<const int>, std::span<const std::vector<float>* const>,
+                  std::span<std::vector<float>* const>) override {
+    return model::make_error(model::model_errc::io_error, "synchronous calls are not used here");
+  }
+  std::future<caf::error> call_async(int, uint64_t, std::span<const int>, std::span<const std::vector<float>* const>,
+                                     std::span<std::vector<float>* const>) override {
+    std::lock_guard lock(p->mu);
+    p->done.emplace();
+    auto f = p->done->get_future();
+    timers.emplace_back([p = p] {
+      {
+        std::unique_lock wait(p->mu);
+        if (p->cv.wait_for(wait, std::chrono::seconds(10), [&] { return !p->done; })) return;  // abandoned
+      }
+      p->finish(model::make_error(model::model_errc::io_error, "batch timeout"));
+    });
+    return f;
+  }
+  void abandon() override {
+    abandoned = true;
+    p->finish(model::make_error(model::model_errc::io_error, "link closed"));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("cluster executor: calls to a host the coordinator marks down are abandoned, not waited out", "[actors]") {
+  auto a = std::make_shared<counting_channel>();
+  auto b = std::make_shared<hanging_channel>();
+  sy::actors::cluster_executor exec([&](const sy::actors::host_info& h) -> std::shared_ptr<sy::actors::expert_channel> {
+    if (h.id == 0) return a;
+    return b;
+  });
+  std::vector<sy::actors::host_info> hosts = {{0, "a", "tcp://a", 8, true}, {1, "b", "tcp://b", 8, true}};
+  sy::actors::placement_table p;
+  p.epoch = 1, p.layers = 1, p.experts = 1, p.moe_layer = {true};
+  p.table = {{{{1, 0, 1, 1.0, true}, {0, 1, 1, 0.0, true}}}};  // all of expert 0's rows to b
+  REQUIRE(exec.update(p, hosts));
+  model::dispatch_plan plan;
+  plan.tokens = 2;
+  plan.batches.push_back({0, {0, 1}, {1.0f, 1.0f}});
+  std::vector<std::vector<float>> in{{1, 2, 3, 4}}, out{{0, 0, 0, 0}};
+  exec.begin_step();
+  auto step = std::async(std::launch::async, [&] { return exec.run(0, plan, in, out); });
+  // b hangs; the coordinator's heartbeat marks it down under a new epoch.
+  REQUIRE(step.wait_for(std::chrono::milliseconds(200)) == std::future_status::timeout);
+  hosts[1].up = false;
+  p.epoch = 2;
+  REQUIRE(exec.update(p, hosts));
+  auto err = step.get();
+  exec.end_step();
+  CHECK_FALSE(err);
+  CHECK(b->abandoned);  // ended by the placement, not by its 10 s timeout
+  CHECK(a->calls == 1);
+  CHECK(out[0] == std::vector<float>{2, 4, 6, 8});
 }
