@@ -281,7 +281,6 @@ TEST_CASE("multi-process: an expert host killed with SIGKILL mid-run loses no re
   check_answers(c, ref, collect(calls));  // the answers made now come from the survivors
 }
 
-
 TEST_CASE("multi-process: an expert host that hangs (SIGSTOP) mid-run loses no request (2 replicas)", "[multiprocess]") {
   // Unlike a killed process, a hung one keeps its connections open: nothing fails fast. The
   // coordinator's heartbeat marks it down (1.5 s), the router then abandons the calls in flight to
