@@ -134,6 +134,12 @@ void cluster_executor::note_failure(const std::string& address) {
   a.until = std::chrono::steady_clock::now() + a.wait;
 }
 
+void cluster_executor::fail_host(size_t host, const std::string& address) {
+  if (failed_[host]) return;  // one failure a step: both micro-batches may see it
+  failed_[host] = true;
+  note_failure(address);
+}
+
 bool cluster_executor::marked_down(const std::string& address) const {
   std::lock_guard lock(mu_);
   if (!latest_) return false;
@@ -295,10 +301,7 @@ caf::error cluster_executor::finish(std::unique_ptr<model::expert_executor::tick
       const auto& address = hosts[static_cast<size_t>(c.host)].data_address;
       await(c.result, address);
       if (auto err = c.result.get()) {
-        if (!failed_[static_cast<size_t>(c.host)]) {  // one failure a step: both micro-batches may see it
-          failed_[static_cast<size_t>(c.host)] = true;
-          note_failure(address);
-        }
+        fail_host(static_cast<size_t>(c.host), address);
         channels_.erase(address);  // reconnect if it comes back
         f->last = std::move(err);
         retry.insert(retry.end(), c.pieces.begin(), c.pieces.end());
@@ -470,10 +473,7 @@ caf::error cluster_executor::send_round(flight& f) {
         // Failed now, not only once this call is collected: the other micro-batch's round of this
         // step must not wait on a second connection attempt.
         channels_.erase(hi.data_address);
-        if (!failed_[static_cast<size_t>(h)]) {
-          failed_[static_cast<size_t>(h)] = true;
-          note_failure(hi.data_address);
-        }
+        fail_host(static_cast<size_t>(h), hi.data_address);
         std::promise<caf::error> unreachable;
         unreachable.set_value(model::make_error(model_errc::io_error, "cannot reach " + hi.name + " at " + hi.data_address));
         c.result = unreachable.get_future();

@@ -107,6 +107,8 @@ class cluster_executor final : public model::expert_executor {
   std::vector<bool> avoided_;  ///< per host of the pinned epoch: under avoidance when the step began
   void mark_avoided();
   void note_failure(const std::string& address);
+  /// Marks `host` failed for the rest of the step and notes the failure, once a step.
+  void fail_host(size_t host, const std::string& address);
   /// Whether the newest placement has the host at `address` down (or no longer lists it).
   [[nodiscard]] bool marked_down(const std::string& address) const;
   /// Waits for a call's outcome; if the coordinator marks its host down meanwhile, abandons the

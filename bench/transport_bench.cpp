@@ -39,7 +39,6 @@
 #include <unistd.h>
 #include <limits>
 #include <new>
-#include <pthread.h>
 #include <optional>
 #include <vector>
 
@@ -198,7 +197,8 @@ int serve(const options& o) {
   return 0;
 }
 
-/// Pins the calling process's threads (and those it starts later) to `cpu`; -1 leaves them free.
+/// Pins the calling thread (and the threads it starts later: before any, the whole process) to
+/// `cpu`; -1 leaves it free.
 void pin_to(int cpu) {
   if (cpu < 0) return;
   cpu_set_t set;
@@ -304,25 +304,18 @@ std::optional<std::pair<int, int>> two_cpus(const options& o) {
   return std::pair{cpus[0], cpus[1]};
 }
 
-void pin_thread(int cpu) {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  CPU_SET(cpu, &set);
-  ::pthread_setaffinity_np(::pthread_self(), sizeof set, &set);
-}
-
 /// p50 of a round trip of two cross-core copies of `bytes` (see the file comment): `fresh` copies
 /// the buffer the other thread has just written; otherwise each copies from a buffer nobody writes.
 /// Runs with this process's own threads pinned to `cpus` (restored afterwards).
 double cross_core_rtt_us(size_t bytes, bool fresh, std::pair<int, int> cpus) {
   cpu_set_t saved;
   CPU_ZERO(&saved);
-  ::pthread_getaffinity_np(::pthread_self(), sizeof saved, &saved);
+  ::sched_getaffinity(0, sizeof saved, &saved);
   std::vector<char> a(bytes, 1), b(bytes, 2), same_a(bytes, 3), same_b(bytes, 4);
   const int iters = static_cast<int>(std::clamp<size_t>((size_t{1} << 29) / bytes, 200, 20000));
   std::atomic<int> turn{0};
   std::thread peer([&] {
-    pin_thread(cpus.second);
+    pin_to(cpus.second);
     for (int i = 0; i < iters; ++i) {
       while (turn.load(std::memory_order_acquire) != 1) {
       }
@@ -330,7 +323,7 @@ double cross_core_rtt_us(size_t bytes, bool fresh, std::pair<int, int> cpus) {
       turn.store(2, std::memory_order_release);
     }
   });
-  pin_thread(cpus.first);
+  pin_to(cpus.first);
   std::vector<double> rtt;
   rtt.reserve(static_cast<size_t>(iters));
   for (int i = 0; i < iters; ++i) {
@@ -342,7 +335,7 @@ double cross_core_rtt_us(size_t bytes, bool fresh, std::pair<int, int> cpus) {
     rtt.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count());
   }
   peer.join();
-  ::pthread_setaffinity_np(::pthread_self(), sizeof saved, &saved);
+  ::sched_setaffinity(0, sizeof saved, &saved);
   const size_t warm = rtt.size() / 10;  // the first round trips fault pages in and fill caches
   return percentile(std::vector<double>(rtt.begin() + static_cast<std::ptrdiff_t>(warm), rtt.end()), 0.50);
 }
@@ -371,6 +364,7 @@ int main(int argc, char** argv) {
               o.awaiting_spin_us, o.window, o.sync ? "call_sync" : "call().get()");
   std::printf("%6s %10s %8s %10s %10s %12s %12s %10s %10s %10s %10s\n", "rows", "bytes", "iters", "p50_us", "p99_us",
               "pingpong_GBs", "stream_GBs", "hot_cpy", "cold_cpy", "xc_new_us", "xc_same_us");
+  const auto cpus = two_cpus(o);  // for the cross-core baseline
   uint64_t id = 1;
   for (uint32_t rows : o.rows) {
     const size_t bytes = size_t{rows} * o.hidden * 2;
@@ -464,7 +458,6 @@ int main(int argc, char** argv) {
     }
     const double stream = static_cast<double>(bytes) * total / secs / 1e9;
     const auto [hot, cold] = memcpy_gbps(bytes);
-    const auto cpus = two_cpus(o);
     const double nan = std::numeric_limits<double>::quiet_NaN();
     const double xc_new = cpus ? cross_core_rtt_us(bytes, true, *cpus) : nan;
     const double xc_same = cpus ? cross_core_rtt_us(bytes, false, *cpus) : nan;
