@@ -123,7 +123,7 @@ int main(int argc, char** argv) {
     };
     std::vector<variant> variants;
     for (auto mode : {gpu::gemm_mode::automatic, gpu::gemm_mode::grouped, gpu::gemm_mode::per_expert,
-                      gpu::gemm_mode::padded, gpu::gemm_mode::gemv})
+                      gpu::gemm_mode::padded, gpu::gemm_mode::gemv, gpu::gemm_mode::fused})
       variants.push_back({mode, {}, gpu::to_string(mode)});
     if (sweep) {
       for (bool split : {false, true}) {

@@ -1,5 +1,7 @@
 #include "model/cuda/gpu_moe.hpp"
 
+#include "model/cuda/moe_gemm.hpp"
+
 #include "model/error.hpp"
 
 #include <cublas_v2.h>
@@ -207,10 +209,15 @@ __global__ void count_kernel(const int* idx, int64_t n, const int* slot, int* co
     if (slot[idx[i]] >= 0) atomicAdd(&counts[idx[i]], 1);
 }
 
-__global__ void scatter_kernel(const int* idx, int64_t n, const int* slot, const int* offsets, int* fill, int* pos) {
+/// Routing pair i goes to row pos[i] of the expert-sorted rows (-1: expert not held here); with
+/// `row_tok`, that row's token (i / k) is noted there.
+__global__ void scatter_kernel(const int* idx, int64_t n, const int* slot, const int* offsets, int* fill, int* pos,
+                               int* row_tok, int k) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int e = idx[i];
-    pos[i] = slot[e] >= 0 ? offsets[e] + atomicAdd(&fill[e], 1) : -1;
+    const int p = slot[e] >= 0 ? offsets[e] + atomicAdd(&fill[e], 1) : -1;
+    pos[i] = p;
+    if (row_tok && p >= 0) row_tok[p] = static_cast<int>(i / k);
   }
 }
 
@@ -813,6 +820,7 @@ struct expert_engine {
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;
   bool grouped_ok = true;  ///< cleared when the library refuses the grouped call (then one GEMM per expert)
+  bool fused_ok = false;   ///< our grouped GEMM kernels run here (sm_90 device, widths they take)
   gemm_mode mode = gemm_mode::automatic;
   gemv_tuning tuning;
   int calls = 0;           ///< GEMM calls since the stream was last idle: picks the pointer buffer
@@ -826,6 +834,8 @@ struct expert_engine {
   dbuf gu_tab, dn_tab;  // device tables of every expert's weight pointers, by id (the GEMV path)
   bool tabs_stale = true;
   dbuf hmid;            // GEMV path: f32 SwiGLU activations [rows, F]
+  dbuf tiles;           // fused path: the step's tile list
+  hbuf tiles_host;
   gemm_mode last = gemm_mode::automatic;  // the launch kind the last batch ran with
 
   ~expert_engine() {
@@ -841,6 +851,7 @@ struct expert_engine {
     SY_CU(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     SY_CUBLAS(cublasCreate(&blas));
     SY_CUBLAS(cublasSetStream(blas, stream));
+    fused_ok = moe_gemm_available(device) && moe_gemm_shapes(hidden, ffn);
     return {};
   }
 
@@ -902,6 +913,8 @@ struct expert_engine {
   /// The GEMV path for a batch of `rows` rows over `groups` experts, the largest `most`.
   bool use_gemv(int most, int64_t rows, size_t groups) const {
     if (mode == gemm_mode::grouped || mode == gemm_mode::per_expert || mode == gemm_mode::padded) return false;
+    if (mode == gemm_mode::fused && fused_ok) return false;
+    if (mode == gemm_mode::fused) return !few_large(groups) || rows <= 2 * static_cast<int64_t>(groups);  // as automatic
     if (most > gemv_max_rows || !gemv_shapes()) return false;
     return mode == gemm_mode::gemv || !few_large(groups) || rows <= 2 * static_cast<int64_t>(groups);
   }
@@ -970,7 +983,8 @@ struct expert_engine {
     // every token count, where per-expert launches dominate.
     const bool few_large = groups <= 16 && (static_cast<int64_t>(m) * k >= (int64_t{16} << 20)) &&
                            *std::max_element(n.begin(), n.end()) > 64;  // grouped wins below
-    const bool automatic = mode == gemm_mode::automatic || mode == gemm_mode::gemv;  // gemv: batches it cannot take
+    // gemv and fused: batches they cannot take
+    const bool automatic = mode == gemm_mode::automatic || mode == gemm_mode::gemv || mode == gemm_mode::fused;
     const bool use_grouped = mode == gemm_mode::grouped || (automatic && !few_large);
     if (grouped_ok && use_grouped) {
       std::vector<cublasOperation_t> ta(static_cast<size_t>(groups), CUBLAS_OP_T), tb(static_cast<size_t>(groups), CUBLAS_OP_N);
@@ -1042,6 +1056,41 @@ struct expert_engine {
     return {};
   }
 
+  /// Whether a batch of experts with these row counts runs on our grouped GEMM kernels (`fused`):
+  /// only when asked for (`automatic` does not choose them yet, docs/benchmarks.md).
+  bool use_fused(const std::vector<int>& cnt) const {
+    if (!fused_ok || cnt.empty()) return false;
+    return mode == gemm_mode::fused;
+  }
+
+  /// Experts ids[g] on rows [off[g], off[g] + n[g]) of the packed row space into the same rows of
+  /// yo (bf16 [rows, H]): our two grouped kernels (gate_up with SwiGLU, down), no padding. Input row
+  /// r is x's row row_idx[r] (the token rows, no gathered copy), or x's row r when row_idx is null.
+  caf::error compute_fused(const std::vector<int>& ids, const std::vector<int>& off, const std::vector<int>& n,
+                           const bf16* x, const int* row_idx, int64_t total_rows, bf16* yo) {
+    if (ids.empty()) return {};
+    SY_TRY(tables());
+    size_t count = 0;
+    for (int c : n) count += static_cast<size_t>((c + moe_tile_rows - 1) / moe_tile_rows);
+    // Callers enter with the stream idle: the pinned list can be rewritten.
+    SY_TRY(tiles_host.reserve(count * sizeof(moe_tile)));
+    SY_TRY(tiles.reserve(count * sizeof(moe_tile)));
+    SY_TRY(h.reserve(static_cast<size_t>(total_rows * ffn) * 2));
+    auto* tl = tiles_host.as<moe_tile>();
+    size_t i = 0;
+    for (size_t g = 0; g < ids.size(); ++g)
+      for (int m = 0; m < n[g]; m += moe_tile_rows, ++i)
+        tl[i] = moe_tile{ids[g], off[g] + m, std::min(moe_tile_rows, n[g] - m), off[g] + m};
+    SY_CU(cudaMemcpyAsync(tiles.p, tiles_host.p, count * sizeof(moe_tile), cudaMemcpyHostToDevice, stream));
+    const auto* td = tiles.as<const moe_tile>();
+    SY_CU(moe_gate_up(td, static_cast<int>(count), x, row_idx, gu_tab.as<const void* const>(), static_cast<int>(hidden),
+                      static_cast<int>(ffn), h.p, stream));
+    SY_CU(moe_down(td, static_cast<int>(count), h.p, dn_tab.as<const void* const>(), static_cast<int>(hidden),
+                   static_cast<int>(ffn), yo, stream));
+    last = gemm_mode::fused;
+    return {};
+  }
+
   /// Experts ids[g] on rows [g·mpad, g·mpad + mpad) of xs (bf16, padded to mpad rows per expert)
   /// into the same rows of yo: two batched GEMMs and the SwiGLU kernel over every padded row.
   caf::error compute_padded(const std::vector<int>& ids, int mpad, const bf16* xs, bf16* yo) {
@@ -1088,7 +1137,8 @@ struct expert_engine {
   /// large experts not above 512 rows each.
   bool use_padded(const std::vector<int>& cnt) const {
     if (mode == gemm_mode::padded) return true;
-    if (mode != gemm_mode::automatic && mode != gemm_mode::gemv) return false;
+    if (use_fused(cnt)) return false;
+    if (mode != gemm_mode::automatic && mode != gemm_mode::gemv && mode != gemm_mode::fused) return false;
     if (cnt.empty()) return false;
     const int mpad = padded_rows(cnt);
     if (mpad <= padded_free_rows) return true;
@@ -1148,6 +1198,7 @@ const char* to_string(gemm_mode m) {
     case gemm_mode::per_expert: return "each";
     case gemm_mode::padded: return "padded";
     case gemm_mode::gemv: return "gemv";
+    case gemm_mode::fused: return "fused";
   }
   return "?";
 }
@@ -1209,7 +1260,8 @@ caf::error gpu_experts::run(std::span<const int> ids, std::span<const float* con
   }
   if (rows == 0) return {};
   const bool gemv = eng.use_gemv(most, rows, gid.size());
-  const bool padded = !gemv && eng.use_padded(cnt);
+  const bool fused = !gemv && eng.use_fused(cnt);
+  const bool padded = !gemv && !fused && eng.use_padded(cnt);
   const int mpad = padded ? expert_engine::padded_rows(cnt) : 0;
   // Row offsets on the device: packed, or padded to mpad rows per expert.
   std::vector<int> off;
@@ -1251,7 +1303,9 @@ caf::error gpu_experts::run(std::span<const int> ids, std::span<const float* con
   } else {
     f32_to_bf16_kernel<<<blocks_for(convert_threads(span * h)), 256, 0, eng.stream>>>(s.x32.as<float>(), s.xs.as<bf16>(), span * h);
     SY_CU(cudaGetLastError());
-    if (padded)
+    if (fused)
+      SY_TRY(eng.compute_fused(gid, off, cnt, s.xs.as<bf16>(), nullptr, span, s.yo.as<bf16>()));
+    else if (padded)
       SY_TRY(eng.compute_padded(gid, mpad, s.xs.as<bf16>(), s.yo.as<bf16>()));
     else
       SY_TRY(eng.compute(gid, off, cnt, s.xs.as<bf16>(), span, s.yo.as<bf16>()));
@@ -1447,7 +1501,8 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
       ids.push_back(i);
       cnt.push_back(counts[i]);
     }
-  const bool padded = eng.use_padded(cnt);
+  const bool fused = eng.use_fused(cnt);
+  const bool padded = !fused && eng.use_padded(cnt);
   const int mpad = padded ? expert_engine::padded_rows(cnt) : 0;
   int rows = 0;
   for (int i = 0; i < e; ++i) {
@@ -1466,14 +1521,22 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
   }
   SY_CU(cudaMemcpyAsync(s.offsets.p, offsets, static_cast<size_t>(e) * 4, cudaMemcpyHostToDevice, eng.stream));
   SY_CU(cudaMemsetAsync(s.fill.p, 0, static_cast<size_t>(e) * 4, eng.stream));
+  if (fused) SY_TRY(s.row_tok.reserve(static_cast<size_t>(std::max<int64_t>(n, 1)) * 4));
   scatter_kernel<<<blocks_for(n), 256, 0, eng.stream>>>(s.idx.as<int>(), n, s.slot.as<int>(), s.offsets.as<int>(),
-                                                        s.fill.as<int>(), s.pos.as<int>());
+                                                        s.fill.as<int>(), s.pos.as<int>(),
+                                                        fused ? s.row_tok.as<int>() : nullptr, static_cast<int>(k));
   SY_CU(cudaGetLastError());
-  if (n > 0) {
+  if (fused) {
+    // The kernels read the token rows through row_tok: one bf16 copy of x, not one per routed row.
+    f32_to_bf16_kernel<<<blocks_for(convert_threads(t * h)), 256, 0, eng.stream>>>(x, s.xs.as<bf16>(), t * h);
+    SY_CU(cudaGetLastError());
+  } else if (n > 0) {
     gather_kernel<<<static_cast<unsigned>(n), 256, 0, eng.stream>>>(x, h, s.pos.as<int>(), static_cast<int>(k), s.xs.as<bf16>());
     SY_CU(cudaGetLastError());
   }
-  if (padded)
+  if (fused)
+    SY_TRY(eng.compute_fused(ids, off, cnt, s.xs.as<bf16>(), s.row_tok.as<int>(), rows, s.yo.as<bf16>()));
+  else if (padded)
     SY_TRY(eng.compute_padded(ids, mpad, s.xs.as<bf16>(), s.yo.as<bf16>()));
   else
     SY_TRY(eng.compute(ids, off, cnt, s.xs.as<bf16>(), rows, s.yo.as<bf16>()));

@@ -36,11 +36,15 @@ namespace sy::model::cuda {
 ///   padded to the largest count (pays for the padding, gains cuBLAS's batched kernels);
 /// - `gemv`: our GEMV kernels, all experts in one launch per projection (at most 8 rows per
 ///   expert; other batches fall back to `automatic`);
+/// - `fused`: our grouped GEMM kernels (Hopper, `moe_gemm.hpp`): gate_up reads the token rows
+///   directly and applies SwiGLU to its accumulators, down follows; no padding, two launches.
+///   Where they cannot run (no sm_90 device, hidden not a multiple of 256 or ffn of 128) the
+///   batch falls back to `automatic`;
 /// - `automatic`: `gemv` up to 8 rows per expert (few large experts: above 2 rows per expert on
 ///   average not), then `padded` while padding is cheap (every expert at most `padded_free_rows`
 ///   rows, or padding adds at most half the rows, a quarter for few large experts), else
 ///   `grouped` for many small experts and `per_expert` for few large ones (`expert_engine::use_padded`).
-enum class gemm_mode { automatic, grouped, per_expert, padded, gemv };
+enum class gemm_mode { automatic, grouped, per_expert, padded, gemv, fused };
 [[nodiscard]] const char* to_string(gemm_mode m);
 /// Rows per expert up to which the GEMV path runs (a token picks an expert at most once, so a layer
 /// step of up to this many tokens qualifies).

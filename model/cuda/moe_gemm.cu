@@ -1,0 +1,292 @@
+// Grouped GEMMs for a step's experts on Hopper (sm_90a): wgmma from shared memory fed by a
+// producer warpgroup, one CTA per (128-row tile of one expert, column tile).
+//
+// CTA: three warpgroups. Warpgroup 0 loads: for every 64-wide slice of K, the tile's A rows (gathered
+// through `row_idx` when given) and 256 weight rows, with 16-byte cp.async into a four-stage ring
+// in the 128-byte swizzled layout wgmma reads; once a stage has landed it fences (cp.async writes
+// are generic-proxy, wgmma reads through the async proxy) and arrives on the stage's `full`
+// barrier. Warpgroups 1 and 2 each own 64 of the tile's rows: wait for `full`, four
+// m64n256k16 wgmmas (fp32 accumulators in registers), release the stage whose wgmmas have
+// completed on its `empty` barrier. A warpgroup whose 64 rows are all past the tile's end exits
+// at once (the barriers count only the warpgroups that run). Epilogue straight from the
+// accumulators: gate_up applies SwiGLU (a thread holds gate column j and up column j of the same
+// row: the B tile is 128 gate rows then the matching 128 up rows) and stores bf16 h; down stores
+// bf16 rows. Rows past the tile's end are loaded as zeros and never stored.
+#include "model/cuda/moe_gemm.hpp"
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+namespace sy::model::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int tile_m = moe_tile_rows;  // 128 rows: two consumer warpgroups of 64
+constexpr int tile_k = 64;             // one 128-byte swizzle row of bf16
+constexpr int tile_n = 256;            // weight rows per stage (gate_up: 128 gate + 128 up)
+constexpr int stages = 4;
+constexpr int a_stage = tile_m * tile_k * 2;  // 16 KiB
+constexpr int b_stage = tile_n * tile_k * 2;  // 32 KiB
+constexpr int smem_bytes = 1024 /* alignment */ + stages * (a_stage + b_stage) + 2 * stages * 8 + tile_m * 4;
+constexpr int threads = 384;
+
+struct gemm_args {
+  const moe_tile* tiles;
+  const bf16* a;         // A rows, `k` wide
+  const int* row_idx;    // tile row r reads A row row_idx[src_row + r]; null: A row src_row + r
+  const bf16* const* w;  // weight matrix of each expert id, [rows, k] row-major
+  int k;
+  int up_rows;           // gate_up: first up row (= ffn)
+  bf16* out;
+  int ld_out;
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SY_MOE_WGMMA 1
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+/// 16 bytes global -> shared, L2 only; `src_bytes` 0 writes zeros.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+template <int R>
+__device__ __forceinline__ void regs_down() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R));
+}
+template <int R>
+__device__ __forceinline__ void regs_up() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R));
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+/// Keeps the compiler from moving reads of the accumulators above a wgmma wait.
+__device__ __forceinline__ void fence_regs(float (&d)[128]) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+/// Shared-memory matrix descriptor: K-major rows of 128 bytes in the 128-byte swizzle, 8-row
+/// groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+/// D (+)= A·Bᵀ for a 64×256 tile, k = 16: A and B from shared memory (descriptors), D in the
+/// warpgroup's registers (128 floats a thread); `accumulate` 0 overwrites D.
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a, uint64_t b, int accumulate) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, %128, %129, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+
+__device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
+
+__device__ __forceinline__ void store2(bf16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+#endif
+
+template <bool SwiGLU>
+__global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const gemm_args p) {
+#ifdef SY_MOE_WGMMA
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t base = (raw + 1023) & ~1023u;
+  unsigned char* sm = smem_raw + (base - raw);
+  const uint32_t sa = base, sb = base + stages * a_stage;
+  const uint32_t full = sb + stages * b_stage, empty = full + stages * 8;  // mbarriers, 8 bytes each
+  int* src = reinterpret_cast<int*>(sm + stages * (a_stage + b_stage) + 2 * stages * 8);
+  const moe_tile t = p.tiles[blockIdx.y];
+  const int n0 = blockIdx.x * (SwiGLU ? tile_n / 2 : tile_n);
+  const int tid = threadIdx.x;
+  const int consumers = t.rows > 64 ? 2 : 1;
+  if (tid < tile_m) src[tid] = tid < t.rows ? (p.row_idx ? p.row_idx[t.src_row + tid] : t.src_row + tid) : -1;
+  if (tid == 0)
+    for (int s = 0; s < stages; ++s) {
+      mbar_init(full + s * 8, 128);             // every producer thread
+      mbar_init(empty + s * 8, 4 * consumers);  // lane 0 of every consumer warp
+    }
+  __syncthreads();
+  const int kbs = p.k / tile_k;
+  const int wg = tid / 128;
+  if (wg == 0) {
+    regs_down<40>();
+    const bf16* w = p.w[t.expert];
+    const int chunk = tid & 7, r0 = tid >> 3;  // a thread moves chunk `chunk` of rows r0, r0 + 16, ...
+    for (int kb = 0; kb < kbs; ++kb) {
+      const int s = kb % stages;
+      if (kb >= stages) mbar_wait(empty + s * 8, (kb / stages - 1) & 1);
+      const int col = kb * tile_k + chunk * 8;
+      const uint32_t as = sa + s * a_stage, bs = sb + s * b_stage;
+#pragma unroll
+      for (int i = 0; i < tile_m / 16; ++i) {
+        const int r = r0 + 16 * i, row = src[r];
+        cp_async16(as + r * 128 + ((chunk ^ (r & 7)) << 4), p.a + int64_t(row < 0 ? 0 : row) * p.k + col, row < 0 ? 0 : 16);
+      }
+#pragma unroll
+      for (int i = 0; i < tile_n / 16; ++i) {
+        const int r = r0 + 16 * i;
+        const int wrow = SwiGLU ? (r < tile_n / 2 ? n0 + r : p.up_rows + n0 + r - tile_n / 2) : n0 + r;
+        cp_async16(bs + r * 128 + ((chunk ^ (r & 7)) << 4), w + int64_t(wrow) * p.k + col, 16);
+      }
+      cp_async_commit();
+      // Stage kb - 2 has landed once at most two groups are pending: hand it to the consumers.
+      if (kb >= stages - 2) {
+        cp_async_wait<stages - 2>();
+        fence_proxy_async();
+        mbar_arrive(full + ((kb - (stages - 2)) % stages) * 8);
+      }
+    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    for (int kb = kbs > stages - 2 ? kbs - (stages - 2) : 0; kb < kbs; ++kb) mbar_arrive(full + (kb % stages) * 8);
+    return;
+  }
+  const int c = wg - 1;
+  if (c >= consumers) return;
+  regs_up<232>();
+  float d[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+  const int lane = tid & 31;
+  for (int kb = 0; kb < kbs; ++kb) {
+    const int s = kb % stages;
+    mbar_wait(full + s * 8, (kb / stages) & 1);
+    const uint32_t as = sa + s * a_stage + c * 64 * 128, bs = sb + s * b_stage;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < tile_k / 16; ++kk) wgmma_m64n256k16(d, smem_desc(as + kk * 32), smem_desc(bs + kk * 32), 1);
+    wgmma_commit();
+    wgmma_wait<1>();  // the previous stage's wgmmas are done: release it
+    if (kb > 0) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty + ((kb - 1) % stages) * 8);
+    }
+  }
+  wgmma_wait<0>();
+  fence_regs(d);
+  const int warp = (tid / 32) % 4;
+  const int col = n0 + (lane % 4) * 2;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = c * 64 + warp * 16 + lane / 4 + 8 * half;
+    if (r >= t.rows) continue;
+    bf16* o = p.out + int64_t(t.dst_row + r) * p.ld_out + col;
+    if constexpr (SwiGLU) {
+#pragma unroll
+      for (int q = 0; q < 16; ++q)
+        store2(o + 8 * q, silu(d[4 * q + 2 * half]) * d[4 * (q + 16) + 2 * half],
+               silu(d[4 * q + 2 * half + 1]) * d[4 * (q + 16) + 2 * half + 1]);
+    } else {
+#pragma unroll
+      for (int q = 0; q < 32; ++q) store2(o + 8 * q, d[4 * q + 2 * half], d[4 * q + 2 * half + 1]);
+    }
+  }
+#endif
+}
+
+template <bool SwiGLU>
+cudaError_t launch(const moe_tile* tiles, int n_tiles, const void* a, const int* row_idx, const void* const* w, int k,
+                   int n, int up_rows, void* out, cudaStream_t stream) {
+  if (n_tiles <= 0) return cudaSuccess;
+  auto kernel = moe_gemm_kernel<SwiGLU>;
+  if (auto e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes); e != cudaSuccess)
+    return e;
+  const gemm_args args{tiles, static_cast<const bf16*>(a), row_idx, reinterpret_cast<const bf16* const*>(w), k, up_rows,
+                       static_cast<bf16*>(out), n};
+  const dim3 grid(static_cast<unsigned>(n / (SwiGLU ? tile_n / 2 : tile_n)), static_cast<unsigned>(n_tiles));
+  kernel<<<grid, threads, smem_bytes, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool moe_gemm_available(int device) {
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) return false;
+  if (prop.major != 9 || prop.minor != 0) return false;
+  cudaFuncAttributes attr{};
+  return cudaFuncGetAttributes(&attr, moe_gemm_kernel<true>) == cudaSuccess && attr.binaryVersion == 90;
+}
+
+bool moe_gemm_shapes(int64_t hidden, int64_t ffn) {
+  return hidden > 0 && ffn > 0 && hidden % tile_n == 0 && ffn % (tile_n / 2) == 0 && hidden <= (int64_t{1} << 20) &&
+         ffn <= (int64_t{1} << 20);
+}
+
+cudaError_t moe_gate_up(const moe_tile* tiles, int n_tiles, const void* x, const int* row_idx, const void* const* w,
+                        int hidden, int ffn, void* h, cudaStream_t stream) {
+  return launch<true>(tiles, n_tiles, x, row_idx, w, hidden, ffn, ffn, h, stream);
+}
+
+cudaError_t moe_down(const moe_tile* tiles, int n_tiles, const void* h, const void* const* w, int hidden, int ffn, void* y,
+                     cudaStream_t stream) {
+  return launch<false>(tiles, n_tiles, h, nullptr, w, ffn, hidden, 0, y, stream);
+}
+
+}  // namespace sy::model::cuda

@@ -1,0 +1,40 @@
+#pragma once
+/// Grouped GEMMs of our own for a step's experts on Hopper (built for sm_90a, `moe_gemm.cu`):
+/// the gate_up product reads its A rows straight from the token rows (no gathered copy) and applies
+/// SwiGLU to the accumulators (no [rows, 2F] intermediate), and no expert is padded to another's
+/// row count. Internal to model/cuda (CUDA types in the signatures).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace sy::model::cuda {
+
+/// Rows of one tile: a tile is up to this many consecutive rows of one expert.
+inline constexpr int moe_tile_rows = 128;
+
+/// One tile of a grouped product: rows [src_row, src_row + rows) of the input (through the row
+/// index when one is given) times expert `expert`'s weights, into rows [dst_row, dst_row + rows).
+struct moe_tile {
+  int expert;  ///< index into the weight-pointer table
+  int src_row;
+  int rows;  ///< 1..moe_tile_rows
+  int dst_row;
+};
+
+/// True when the kernels were built for this device (compute capability 9.0).
+[[nodiscard]] bool moe_gemm_available(int device);
+/// True when the kernels take these widths (hidden a multiple of 256, ffn of 128).
+[[nodiscard]] bool moe_gemm_shapes(int64_t hidden, int64_t ffn);
+
+/// For every tile (device array) and row r < rows, over every column j < ffn:
+///   h[dst_row + r, j] = silu(x[i] · gate_j) · (x[i] · up_j),  i = row_idx ? row_idx[src_row + r] : src_row + r,
+/// x bf16 [*, hidden], w[expert] bf16 [2·ffn, hidden] (gate rows, then up rows), h bf16 [*, ffn];
+/// fp32 accumulation, SwiGLU on the fp32 sums. Asynchronous on `stream`.
+[[nodiscard]] cudaError_t moe_gate_up(const moe_tile* tiles, int n_tiles, const void* x, const int* row_idx,
+                                      const void* const* w, int hidden, int ffn, void* h, cudaStream_t stream);
+/// For every tile and row r < rows: y[dst_row + r] = h[src_row + r] · w[expert]ᵀ, h bf16 [*, ffn],
+/// w[expert] bf16 [hidden, ffn], y bf16 [*, hidden]; fp32 accumulation.
+[[nodiscard]] cudaError_t moe_down(const moe_tile* tiles, int n_tiles, const void* h, const void* const* w, int hidden,
+                                   int ffn, void* y, cudaStream_t stream);
+
+}  // namespace sy::model::cuda
