@@ -914,9 +914,8 @@ struct expert_engine {
   bool use_gemv(int most, int64_t rows, size_t groups) const {
     if (mode == gemm_mode::grouped || mode == gemm_mode::per_expert || mode == gemm_mode::padded) return false;
     if (mode == gemm_mode::fused && fused_ok) return false;
-    if (mode == gemm_mode::fused) return !few_large(groups) || rows <= 2 * static_cast<int64_t>(groups);  // as automatic
     if (most > gemv_max_rows || !gemv_shapes()) return false;
-    return mode == gemm_mode::gemv || !few_large(groups) || rows <= 2 * static_cast<int64_t>(groups);
+    return mode == gemm_mode::gemv || !few_large(groups) || rows <= 2 * static_cast<int64_t>(groups);  // fused: as automatic
   }
 
   /// The GEMV path on the work list `wk` (at most `max_act` experts, `rows` rows of at most
