@@ -1056,10 +1056,14 @@ struct expert_engine {
   }
 
   /// Whether a batch of experts with these row counts runs on our grouped GEMM kernels (`fused`):
-  /// only when asked for (`automatic` does not choose them yet, docs/benchmarks.md).
+  /// when asked for, and (`automatic`, above the GEMV path) for many small experts, where they beat
+  /// cuBLAS's padded batches (docs/benchmarks.md, 2026-12-06 evening). Few large experts keep
+  /// cuBLAS, whose kernels run those GEMMs faster than ours.
   bool use_fused(const std::vector<int>& cnt) const {
     if (!fused_ok || cnt.empty()) return false;
-    return mode == gemm_mode::fused;
+    if (mode == gemm_mode::fused) return true;
+    if (mode != gemm_mode::automatic && mode != gemm_mode::gemv) return false;
+    return !few_large(cnt.size());
   }
 
   /// Experts ids[g] on rows [off[g], off[g] + n[g]) of the packed row space into the same rows of

@@ -5,7 +5,8 @@
 /// - `gpu_experts`: one device's experts in bf16; runs a step's token batches for all of them: up to
 ///   8 rows per expert as two GEMV kernels of our own (gate_up with SwiGLU fused, then down; every
 ///   expert in the same launch, weights streamed once), more rows as two grouped GEMM launches
-///   (gate_up, down) with a fused SwiGLU kernel between; fp32 accumulation throughout.
+///   (gate_up with SwiGLU on its accumulators, then down: our own Hopper kernels for many small
+///   experts, cuBLAS with a SwiGLU kernel between otherwise); fp32 accumulation throughout.
 /// - `gpu_moe_layer`: a whole MoE layer on the device for routers with a GPU: router GEMM (f32),
 ///   gating kernel (softmax or sigmoid + bias + group-limited top-k, as `route_from_logits`),
 ///   dispatch (count, scan, scatter), the experts, and the weighted combine. Up to 8 tokens the whole
@@ -41,7 +42,8 @@ namespace sy::model::cuda {
 ///   Where they cannot run (no sm_90 device, hidden not a multiple of 256 or ffn of 128) the
 ///   batch falls back to `automatic`;
 /// - `automatic`: `gemv` up to 8 rows per expert (few large experts: above 2 rows per expert on
-///   average not), then `padded` while padding is cheap (every expert at most `padded_free_rows`
+///   average not), then `fused` for many small experts where it can run, then `padded` while
+///   padding is cheap (every expert at most `padded_free_rows`
 ///   rows, or padding adds at most half the rows, a quarter for few large experts), else
 ///   `grouped` for many small experts and `per_expert` for few large ones (`expert_engine::use_padded`).
 enum class gemm_mode { automatic, grouped, per_expert, padded, gemv, fused };

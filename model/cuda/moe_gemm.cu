@@ -1,17 +1,19 @@
 // Grouped GEMMs for a step's experts on Hopper (sm_90a): wgmma from shared memory fed by a
-// producer warpgroup, one CTA per (128-row tile of one expert, column tile).
+// producer warpgroup. Work item: one tile (up to 128 rows of one expert) times one column tile;
+// a persistent grid of one CTA per SM strides over the items.
 //
 // CTA: three warpgroups. Warpgroup 0 loads: for every 64-wide slice of K, the tile's A rows (gathered
 // through `row_idx` when given) and 256 weight rows, with 16-byte cp.async into a four-stage ring
-// in the 128-byte swizzled layout wgmma reads; once a stage has landed it fences (cp.async writes
-// are generic-proxy, wgmma reads through the async proxy) and arrives on the stage's `full`
-// barrier. Warpgroups 1 and 2 each own 64 of the tile's rows: wait for `full`, four
+// in the 128-byte swizzled layout wgmma reads; each thread's copies arrive on the stage's `full`
+// barrier when they land (cp.async.mbarrier.arrive.noinc), so the producer runs on into the next
+// stages and the next item. Warpgroups 1 and 2 each own 64 of a tile's rows: wait for `full`,
+// fence (cp.async writes are generic-proxy, wgmma reads through the async proxy), four
 // m64n256k16 wgmmas (fp32 accumulators in registers), release the stage whose wgmmas have
-// completed on its `empty` barrier. A warpgroup whose 64 rows are all past the tile's end exits
-// at once (the barriers count only the warpgroups that run). Epilogue straight from the
-// accumulators: gate_up applies SwiGLU (a thread holds gate column j and up column j of the same
-// row: the B tile is 128 gate rows then the matching 128 up rows) and stores bf16 h; down stores
-// bf16 rows. Rows past the tile's end are loaded as zeros and never stored.
+// completed on its `empty` barrier. A warpgroup whose 64 rows are past the tile's end only passes
+// the stages on. Epilogue straight from the accumulators while the producer already loads the next
+// item: gate_up applies SwiGLU (a thread holds gate column j and up column j of the same row: the B
+// tile is 128 gate rows then the matching 128 up rows) and stores bf16 h; down stores bf16 rows.
+// Rows past the tile's end are loaded as zeros and never stored.
 #include "model/cuda/moe_gemm.hpp"
 
 #include <cuda_bf16.h>
@@ -29,11 +31,13 @@ constexpr int tile_n = 256;            // weight rows per stage (gate_up: 128 ga
 constexpr int stages = 4;
 constexpr int a_stage = tile_m * tile_k * 2;  // 16 KiB
 constexpr int b_stage = tile_n * tile_k * 2;  // 32 KiB
-constexpr int smem_bytes = 1024 /* alignment */ + stages * (a_stage + b_stage) + 2 * stages * 8 + tile_m * 4;
+constexpr int smem_bytes = 1024 /* alignment */ + stages * (a_stage + b_stage) + 2 * stages * 8;
 constexpr int threads = 384;
 
 struct gemm_args {
   const moe_tile* tiles;
+  int n_tiles;
+  int col_tiles;         // column tiles of the output (ffn / 128 for gate_up, hidden / 256 for down)
   const bf16* a;         // A rows, `k` wide
   const int* row_idx;    // tile row r reads A row row_idx[src_row + r]; null: A row src_row + r
   const bf16* const* w;  // weight matrix of each expert id, [rows, k] row-major
@@ -73,10 +77,10 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+/// Arrives on `bar` once every cp.async this thread issued so far has landed (the arrival counts
+/// toward the barrier's expected count: no pending-count increment).
+__device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
@@ -155,96 +159,106 @@ template <bool SwiGLU>
 __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const gemm_args p) {
 #ifdef SY_MOE_WGMMA
   extern __shared__ unsigned char smem_raw[];
-  const uint32_t raw = smem_addr(smem_raw);
-  const uint32_t base = (raw + 1023) & ~1023u;
-  unsigned char* sm = smem_raw + (base - raw);
+  const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
   const uint32_t sa = base, sb = base + stages * a_stage;
   const uint32_t full = sb + stages * b_stage, empty = full + stages * 8;  // mbarriers, 8 bytes each
-  int* src = reinterpret_cast<int*>(sm + stages * (a_stage + b_stage) + 2 * stages * 8);
-  const moe_tile t = p.tiles[blockIdx.y];
-  const int n0 = blockIdx.x * (SwiGLU ? tile_n / 2 : tile_n);
   const int tid = threadIdx.x;
-  const int consumers = t.rows > 64 ? 2 : 1;
-  if (tid < tile_m) src[tid] = tid < t.rows ? (p.row_idx ? p.row_idx[t.src_row + tid] : t.src_row + tid) : -1;
   if (tid == 0)
     for (int s = 0; s < stages; ++s) {
-      mbar_init(full + s * 8, 128);             // every producer thread
-      mbar_init(empty + s * 8, 4 * consumers);  // lane 0 of every consumer warp
+      mbar_init(full + s * 8, 128);  // every producer thread, once its copies have landed
+      mbar_init(empty + s * 8, 8);   // lane 0 of every consumer warp
     }
   __syncthreads();
   const int kbs = p.k / tile_k;
-  const int wg = tid / 128;
-  if (wg == 0) {
-    regs_down<40>();
-    const bf16* w = p.w[t.expert];
-    const int chunk = tid & 7, r0 = tid >> 3;  // a thread moves chunk `chunk` of rows r0, r0 + 16, ...
-    for (int kb = 0; kb < kbs; ++kb) {
-      const int s = kb % stages;
-      if (kb >= stages) mbar_wait(empty + s * 8, (kb / stages - 1) & 1);
-      const int col = kb * tile_k + chunk * 8;
-      const uint32_t as = sa + s * a_stage, bs = sb + s * b_stage;
+  constexpr int cols = SwiGLU ? tile_n / 2 : tile_n;  // output columns of a work item
+  const int items = p.n_tiles * p.col_tiles;
+  // Work item w: column tile w % col_tiles of row tile w / col_tiles. CTAs stride over the items,
+  // so the CTAs running at once share A rows (same row tile) and weights (same expert).
+  if (tid < 128) {
+    regs_down<120>();
+    const int chunk = tid & 7, r0 = tid >> 3;  // this thread moves 16-byte chunk `chunk` of rows r0, r0 + 16, ...
+    int it = 0;                                // k-blocks issued, over all items
+    for (int wi = blockIdx.x; wi < items; wi += gridDim.x) {
+      const moe_tile t = p.tiles[wi / p.col_tiles];
+      const int n0 = (wi % p.col_tiles) * cols;
+      const bf16* w = p.w[t.expert];
+      int row[tile_m / 16];
 #pragma unroll
       for (int i = 0; i < tile_m / 16; ++i) {
-        const int r = r0 + 16 * i, row = src[r];
-        cp_async16(as + r * 128 + ((chunk ^ (r & 7)) << 4), p.a + int64_t(row < 0 ? 0 : row) * p.k + col, row < 0 ? 0 : 16);
-      }
-#pragma unroll
-      for (int i = 0; i < tile_n / 16; ++i) {
         const int r = r0 + 16 * i;
-        const int wrow = SwiGLU ? (r < tile_n / 2 ? n0 + r : p.up_rows + n0 + r - tile_n / 2) : n0 + r;
-        cp_async16(bs + r * 128 + ((chunk ^ (r & 7)) << 4), w + int64_t(wrow) * p.k + col, 16);
+        row[i] = r < t.rows ? (p.row_idx ? p.row_idx[t.src_row + r] : t.src_row + r) : -1;
       }
-      cp_async_commit();
-      // Stage kb - 2 has landed once at most two groups are pending: hand it to the consumers.
-      if (kb >= stages - 2) {
-        cp_async_wait<stages - 2>();
-        fence_proxy_async();
-        mbar_arrive(full + ((kb - (stages - 2)) % stages) * 8);
+      for (int kb = 0; kb < kbs; ++kb, ++it) {
+        const int s = it % stages;
+        if (it >= stages) mbar_wait(empty + s * 8, (it / stages - 1) & 1);
+        const int col = kb * tile_k + chunk * 8;
+        const uint32_t as = sa + s * a_stage, bs = sb + s * b_stage;
+#pragma unroll
+        for (int i = 0; i < tile_m / 16; ++i) {
+          const int r = r0 + 16 * i;
+          cp_async16(as + r * 128 + ((chunk ^ (r & 7)) << 4), p.a + int64_t(row[i] < 0 ? 0 : row[i]) * p.k + col,
+                     row[i] < 0 ? 0 : 16);
+        }
+#pragma unroll
+        for (int i = 0; i < tile_n / 16; ++i) {
+          const int r = r0 + 16 * i;
+          const int wrow = SwiGLU ? (r < tile_n / 2 ? n0 + r : p.up_rows + n0 + r - tile_n / 2) : n0 + r;
+          cp_async16(bs + r * 128 + ((chunk ^ (r & 7)) << 4), w + int64_t(wrow) * p.k + col, 16);
+        }
+        cp_async_arrive(full + s * 8);  // counts once this thread's copies so far have landed
       }
     }
-    cp_async_wait<0>();
-    fence_proxy_async();
-    for (int kb = kbs > stages - 2 ? kbs - (stages - 2) : 0; kb < kbs; ++kb) mbar_arrive(full + (kb % stages) * 8);
     return;
   }
-  const int c = wg - 1;
-  if (c >= consumers) return;
-  regs_up<232>();
+  regs_up<184>();
+  const int c = tid / 128 - 1;  // consumer warpgroup: rows c·64 .. c·64 + 63 of each tile
+  const int lane = tid & 31, warp = (tid / 32) % 4;
   float d[128];
+  int it = 0;
+  for (int wi = blockIdx.x; wi < items; wi += gridDim.x) {
+    const moe_tile t = p.tiles[wi / p.col_tiles];
+    const int n0 = (wi % p.col_tiles) * cols;
+    const bool active = c * 64 < t.rows;  // a warpgroup past the tile's rows only passes the stages on
 #pragma unroll
-  for (int i = 0; i < 128; ++i) d[i] = 0.0f;
-  const int lane = tid & 31;
-  for (int kb = 0; kb < kbs; ++kb) {
-    const int s = kb % stages;
-    mbar_wait(full + s * 8, (kb / stages) & 1);
-    const uint32_t as = sa + s * a_stage + c * 64 * 128, bs = sb + s * b_stage;
-    wgmma_fence();
+    for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+    for (int kb = 0; kb < kbs; ++kb, ++it) {
+      const int s = it % stages;
+      mbar_wait(full + s * 8, (it / stages) & 1);
+      if (active) {
+        // The stage was written by cp.async (generic proxy); wgmma reads it through the async proxy.
+        fence_proxy_async();
+        const uint32_t as = sa + s * a_stage + c * 64 * 128, bs = sb + s * b_stage;
+        wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < tile_k / 16; ++kk) wgmma_m64n256k16(d, smem_desc(as + kk * 32), smem_desc(bs + kk * 32), 1);
-    wgmma_commit();
-    wgmma_wait<1>();  // the previous stage's wgmmas are done: release it
-    if (kb > 0) {
-      __syncwarp();
-      if (lane == 0) mbar_arrive(empty + ((kb - 1) % stages) * 8);
+        for (int kk = 0; kk < tile_k / 16; ++kk) wgmma_m64n256k16(d, smem_desc(as + kk * 32), smem_desc(bs + kk * 32), 1);
+        wgmma_commit();
+        wgmma_wait<1>();  // the previous stage's wgmmas are done: release it
+      }
+      if (kb > 0) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + ((it - 1) % stages) * 8);
+      }
     }
-  }
-  wgmma_wait<0>();
-  fence_regs(d);
-  const int warp = (tid / 32) % 4;
-  const int col = n0 + (lane % 4) * 2;
+    if (active) wgmma_wait<0>();
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty + ((it - 1) % stages) * 8);  // the item's last stage
+    if (!active) continue;
+    fence_regs(d);
+    const int col = n0 + (lane % 4) * 2;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = c * 64 + warp * 16 + lane / 4 + 8 * half;
-    if (r >= t.rows) continue;
-    bf16* o = p.out + int64_t(t.dst_row + r) * p.ld_out + col;
-    if constexpr (SwiGLU) {
+    for (int half = 0; half < 2; ++half) {
+      const int r = c * 64 + warp * 16 + lane / 4 + 8 * half;
+      if (r >= t.rows) continue;
+      bf16* o = p.out + int64_t(t.dst_row + r) * p.ld_out + col;
+      if constexpr (SwiGLU) {
 #pragma unroll
-      for (int q = 0; q < 16; ++q)
-        store2(o + 8 * q, silu(d[4 * q + 2 * half]) * d[4 * (q + 16) + 2 * half],
-               silu(d[4 * q + 2 * half + 1]) * d[4 * (q + 16) + 2 * half + 1]);
-    } else {
+        for (int q = 0; q < 16; ++q)
+          store2(o + 8 * q, silu(d[4 * q + 2 * half]) * d[4 * (q + 16) + 2 * half],
+                 silu(d[4 * q + 2 * half + 1]) * d[4 * (q + 16) + 2 * half + 1]);
+      } else {
 #pragma unroll
-      for (int q = 0; q < 32; ++q) store2(o + 8 * q, d[4 * q + 2 * half], d[4 * q + 2 * half + 1]);
+        for (int q = 0; q < 32; ++q) store2(o + 8 * q, d[4 * q + 2 * half], d[4 * q + 2 * half + 1]);
+      }
     }
   }
 #endif
@@ -257,9 +271,15 @@ cudaError_t launch(const moe_tile* tiles, int n_tiles, const void* a, const int*
   auto kernel = moe_gemm_kernel<SwiGLU>;
   if (auto e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes); e != cudaSuccess)
     return e;
-  const gemm_args args{tiles, static_cast<const bf16*>(a), row_idx, reinterpret_cast<const bf16* const*>(w), k, up_rows,
-                       static_cast<bf16*>(out), n};
-  const dim3 grid(static_cast<unsigned>(n / (SwiGLU ? tile_n / 2 : tile_n)), static_cast<unsigned>(n_tiles));
+  int device = 0, sms = 0;
+  if (auto e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  if (auto e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
+  const int col_tiles = n / (SwiGLU ? tile_n / 2 : tile_n);
+  const gemm_args args{tiles, n_tiles, col_tiles, static_cast<const bf16*>(a), row_idx,
+                       reinterpret_cast<const bf16* const*>(w), k, up_rows, static_cast<bf16*>(out), n};
+  // Persistent: one CTA per SM (each takes all of an SM's shared memory), striding over the items.
+  const int64_t items = int64_t(n_tiles) * col_tiles;
+  const unsigned grid = static_cast<unsigned>(items < sms ? items : sms);
   kernel<<<grid, threads, smem_bytes, stream>>>(args);
   return cudaGetLastError();
 }
