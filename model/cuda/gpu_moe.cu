@@ -901,6 +901,12 @@ struct expert_engine {
     return {};
   }
 
+  /// Modes that leave to `automatic` the batches they do not take: `gemv` above its rows, `fused`
+  /// where its kernels cannot run.
+  bool defers_to_automatic() const {
+    return mode == gemm_mode::automatic || mode == gemm_mode::gemv || mode == gemm_mode::fused;
+  }
+
   /// Whether the GEMV kernels take these shapes (16-byte loads along rows of H and F).
   bool gemv_shapes() const { return hidden % 8 == 0 && ffn % 8 == 0; }
   /// Few large experts (Mixtral-like: ≤ 16 of ≥ 16M weights per matrix) favour cuBLAS's kernels
@@ -912,8 +918,7 @@ struct expert_engine {
   }
   /// The GEMV path for a batch of `rows` rows over `groups` experts, the largest `most`.
   bool use_gemv(int most, int64_t rows, size_t groups) const {
-    if (mode == gemm_mode::grouped || mode == gemm_mode::per_expert || mode == gemm_mode::padded) return false;
-    if (mode == gemm_mode::fused && fused_ok) return false;
+    if (!defers_to_automatic() || (mode == gemm_mode::fused && fused_ok)) return false;
     if (most > gemv_max_rows || !gemv_shapes()) return false;
     return mode == gemm_mode::gemv || !few_large(groups) || rows <= 2 * static_cast<int64_t>(groups);  // fused: as automatic
   }
@@ -982,9 +987,7 @@ struct expert_engine {
     // every token count, where per-expert launches dominate.
     const bool few_large = groups <= 16 && (static_cast<int64_t>(m) * k >= (int64_t{16} << 20)) &&
                            *std::max_element(n.begin(), n.end()) > 64;  // grouped wins below
-    // gemv and fused: batches they cannot take
-    const bool automatic = mode == gemm_mode::automatic || mode == gemm_mode::gemv || mode == gemm_mode::fused;
-    const bool use_grouped = mode == gemm_mode::grouped || (automatic && !few_large);
+    const bool use_grouped = mode == gemm_mode::grouped || (defers_to_automatic() && !few_large);
     if (grouped_ok && use_grouped) {
       std::vector<cublasOperation_t> ta(static_cast<size_t>(groups), CUBLAS_OP_T), tb(static_cast<size_t>(groups), CUBLAS_OP_N);
       std::vector<int> ms(static_cast<size_t>(groups), m), ks(static_cast<size_t>(groups), k), ldas(static_cast<size_t>(groups), lda),
@@ -1062,8 +1065,7 @@ struct expert_engine {
   bool use_fused(const std::vector<int>& cnt) const {
     if (!fused_ok || cnt.empty()) return false;
     if (mode == gemm_mode::fused) return true;
-    if (mode != gemm_mode::automatic && mode != gemm_mode::gemv) return false;
-    return !few_large(cnt.size());
+    return defers_to_automatic() && !few_large(cnt.size());
   }
 
   /// Experts ids[g] on rows [off[g], off[g] + n[g]) of the packed row space into the same rows of
@@ -1140,8 +1142,7 @@ struct expert_engine {
   /// large experts not above 512 rows each.
   bool use_padded(const std::vector<int>& cnt) const {
     if (mode == gemm_mode::padded) return true;
-    if (use_fused(cnt)) return false;
-    if (mode != gemm_mode::automatic && mode != gemm_mode::gemv && mode != gemm_mode::fused) return false;
+    if (!defers_to_automatic() || use_fused(cnt)) return false;
     if (cnt.empty()) return false;
     const int mpad = padded_rows(cnt);
     if (mpad <= padded_free_rows) return true;
@@ -1264,7 +1265,7 @@ caf::error gpu_experts::run(std::span<const int> ids, std::span<const float* con
   if (rows == 0) return {};
   const bool gemv = eng.use_gemv(most, rows, gid.size());
   const bool fused = !gemv && eng.use_fused(cnt);
-  const bool padded = !gemv && !fused && eng.use_padded(cnt);
+  const bool padded = !gemv && eng.use_padded(cnt);  // never where fused runs
   const int mpad = padded ? expert_engine::padded_rows(cnt) : 0;
   // Row offsets on the device: packed, or padded to mpad rows per expert.
   std::vector<int> off;
@@ -1505,7 +1506,7 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
       cnt.push_back(counts[i]);
     }
   const bool fused = eng.use_fused(cnt);
-  const bool padded = !fused && eng.use_padded(cnt);
+  const bool padded = eng.use_padded(cnt);  // never where fused runs
   const int mpad = padded ? expert_engine::padded_rows(cnt) : 0;
   int rows = 0;
   for (int i = 0; i < e; ++i) {

@@ -294,7 +294,6 @@ TEST_CASE("multi-process: an expert host that hangs (SIGSTOP) mid-run loses no r
   c.hosts[1]->thaw();
 }
 
-
 TEST_CASE("multi-process: an expert host that stalls on and off (a slow peer) changes no answer (2 replicas)", "[multiprocess]") {
   // Stopped 400 ms of every 500 while requests run: some of its answers come after the router's
   // 300 ms batch timeout, when their rows have gone to the other replica; those late replies must
@@ -318,7 +317,6 @@ TEST_CASE("multi-process: an expert host that stalls on and off (a slow peer) ch
   CHECK(metric(http_get(c.http, "/metrics").second, "switchyard_router_batch_retries_total") > 0);
   check_answers(c, ref, answers);
 }
-
 
 TEST_CASE("multi-process: a rebalance (switchyard ctl rebalance) while requests run loses none and changes no answer", "[multiprocess]") {
   ::setenv("SWITCHYARD_ADMIN_TOKEN", "multiprocess-test-token", 1);  // inherited by the router and ctl
