@@ -823,6 +823,7 @@ struct expert_engine {
   bool fused_ok = false;   ///< our grouped GEMM kernels run here (sm_90 device, widths they take)
   gemm_mode mode = gemm_mode::automatic;
   gemv_tuning tuning;
+  fused_tuning fused;
   int calls = 0;           ///< GEMM calls since the stream was last idle: picks the pointer buffer
   struct weights {
     dbuf gate_up, down;  // bf16 [2F, H], [H, F]
@@ -836,7 +837,10 @@ struct expert_engine {
   dbuf hmid;            // GEMV path: f32 SwiGLU activations [rows, F]
   dbuf tiles;           // fused path: the step's tile list
   hbuf tiles_host;
+  dbuf gu_maps, dn_maps;  // fused path: tensor maps of every expert's two matrices, by id
+  moe_gemm_setup fused_setup;
   gemm_mode last = gemm_mode::automatic;  // the launch kind the last batch ran with
+  int last_cluster = 0;                   // fused: the CTAs a cluster it ran with
 
   ~expert_engine() {
     if (blas) cublasDestroy(blas);
@@ -852,6 +856,7 @@ struct expert_engine {
     SY_CUBLAS(cublasCreate(&blas));
     SY_CUBLAS(cublasSetStream(blas, stream));
     fused_ok = moe_gemm_available(device) && moe_gemm_shapes(hidden, ffn);
+    if (fused_ok) SY_CU(moe_gemm_prepare(device, &fused_setup));
     return {};
   }
 
@@ -882,8 +887,8 @@ struct expert_engine {
     return {};
   }
 
-  /// The GEMV path's weight-pointer tables, refreshed after experts were added (a blocking copy:
-  /// once after loading).
+  /// The weight-pointer tables (GEMV path) and tensor-map tables (fused path), refreshed after
+  /// experts were added or removed (a blocking copy: once after loading).
   caf::error tables() {
     if (!tabs_stale) return {};
     const int n = experts.empty() ? 1 : experts.rbegin()->first + 1;
@@ -897,6 +902,15 @@ struct expert_engine {
     SY_CU(cudaStreamSynchronize(stream));
     SY_CU(cudaMemcpy(gu_tab.p, g.data(), g.size() * sizeof(void*), cudaMemcpyHostToDevice));
     SY_CU(cudaMemcpy(dn_tab.p, d.data(), d.size() * sizeof(void*), cudaMemcpyHostToDevice));
+    if (fused_ok) {
+      std::vector<unsigned char> maps(g.size() * moe_map_bytes);
+      SY_TRY(gu_maps.reserve(maps.size()));
+      SY_TRY(dn_maps.reserve(maps.size()));
+      SY_CU(moe_weight_maps(g.data(), n, 2 * ffn, hidden, maps.data()));
+      SY_CU(cudaMemcpy(gu_maps.p, maps.data(), maps.size(), cudaMemcpyHostToDevice));
+      SY_CU(moe_weight_maps(d.data(), n, hidden, ffn, maps.data()));
+      SY_CU(cudaMemcpy(dn_maps.p, maps.data(), maps.size(), cudaMemcpyHostToDevice));
+    }
     tabs_stale = false;
     return {};
   }
@@ -1075,23 +1089,20 @@ struct expert_engine {
                            const bf16* x, const int* row_idx, int64_t total_rows, bf16* yo) {
     if (ids.empty()) return {};
     SY_TRY(tables());
-    size_t count = 0;
-    for (int c : n) count += static_cast<size_t>((c + moe_tile_rows - 1) / moe_tile_rows);
+    const int cluster = fused.cluster == 1 || fused_setup.clusters2 <= 0 ? 1 : 2;
+    const size_t count = moe_tile_list(cluster, ids.data(), off.data(), n.data(), ids.size(), nullptr);
     // Callers enter with the stream idle: the pinned list can be rewritten.
     SY_TRY(tiles_host.reserve(count * sizeof(moe_tile)));
     SY_TRY(tiles.reserve(count * sizeof(moe_tile)));
     SY_TRY(h.reserve(static_cast<size_t>(total_rows * ffn) * 2));
-    auto* tl = tiles_host.as<moe_tile>();
-    size_t i = 0;
-    for (size_t g = 0; g < ids.size(); ++g)
-      for (int m = 0; m < n[g]; m += moe_tile_rows, ++i)
-        tl[i] = moe_tile{ids[g], off[g] + m, std::min(moe_tile_rows, n[g] - m), off[g] + m};
+    moe_tile_list(cluster, ids.data(), off.data(), n.data(), ids.size(), tiles_host.as<moe_tile>());
     SY_CU(cudaMemcpyAsync(tiles.p, tiles_host.p, count * sizeof(moe_tile), cudaMemcpyHostToDevice, stream));
     const auto* td = tiles.as<const moe_tile>();
-    SY_CU(moe_gate_up(td, static_cast<int>(count), x, row_idx, gu_tab.as<const void* const>(), static_cast<int>(hidden),
+    SY_CU(moe_gate_up(fused_setup, cluster, td, static_cast<int>(count), x, row_idx, gu_maps.p, static_cast<int>(hidden),
                       static_cast<int>(ffn), h.p, stream));
-    SY_CU(moe_down(td, static_cast<int>(count), h.p, dn_tab.as<const void* const>(), static_cast<int>(hidden),
-                   static_cast<int>(ffn), yo, stream));
+    SY_CU(moe_down(fused_setup, cluster, td, static_cast<int>(count), h.p, total_rows, dn_maps.p,
+                   static_cast<int>(hidden), static_cast<int>(ffn), yo, stream));
+    last_cluster = cluster;
     last = gemm_mode::fused;
     return {};
   }
@@ -1325,6 +1336,8 @@ caf::error gpu_experts::run(std::span<const int> ids, std::span<const float* con
 
 void gpu_experts::set_gemm_mode(gemm_mode m) { impl_->engine.mode = m; }
 void gpu_experts::set_gemv_tuning(gemv_tuning t) { impl_->engine.tuning = t; }
+void gpu_experts::set_fused_tuning(fused_tuning t) { impl_->engine.fused = t; }
+int gpu_experts::last_fused_cluster() const { return impl_->engine.last_cluster; }
 gemm_mode gpu_experts::last_gemm_mode() const { return impl_->engine.last; }
 
 // ---- gpu_moe_layer ----
@@ -1348,7 +1361,8 @@ struct gpu_moe_layer::impl {
   dbuf read_tab[read_tables], sink;  // the same-bytes read baseline's chunk tables
   int read_chunks[read_tables] = {};
   int sms = 0;  // the device's SMs (sizes the read baseline's grid)
-  cudaEvent_t ev[2] = {nullptr, nullptr};  // around each forward while timing is on
+  cudaEvent_t ev[4] = {};  // while timing is on: around each forward [0, 1], around its expert GEMMs [2, 3]
+  bool experts_timed = false;
   bool timing = false, timed = false;
   ~impl() {
     for (auto e : ev)
@@ -1404,7 +1418,7 @@ caf::expected<std::unique_ptr<gpu_moe_layer>> gpu_moe_layer::make(int device, co
 
 caf::error gpu_moe_layer::forward_device(const float* x, int64_t t, float* y) {
   auto& s = *impl_;
-  s.timed = false;
+  s.timed = s.experts_timed = false;
   if (!s.timing) return forward_launch(x, t, y);
   SY_CU(cudaSetDevice(s.engine.device));
   for (auto& e : s.ev)
@@ -1424,6 +1438,17 @@ caf::expected<double> gpu_moe_layer::last_device_ms() {
   SY_CU(cudaEventSynchronize(s.ev[1]));
   float ms = 0;
   SY_CU(cudaEventElapsedTime(&ms, s.ev[0], s.ev[1]));
+  return static_cast<double>(ms);
+}
+
+caf::expected<double> gpu_moe_layer::last_experts_ms() {
+  auto& s = *impl_;
+  if (!s.experts_timed)
+    return make_error(model_errc::invalid_argument,
+                      "gpu layer: the last forward's expert GEMMs were not timed (timing off, or the GEMV path ran)");
+  SY_CU(cudaEventSynchronize(s.ev[3]));
+  float ms = 0;
+  SY_CU(cudaEventElapsedTime(&ms, s.ev[2], s.ev[3]));
   return static_cast<double>(ms);
 }
 
@@ -1538,12 +1563,17 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
     gather_kernel<<<static_cast<unsigned>(n), 256, 0, eng.stream>>>(x, h, s.pos.as<int>(), static_cast<int>(k), s.xs.as<bf16>());
     SY_CU(cudaGetLastError());
   }
+  if (s.timing) SY_CU(cudaEventRecord(s.ev[2], eng.stream));
   if (fused)
     SY_TRY(eng.compute_fused(ids, off, cnt, s.xs.as<bf16>(), s.row_tok.as<int>(), rows, s.yo.as<bf16>()));
   else if (padded)
     SY_TRY(eng.compute_padded(ids, mpad, s.xs.as<bf16>(), s.yo.as<bf16>()));
   else
     SY_TRY(eng.compute(ids, off, cnt, s.xs.as<bf16>(), rows, s.yo.as<bf16>()));
+  if (s.timing) {
+    SY_CU(cudaEventRecord(s.ev[3], eng.stream));
+    s.experts_timed = true;
+  }
   if (t > 0) {
     if (h % 8 == 0 && aligned16(y) && aligned16(s.yo.p))
       combine8_kernel<<<dim3(static_cast<unsigned>(t), static_cast<unsigned>((h / 8 + 255) / 256)), 256, 0, eng.stream>>>(
@@ -1571,6 +1601,8 @@ caf::error gpu_moe_layer::forward(const float* x, int64_t t, float* y) {
 
 void gpu_moe_layer::set_gemm_mode(gemm_mode m) { impl_->engine.mode = m; }
 void gpu_moe_layer::set_gemv_tuning(gemv_tuning t) { impl_->engine.tuning = t; }
+void gpu_moe_layer::set_fused_tuning(fused_tuning t) { impl_->engine.fused = t; }
+int gpu_moe_layer::last_fused_cluster() const { return impl_->engine.last_cluster; }
 gemm_mode gpu_moe_layer::last_gemm_mode() const { return impl_->engine.last; }
 
 caf::error gpu_moe_layer::synchronize() {

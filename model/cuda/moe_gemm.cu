@@ -2,23 +2,28 @@
 // producer warpgroup. Work item: one tile (up to 128 rows of one expert) times one column tile;
 // a persistent grid of one CTA per SM strides over the items.
 //
-// CTA: three warpgroups. Warpgroup 0 loads: for every 64-wide slice of K, the tile's A rows (gathered
-// through `row_idx` when given) and 256 weight rows, with 16-byte cp.async into a four-stage ring
-// in the 128-byte swizzled layout wgmma reads; each thread's copies arrive on the stage's `full`
-// barrier when they land (cp.async.mbarrier.arrive.noinc), so the producer runs on into the next
-// stages and the next item. Warpgroups 1 and 2 each own 64 of a tile's rows: wait for `full`,
-// fence (cp.async writes are generic-proxy, wgmma reads through the async proxy), four
-// m64n256k16 wgmmas (fp32 accumulators in registers), release the stage whose wgmmas have
-// completed on its `empty` barrier. A warpgroup whose 64 rows are past the tile's end only passes
-// the stages on. Epilogue straight from the accumulators while the producer already loads the next
-// item: gate_up applies SwiGLU (a thread holds gate column j and up column j of the same row: the B
-// tile is 128 gate rows then the matching 128 up rows) and stores bf16 h; down stores bf16 rows.
-// Rows past the tile's end are loaded as zeros and never stored.
+// CTA: three warpgroups. Warpgroup 0 loads, for every 64-wide slice of K, the tile's A rows and 256
+// weight rows into a four-stage ring in the 128-byte swizzled layout wgmma reads. The weights come
+// by the tensor copy engine (TMA, one tensor map per expert matrix), completing on the stage's
+// `full` barrier by bytes; down's A rows (h, packed) come the same way; gate_up's A rows are
+// gathered through `row_idx` with 16-byte cp.async, each producer thread's copies arriving on the
+// same barrier when they land (cp.async.mbarrier.arrive.noinc). Warpgroups 1 and 2 each own 64 of a
+// tile's rows: wait for `full`, four m64n256k16 wgmmas (fp32 accumulators in registers), release
+// the stage whose wgmmas have completed on its `empty` barrier. A warpgroup whose 64 rows are past
+// the tile's end only passes the stages on (in a loop of its own: no wgmma sits in a branch).
+// Epilogue straight from the accumulators while the producer already loads the next item: gate_up
+// applies SwiGLU (a thread holds gate column j and up column j of the same row: the B tile is 128
+// gate rows then the matching 128 up rows) and stores bf16 h; down stores bf16 rows. A rows past the tile's end are zeros (gate_up) or another tile's
+// rows (down, read whole by TMA); either way their output rows are never stored.
 #include "model/cuda/moe_gemm.hpp"
 
+#include <cuda.h>  // CUtensorMap and its encoder's types; the encoder comes through the runtime
 #include <cuda_bf16.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 namespace sy::model::cuda {
 namespace {
@@ -34,17 +39,19 @@ constexpr int b_stage = tile_n * tile_k * 2;  // 32 KiB
 constexpr int smem_bytes = 1024 /* alignment */ + stages * (a_stage + b_stage) + 2 * stages * 8;
 constexpr int threads = 384;
 
+static_assert(sizeof(CUtensorMap) == moe_map_bytes);
+
 struct gemm_args {
+  CUtensorMap a_map;     // down: h [rows, ffn] for TMA (gate_up gathers A with cp.async instead)
   const moe_tile* tiles;
   int n_tiles;
   int col_tiles;         // column tiles of the output (ffn / 128 for gate_up, hidden / 256 for down)
-  const bf16* a;         // A rows, `k` wide
-  const int* row_idx;    // tile row r reads A row row_idx[src_row + r]; null: A row src_row + r
-  const bf16* const* w;  // weight matrix of each expert id, [rows, k] row-major
+  const bf16* a;         // gate_up: A rows, `k` wide
+  const int* row_idx;    // gate_up: tile row r reads A row row_idx[src_row + r]; null: A row src_row + r
+  const CUtensorMap* w;  // tensor map of each expert id's weight matrix, [rows, k] row-major
   int k;
-  int up_rows;           // gate_up: first up row (= ffn)
+  int n;                 // output width (gate_up: ffn, also the first up row; down: hidden)
   bf16* out;
-  int ld_out;
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -71,6 +78,54 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
         : "r"(bar), "r"(parity)
         : "memory");
   } while (!done);
+}
+
+/// Arrives on `bar` and adds `bytes` to the transaction count its phase waits for.
+__device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+/// Tensor copy engine: the box at (c0 = column, c1 = row) of the tensor map into shared memory at
+/// `dst`, its bytes counted on `bar` as they land.
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(dst),
+      "l"(map), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+/// The same box written to the same offset of every CTA of the cluster in `mask`, each CTA's
+/// barrier at `bar` counting the bytes that reach it.
+__device__ __forceinline__ void tma_load_multicast(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
+                                                   uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(dst),
+      "l"(map), "r"(bar), "r"(c0), "r"(c1), "h"(mask)
+      : "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+/// Every thread of every CTA of the cluster arrives and waits (release / acquire).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
+}
+/// Makes this thread's mbarrier initialisations visible to the cluster.
+__device__ __forceinline__ void fence_mbar_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+/// Arrives on the barrier at this CTA-relative address in CTA `rank` of the cluster.
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, int rank) {
+  asm volatile(
+      "{\n"
+      ".reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
+      "}\n" ::"r"(bar),
+      "r"(rank)
+      : "memory");
 }
 
 /// 16 bytes global -> shared, L2 only; `src_bytes` 0 writes zeros.
@@ -155,101 +210,146 @@ __device__ __forceinline__ void store2(bf16* p, float a, float b) {
 }
 #endif
 
-template <bool SwiGLU>
-__global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const gemm_args p) {
+constexpr int box_rows = 128;  // rows of one TMA box (64 columns = 128 bytes, the swizzle's span)
+
+template <bool SwiGLU, int Cl>
+__global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_constant__ gemm_args p) {
 #ifdef SY_MOE_WGMMA
+  static_assert(Cl == 1 || Cl == 2);
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
   const uint32_t sa = base, sb = base + stages * a_stage;
   const uint32_t full = sb + stages * b_stage, empty = full + stages * 8;  // mbarriers, 8 bytes each
   const int tid = threadIdx.x;
+  const int rank = Cl == 1 ? 0 : static_cast<int>(cluster_rank());
   if (tid == 0)
     for (int s = 0; s < stages; ++s) {
-      mbar_init(full + s * 8, 128);  // every producer thread, once its copies have landed
-      mbar_init(empty + s * 8, 8);   // lane 0 of every consumer warp
+      // gate_up: every producer thread once its cp.async copies landed, and thread 0's expect;
+      // down: thread 0's expect. The TMA bytes complete the phase.
+      mbar_init(full + s * 8, SwiGLU ? 129 : 1);
+      // Lane 0 of every consumer warp of the cluster: a stage is refilled (in every CTA of the
+      // cluster, the weights being multicast) only once all of them have read it.
+      mbar_init(empty + s * 8, 8 * Cl);
     }
-  __syncthreads();
+  if constexpr (Cl > 1) {
+    fence_mbar_init();
+    cluster_sync();  // the peer's barriers are initialised before anything arrives on them
+  } else {
+    __syncthreads();
+  }
   const int kbs = p.k / tile_k;
   constexpr int cols = SwiGLU ? tile_n / 2 : tile_n;  // output columns of a work item
-  const int items = p.n_tiles * p.col_tiles;
-  // Work item w: column tile w % col_tiles of row tile w / col_tiles. CTAs stride over the items,
-  // so the CTAs running at once share A rows (same row tile) and weights (same expert).
+  // Work item w: column tile w % col_tiles of row tile (Cl = 2: tile pair) w / col_tiles. The
+  // clusters stride over the items, so the ones running at once share A rows (same row tile) and
+  // weights (same expert). A pair is two tiles of one expert; CTA `rank` of a cluster takes tile
+  // Cl · (w / col_tiles) + rank.
+  const int items = p.n_tiles / Cl * p.col_tiles;
+  const int first = blockIdx.x / Cl, stride = gridDim.x / Cl;
   if (tid < 128) {
     regs_down<120>();
-    const int chunk = tid & 7, r0 = tid >> 3;  // this thread moves 16-byte chunk `chunk` of rows r0, r0 + 16, ...
-    int it = 0;                                // k-blocks issued, over all items
-    for (int wi = blockIdx.x; wi < items; wi += gridDim.x) {
-      const moe_tile t = p.tiles[wi / p.col_tiles];
-      const int n0 = (wi % p.col_tiles) * cols;
-      const bf16* w = p.w[t.expert];
-      int row[tile_m / 16];
+    if (SwiGLU || tid == 0) {  // down: one thread drives the copy engine
+      const int chunk = tid & 7, r0 = tid >> 3;  // gate_up: this thread copies 16-byte chunk `chunk` of rows r0, r0 + 16, ...
+      int it = 0;                                // k-blocks issued, over all items
+      for (int wi = first; wi < items; wi += stride) {
+        const moe_tile t = p.tiles[Cl * (wi / p.col_tiles) + rank];
+        const int n0 = (wi % p.col_tiles) * cols;
+        const CUtensorMap* w = p.w + t.expert;
+        // gate_up: the first box is gate rows n0.., the second the matching up rows; down: 256
+        // rows. Cl = 2: each CTA loads one box for both.
+        const int second = SwiGLU ? p.n + n0 : n0 + box_rows;
+        const bool load_a = SwiGLU || t.rows > 0;  // down: a pair's empty second tile reads no A
+        int row[tile_m / 16];
+        if constexpr (SwiGLU) {
 #pragma unroll
-      for (int i = 0; i < tile_m / 16; ++i) {
-        const int r = r0 + 16 * i;
-        row[i] = r < t.rows ? (p.row_idx ? p.row_idx[t.src_row + r] : t.src_row + r) : -1;
-      }
-      for (int kb = 0; kb < kbs; ++kb, ++it) {
-        const int s = it % stages;
-        if (it >= stages) mbar_wait(empty + s * 8, (it / stages - 1) & 1);
-        const int col = kb * tile_k + chunk * 8;
-        const uint32_t as = sa + s * a_stage, bs = sb + s * b_stage;
-#pragma unroll
-        for (int i = 0; i < tile_m / 16; ++i) {
-          const int r = r0 + 16 * i;
-          cp_async16(as + r * 128 + ((chunk ^ (r & 7)) << 4), p.a + int64_t(row[i] < 0 ? 0 : row[i]) * p.k + col,
-                     row[i] < 0 ? 0 : 16);
+          for (int i = 0; i < tile_m / 16; ++i) {
+            const int r = r0 + 16 * i;
+            row[i] = r < t.rows ? (p.row_idx ? p.row_idx[t.src_row + r] : t.src_row + r) : -1;
+          }
         }
+        for (int kb = 0; kb < kbs; ++kb, ++it) {
+          const int s = it % stages;
+          if (it >= stages) mbar_wait(empty + s * 8, (it / stages - 1) & 1);
+          const uint32_t as = sa + s * a_stage, bs = sb + s * b_stage, bar = full + s * 8;
+          if (tid == 0) {
+            mbar_arrive_expect(bar, (SwiGLU || !load_a ? 0 : a_stage) + b_stage);
+            if (!SwiGLU && load_a) tma_load(as, &p.a_map, bar, kb * tile_k, t.src_row);
+            if constexpr (Cl == 1) {
+              tma_load(bs, w, bar, kb * tile_k, n0);
+              tma_load(bs + box_rows * 128, w, bar, kb * tile_k, second);
+            } else {
+              tma_load_multicast(bs + rank * box_rows * 128, w, bar, kb * tile_k, rank == 0 ? n0 : second, 0x3);
+            }
+          }
+          if constexpr (SwiGLU) {
+            const int col = kb * tile_k + chunk * 8;
 #pragma unroll
-        for (int i = 0; i < tile_n / 16; ++i) {
-          const int r = r0 + 16 * i;
-          const int wrow = SwiGLU ? (r < tile_n / 2 ? n0 + r : p.up_rows + n0 + r - tile_n / 2) : n0 + r;
-          cp_async16(bs + r * 128 + ((chunk ^ (r & 7)) << 4), w + int64_t(wrow) * p.k + col, 16);
+            for (int i = 0; i < tile_m / 16; ++i) {
+              const int r = r0 + 16 * i;
+              cp_async16(as + r * 128 + ((chunk ^ (r & 7)) << 4), p.a + int64_t(row[i] < 0 ? 0 : row[i]) * p.k + col,
+                         row[i] < 0 ? 0 : 16);
+            }
+            cp_async_arrive(bar);  // counts once this thread's copies so far have landed
+          }
         }
-        cp_async_arrive(full + s * 8);  // counts once this thread's copies so far have landed
       }
     }
+    // Cl = 2: no CTA leaves while its peer may still write its shared memory or arrive on its
+    // barriers.
+    if constexpr (Cl > 1) cluster_sync();
     return;
   }
   regs_up<184>();
   const int c = tid / 128 - 1;  // consumer warpgroup: rows c·64 .. c·64 + 63 of each tile
   const int lane = tid & 31, warp = (tid / 32) % 4;
+  // Lane 0 of each consumer warp releases a stage in every CTA of the cluster.
+  auto release = [&](int s) {
+    __syncwarp();
+    if (lane == 0) {
+      if constexpr (Cl == 1) mbar_arrive(empty + s * 8);
+      else
+        for (int r = 0; r < Cl; ++r) mbar_arrive_cluster(empty + s * 8, r);
+    }
+  };
   float d[128];
   int it = 0;
-  for (int wi = blockIdx.x; wi < items; wi += gridDim.x) {
-    const moe_tile t = p.tiles[wi / p.col_tiles];
+  for (int wi = first; wi < items; wi += stride) {
+    const moe_tile t = p.tiles[Cl * (wi / p.col_tiles) + rank];
     const int n0 = (wi % p.col_tiles) * cols;
-    const bool active = c * 64 < t.rows;  // a warpgroup past the tile's rows only passes the stages on
+    // A warpgroup past the tile's rows only passes the stages on. Its own loop: wgmma inside a
+    // branch the compiler cannot prove warp-uniform is serialized (ptxas C7518), one wgmma waiting
+    // for the last.
+    if (c * 64 >= t.rows) {
+      for (int kb = 0; kb < kbs; ++kb, ++it) {
+        mbar_wait(full + (it % stages) * 8, (it / stages) & 1);
+        release(it % stages);
+      }
+      continue;
+    }
 #pragma unroll
     for (int i = 0; i < 128; ++i) d[i] = 0.0f;
     for (int kb = 0; kb < kbs; ++kb, ++it) {
       const int s = it % stages;
       mbar_wait(full + s * 8, (it / stages) & 1);
-      if (active) {
-        // The stage was written by cp.async (generic proxy); wgmma reads it through the async proxy.
-        fence_proxy_async();
-        const uint32_t as = sa + s * a_stage + c * 64 * 128, bs = sb + s * b_stage;
-        wgmma_fence();
+      // gate_up's A rows were written by cp.async (generic proxy); wgmma reads through the async
+      // proxy. TMA writes are async-proxy already.
+      if constexpr (SwiGLU) fence_proxy_async();
+      const uint32_t as = sa + s * a_stage + c * 64 * 128, bs = sb + s * b_stage;
+      wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < tile_k / 16; ++kk) wgmma_m64n256k16(d, smem_desc(as + kk * 32), smem_desc(bs + kk * 32), 1);
-        wgmma_commit();
-        wgmma_wait<1>();  // the previous stage's wgmmas are done: release it
-      }
-      if (kb > 0) {
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty + ((it - 1) % stages) * 8);
-      }
+      for (int kk = 0; kk < tile_k / 16; ++kk) wgmma_m64n256k16(d, smem_desc(as + kk * 32), smem_desc(bs + kk * 32), 1);
+      wgmma_commit();
+      wgmma_wait<1>();  // the previous stage's wgmmas are done: release it
+      if (kb > 0) release((it - 1) % stages);
     }
-    if (active) wgmma_wait<0>();
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty + ((it - 1) % stages) * 8);  // the item's last stage
-    if (!active) continue;
+    wgmma_wait<0>();
+    release((it - 1) % stages);  // the item's last stage
     fence_regs(d);
     const int col = n0 + (lane % 4) * 2;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int r = c * 64 + warp * 16 + lane / 4 + 8 * half;
       if (r >= t.rows) continue;
-      bf16* o = p.out + int64_t(t.dst_row + r) * p.ld_out + col;
+      bf16* o = p.out + int64_t(t.dst_row + r) * p.n + col;
       if constexpr (SwiGLU) {
 #pragma unroll
         for (int q = 0; q < 16; ++q)
@@ -261,27 +361,79 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const gemm_args p)
       }
     }
   }
+  if constexpr (Cl > 1) cluster_sync();
 #endif
 }
 
+/// The driver's tensor-map encoder, looked up once through the runtime (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+/// Tensor map of a bf16 [rows, cols] row-major matrix read in boxes of 128 rows × 64 columns,
+/// 128-byte swizzle (the layout the kernel's descriptors name); rows past the end read as zeros.
+cudaError_t encode(CUtensorMap* map, const void* m, int64_t rows, int64_t cols) {
+  auto fn = encoder();
+  if (!fn) return cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * 2};
+  const cuuint32_t box[2] = {tile_k, box_rows}, step[2] = {1, 1};
+  const CUresult r = fn(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(m), dims, strides, box, step,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <bool SwiGLU, int Cl>
+cudaError_t launch_cl(const gemm_args& args, int grid, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem_bytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1]{};
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = Cl;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, moe_gemm_kernel<SwiGLU, Cl>, args);
+}
+
 template <bool SwiGLU>
-cudaError_t launch(const moe_tile* tiles, int n_tiles, const void* a, const int* row_idx, const void* const* w, int k,
-                   int n, int up_rows, void* out, cudaStream_t stream) {
+cudaError_t launch(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles, const void* a,
+                   const int* row_idx, int64_t a_rows, const void* w_maps, int k, int n, void* out, cudaStream_t stream) {
   if (n_tiles <= 0) return cudaSuccess;
-  auto kernel = moe_gemm_kernel<SwiGLU>;
-  if (auto e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes); e != cudaSuccess)
-    return e;
-  int device = 0, sms = 0;
-  if (auto e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  if (auto e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
-  const int col_tiles = n / (SwiGLU ? tile_n / 2 : tile_n);
-  const gemm_args args{tiles, n_tiles, col_tiles, static_cast<const bf16*>(a), row_idx,
-                       reinterpret_cast<const bf16* const*>(w), k, up_rows, static_cast<bf16*>(out), n};
-  // Persistent: one CTA per SM (each takes all of an SM's shared memory), striding over the items.
-  const int64_t items = int64_t(n_tiles) * col_tiles;
-  const unsigned grid = static_cast<unsigned>(items < sms ? items : sms);
-  kernel<<<grid, threads, smem_bytes, stream>>>(args);
-  return cudaGetLastError();
+  if ((cluster != 1 && cluster != 2) || n_tiles % cluster != 0) return cudaErrorInvalidValue;
+  if (cluster == 2 && setup.clusters2 <= 0) return cudaErrorNotSupported;
+  gemm_args args{};
+  if (!SwiGLU)
+    if (auto e = encode(&args.a_map, a, a_rows, k); e != cudaSuccess) return e;
+  args.tiles = tiles;
+  args.n_tiles = n_tiles;
+  args.col_tiles = n / (SwiGLU ? tile_n / 2 : tile_n);
+  args.a = static_cast<const bf16*>(a);
+  args.row_idx = row_idx;
+  args.w = static_cast<const CUtensorMap*>(w_maps);
+  args.k = k;
+  args.n = n;
+  args.out = static_cast<bf16*>(out);
+  // Persistent: one CTA per SM (each takes all of an SM's shared memory), as many clusters as fit
+  // at once, striding over the items.
+  const int64_t items = int64_t(n_tiles / cluster) * args.col_tiles;
+  const int64_t most = cluster == 1 ? setup.sms : setup.clusters2;
+  const int grid = static_cast<int>(std::min(items, most)) * cluster;
+  const cudaError_t e = cluster == 1 ? launch_cl<SwiGLU, 1>(args, grid, stream) : launch_cl<SwiGLU, 2>(args, grid, stream);
+  return e != cudaSuccess ? e : cudaGetLastError();
 }
 
 }  // namespace
@@ -290,8 +442,38 @@ bool moe_gemm_available(int device) {
   cudaDeviceProp prop{};
   if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) return false;
   if (prop.major != 9 || prop.minor != 0) return false;
+  if (!encoder()) return false;
   cudaFuncAttributes attr{};
-  return cudaFuncGetAttributes(&attr, moe_gemm_kernel<true>) == cudaSuccess && attr.binaryVersion == 90;
+  return cudaFuncGetAttributes(&attr, moe_gemm_kernel<true, 1>) == cudaSuccess && attr.binaryVersion == 90;
+}
+
+cudaError_t moe_gemm_prepare(int device, moe_gemm_setup* setup) {
+  if (auto e = cudaSetDevice(device); e != cudaSuccess) return e;
+  for (auto kernel : {moe_gemm_kernel<true, 1>, moe_gemm_kernel<false, 1>, moe_gemm_kernel<true, 2>, moe_gemm_kernel<false, 2>})
+    if (auto e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes); e != cudaSuccess)
+      return e;
+  if (auto e = cudaDeviceGetAttribute(&setup->sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
+  // Pairs of SMs of one processor cluster that can hold the kernel at once (fewer than sms / 2
+  // where a processor cluster has an odd number of SMs).
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(setup->sms / 2 * 2));
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem_bytes;
+  cudaLaunchAttribute attr[1]{};
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 2;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int gu = 0, dn = 0;
+  if (cudaOccupancyMaxActiveClusters(&gu, moe_gemm_kernel<true, 2>, &cfg) != cudaSuccess ||
+      cudaOccupancyMaxActiveClusters(&dn, moe_gemm_kernel<false, 2>, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();  // no clusters here: the launches keep to one CTA
+    gu = dn = 0;
+  }
+  setup->clusters2 = std::min(gu, dn);
+  return cudaSuccess;
 }
 
 bool moe_gemm_shapes(int64_t hidden, int64_t ffn) {
@@ -299,14 +481,39 @@ bool moe_gemm_shapes(int64_t hidden, int64_t ffn) {
          ffn <= (int64_t{1} << 20);
 }
 
-cudaError_t moe_gate_up(const moe_tile* tiles, int n_tiles, const void* x, const int* row_idx, const void* const* w,
-                        int hidden, int ffn, void* h, cudaStream_t stream) {
-  return launch<true>(tiles, n_tiles, x, row_idx, w, hidden, ffn, ffn, h, stream);
+size_t moe_tile_list(int cluster, const int* experts, const int* off, const int* rows, size_t groups, moe_tile* out) {
+  size_t n = 0;
+  for (size_t g = 0; g < groups; ++g) {
+    const int tiles = (rows[g] + moe_tile_rows - 1) / moe_tile_rows;
+    const int padded = cluster == 2 ? (tiles + 1) / 2 * 2 : tiles;  // a pair's second tile may be empty
+    for (int i = 0; i < padded; ++i, ++n) {
+      if (!out) continue;
+      const int m = std::min(i * moe_tile_rows, rows[g]);
+      out[n] = moe_tile{experts[g], off[g] + m, std::min(moe_tile_rows, rows[g] - m), off[g] + m};
+    }
+  }
+  return n;
 }
 
-cudaError_t moe_down(const moe_tile* tiles, int n_tiles, const void* h, const void* const* w, int hidden, int ffn, void* y,
-                     cudaStream_t stream) {
-  return launch<false>(tiles, n_tiles, h, nullptr, w, ffn, hidden, 0, y, stream);
+cudaError_t moe_weight_maps(const void* const* w, int n, int64_t rows, int64_t cols, void* maps) {
+  auto* out = static_cast<unsigned char*>(maps);
+  for (int i = 0; i < n; ++i) {
+    CUtensorMap m{};
+    if (w[i])
+      if (auto e = encode(&m, w[i], rows, cols); e != cudaSuccess) return e;
+    std::memcpy(out + size_t(i) * moe_map_bytes, &m, moe_map_bytes);
+  }
+  return cudaSuccess;
+}
+
+cudaError_t moe_gate_up(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles, const void* x,
+                        const int* row_idx, const void* w_maps, int hidden, int ffn, void* h, cudaStream_t stream) {
+  return launch<true>(setup, cluster, tiles, n_tiles, x, row_idx, 0, w_maps, hidden, ffn, h, stream);
+}
+
+cudaError_t moe_down(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles, const void* h,
+                     int64_t h_rows, const void* w_maps, int hidden, int ffn, void* y, cudaStream_t stream) {
+  return launch<false>(setup, cluster, tiles, n_tiles, h, nullptr, h_rows, w_maps, ffn, hidden, y, stream);
 }
 
 }  // namespace sy::model::cuda

@@ -5,6 +5,7 @@
 /// row count. Internal to model/cuda (CUDA types in the signatures).
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace sy::model::cuda {
@@ -15,26 +16,56 @@ inline constexpr int moe_tile_rows = 128;
 /// One tile of a grouped product: rows [src_row, src_row + rows) of the input (through the row
 /// index when one is given) times expert `expert`'s weights, into rows [dst_row, dst_row + rows).
 struct moe_tile {
-  int expert;  ///< index into the weight-pointer table
+  int expert;  ///< index into the weight tables
   int src_row;
-  int rows;  ///< 1..moe_tile_rows
+  int rows;  ///< 1..moe_tile_rows (0: the empty second tile of a pair, clusters of two)
   int dst_row;
 };
 
-/// True when the kernels were built for this device (compute capability 9.0).
+/// Writes the tile list of a batch (`groups` experts: expert experts[g] on the `rows[g]` rows from
+/// off[g] of the packed row space) into `out` (null: only counts) and returns its length. With
+/// `cluster` 2 the list is pairs of tiles of one expert (two CTAs share each weight tile), an odd
+/// expert's last pair ending in an empty tile; with 1, one tile after another.
+size_t moe_tile_list(int cluster, const int* experts, const int* off, const int* rows, size_t groups, moe_tile* out);
+
+/// Bytes of one tensor map (the copy engine's description of a matrix in device memory).
+inline constexpr size_t moe_map_bytes = 128;
+
+/// What the launches need from the device, read once (`moe_gemm_prepare`).
+struct moe_gemm_setup {
+  int sms = 0;        ///< multiprocessors: the persistent grid's size with one CTA a cluster
+  int clusters2 = 0;  ///< two-CTA clusters that fit at once (0: none, launches keep to one CTA)
+};
+
+/// True when the kernels were built for this device (compute capability 9.0) and the driver
+/// encodes tensor maps.
 [[nodiscard]] bool moe_gemm_available(int device);
+/// Once per device before the first launch: raises the kernels' shared-memory limit, reads the
+/// multiprocessor count.
+[[nodiscard]] cudaError_t moe_gemm_prepare(int device, moe_gemm_setup* setup);
 /// True when the kernels take these widths (hidden a multiple of 256, ffn of 128).
 [[nodiscard]] bool moe_gemm_shapes(int64_t hidden, int64_t ffn);
 
+/// Encodes the tensor map of each weight matrix w[i] (bf16 [rows, cols] row-major, device memory;
+/// null: an unused id, left zero) into `maps` (host memory, n · moe_map_bytes); the launches take
+/// a device copy of that table, indexed by a tile's `expert`.
+[[nodiscard]] cudaError_t moe_weight_maps(const void* const* w, int n, int64_t rows, int64_t cols, void* maps);
+
 /// For every tile (device array) and row r < rows, over every column j < ffn:
 ///   h[dst_row + r, j] = silu(x[i] · gate_j) · (x[i] · up_j),  i = row_idx ? row_idx[src_row + r] : src_row + r,
-/// x bf16 [*, hidden], w[expert] bf16 [2·ffn, hidden] (gate rows, then up rows), h bf16 [*, ffn];
-/// fp32 accumulation, SwiGLU on the fp32 sums. Asynchronous on `stream`.
-[[nodiscard]] cudaError_t moe_gate_up(const moe_tile* tiles, int n_tiles, const void* x, const int* row_idx,
-                                      const void* const* w, int hidden, int ffn, void* h, cudaStream_t stream);
-/// For every tile and row r < rows: y[dst_row + r] = h[src_row + r] · w[expert]ᵀ, h bf16 [*, ffn],
-/// w[expert] bf16 [hidden, ffn], y bf16 [*, hidden]; fp32 accumulation.
-[[nodiscard]] cudaError_t moe_down(const moe_tile* tiles, int n_tiles, const void* h, const void* const* w, int hidden,
-                                   int ffn, void* y, cudaStream_t stream);
+/// x bf16 [*, hidden], expert weights bf16 [2·ffn, hidden] (gate rows, then up rows; `w_maps` their
+/// tensor maps), h bf16 [*, ffn]; fp32 accumulation, SwiGLU on the fp32 sums. Asynchronous on `stream`.
+///
+/// `cluster` 1: each CTA loads its own weight tiles; 2 (needs setup.clusters2 > 0, a list built
+/// for 2): a pair of CTAs each loads half and the copy engine writes it to both.
+[[nodiscard]] cudaError_t moe_gate_up(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles,
+                                      const void* x, const int* row_idx, const void* w_maps, int hidden, int ffn,
+                                      void* h, cudaStream_t stream);
+/// For every tile and row r < rows: y[dst_row + r] = h[src_row + r] · wᵀ, h bf16 [h_rows, ffn]
+/// (read by the copy engine: 16-byte aligned), expert weights bf16 [hidden, ffn] (`w_maps`), y
+/// bf16 [*, hidden]; fp32 accumulation.
+[[nodiscard]] cudaError_t moe_down(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles,
+                                   const void* h, int64_t h_rows, const void* w_maps, int hidden, int ffn, void* y,
+                                   cudaStream_t stream);
 
 }  // namespace sy::model::cuda
