@@ -127,7 +127,9 @@ int main(int argc, char** argv) {
     for (auto mode : {gpu::gemm_mode::automatic, gpu::gemm_mode::grouped, gpu::gemm_mode::per_expert,
                       gpu::gemm_mode::padded, gpu::gemm_mode::gemv, gpu::gemm_mode::fused})
       variants.push_back({mode, {}, {}, gpu::to_string(mode)});
-    variants.push_back({gpu::gemm_mode::fused, {}, {1}, "fused/c1"});  // each CTA loads its own weight tiles
+    // The fused kernels' cluster sizes forced (plain `fused` picks one per batch and says which).
+    variants.push_back({gpu::gemm_mode::fused, {}, {1}, "fused/c1"});
+    variants.push_back({gpu::gemm_mode::fused, {}, {2}, "fused/c2"});
     if (sweep) {
       for (bool split : {false, true}) {
         for (int gu : {0, 4, 8})
@@ -217,6 +219,8 @@ int main(int argc, char** argv) {
         std::snprintf(expratio, sizeof expratio, "%.0f%%", 100 * flops / (exp_med * 1e-3) * 1e-12 / roof->bf16_tflops);
       }
       std::string kind = v.label;
+      if (v.label == "fused" && (*layer)->last_gemm_mode() == gpu::gemm_mode::fused)
+        kind += "=c" + std::to_string((*layer)->last_fused_cluster());
       if (mode == gpu::gemm_mode::automatic) {
         kind += std::string("=") + gpu::to_string((*layer)->last_gemm_mode());
         if ((*layer)->last_gemm_mode() == gpu::gemm_mode::fused) kind += "/c" + std::to_string((*layer)->last_fused_cluster());

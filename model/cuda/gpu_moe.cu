@@ -1089,8 +1089,14 @@ struct expert_engine {
                            const bf16* x, const int* row_idx, int64_t total_rows, bf16* yo) {
     if (ids.empty()) return {};
     SY_TRY(tables());
-    const int cluster = fused.cluster == 1 || fused_setup.clusters2 <= 0 ? 1 : 2;
-    const size_t count = moe_tile_list(cluster, ids.data(), off.data(), n.data(), ids.size(), nullptr);
+    const size_t one = moe_tile_list(1, ids.data(), off.data(), n.data(), ids.size(), nullptr);
+    const size_t two = moe_tile_list(2, ids.data(), off.data(), n.data(), ids.size(), nullptr);
+    // Pairs share their weight tiles, but an expert of one tile pairs with an empty one (a CTA
+    // that only passes the stages on): by default pairs only while at most a fifth of the tiles
+    // would be empty.
+    const bool pairs = fused_setup.clusters2 > 0 && (fused.cluster == 2 || (fused.cluster == 0 && two * 4 <= one * 5));
+    const int cluster = pairs ? 2 : 1;
+    const size_t count = pairs ? two : one;
     // Callers enter with the stream idle: the pinned list can be rewritten.
     SY_TRY(tiles_host.reserve(count * sizeof(moe_tile)));
     SY_TRY(tiles.reserve(count * sizeof(moe_tile)));

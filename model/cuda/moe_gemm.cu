@@ -112,6 +112,10 @@ __device__ __forceinline__ uint32_t cluster_rank() {
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
 }
+/// Acquires the copy engine's view of a tensor map in global memory written from the host.
+__device__ __forceinline__ void fence_tensormap(const CUtensorMap* map) {
+  asm volatile("fence.proxy.tensormap::generic.acquire.sys [%0], 128;" ::"l"(map) : "memory");
+}
 /// Makes this thread's mbarrier initialisations visible to the cluster.
 __device__ __forceinline__ void fence_mbar_init() {
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -231,12 +235,9 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
       // cluster, the weights being multicast) only once all of them have read it.
       mbar_init(empty + s * 8, 8 * Cl);
     }
-  if constexpr (Cl > 1) {
-    fence_mbar_init();
-    cluster_sync();  // the peer's barriers are initialised before anything arrives on them
-  } else {
-    __syncthreads();
-  }
+  if (tid == 0) fence_mbar_init();  // the copy engine (and with Cl = 2, the peer) sees them initialised
+  if constexpr (Cl > 1) cluster_sync();  // the peer's barriers are initialised before anything arrives on them
+  else __syncthreads();
   const int kbs = p.k / tile_k;
   constexpr int cols = SwiGLU ? tile_n / 2 : tile_n;  // output columns of a work item
   // Work item w: column tile w % col_tiles of row tile (Cl = 2: tile pair) w / col_tiles. The
@@ -254,6 +255,9 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
         const moe_tile t = p.tiles[Cl * (wi / p.col_tiles) + rank];
         const int n0 = (wi % p.col_tiles) * cols;
         const CUtensorMap* w = p.w + t.expert;
+        // The maps were written by a host copy (and rewritten in place when experts change): the
+        // copy engine's view of them is acquired before use.
+        if (tid == 0) fence_tensormap(w);
         // gate_up: the first box is gate rows n0.., the second the matching up rows; down: 256
         // rows. Cl = 2: each CTA loads one box for both.
         const int second = SwiGLU ? p.n + n0 : n0 + box_rows;
@@ -294,8 +298,11 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
       }
     }
     // Cl = 2: no CTA leaves while its peer may still write its shared memory or arrive on its
-    // barriers.
-    if constexpr (Cl > 1) cluster_sync();
+    // barriers. (Down: warp 0 reconverges first, thread 0 having run the loop alone.)
+    if constexpr (Cl > 1) {
+      __syncwarp();
+      cluster_sync();
+    }
     return;
   }
   regs_up<184>();
