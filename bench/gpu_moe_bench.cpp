@@ -91,9 +91,9 @@ int main(int argc, char** argv) {
   std::printf("roofline (same run): device-to-device copy %.0f GB/s (read + write), cuBLAS bf16 GEMM 8192^3 %.0f TFLOP/s\n",
               roof->copy_gbs, roof->bf16_tflops);
   const std::vector<shape> shapes = {{"mixtral", 4096, 14336, 8, 2}, {"qwen3", 2048, 768, 128, 8}};
-  std::printf("\n%-8s %-15s %6s %7s %10s %9s %10s %10s %9s %9s | %8s %8s | %11s %7s | %8s %7s\n", "layer", "gemm", "tokens", "active",
-              "median ms", "device ms", "weight GB", "GB/s", "TFLOP/s", "vs GEMM", "exp ms", "exp/GEMM", "bytes/bw ms", "ratio", "HF ms",
-              "HF/ours");
+  std::printf("\n%-8s %-15s %6s %7s %10s %9s %10s %10s %9s %9s | %8s %8s %11s | %11s %7s | %8s %7s\n", "layer", "gemm", "tokens",
+              "active", "median ms", "device ms", "weight GB", "GB/s", "TFLOP/s", "vs GEMM", "exp ms", "exp/GEMM", "pre/post ms",
+              "bytes/bw ms", "ratio", "HF ms", "HF/ours");
   for (const auto& s : shapes) {
     if (!only_layer.empty() && s.name != only_layer) continue;
     m::gating_config g;
@@ -120,26 +120,22 @@ int main(int argc, char** argv) {
     struct variant {
       gpu::gemm_mode mode;
       gpu::gemv_tuning tuning;
-      gpu::fused_tuning fused;
       std::string label;
     };
     std::vector<variant> variants;
     for (auto mode : {gpu::gemm_mode::automatic, gpu::gemm_mode::grouped, gpu::gemm_mode::per_expert,
                       gpu::gemm_mode::padded, gpu::gemm_mode::gemv, gpu::gemm_mode::fused})
-      variants.push_back({mode, {}, {}, gpu::to_string(mode)});
-    // The fused kernels' cluster sizes forced (plain `fused` picks one per batch and says which).
-    variants.push_back({gpu::gemm_mode::fused, {}, {1}, "fused/c1"});
-    variants.push_back({gpu::gemm_mode::fused, {}, {2}, "fused/c2"});
+      variants.push_back({mode, {}, gpu::to_string(mode)});
     if (sweep) {
       for (bool split : {false, true}) {
         for (int gu : {0, 4, 8})
           for (int dn : {0, 2, 4, 8}) {
             if ((gu == 0) != (dn == 0)) continue;
-            variants.push_back({gpu::gemm_mode::gemv, {gu, dn, true, split}, {},
+            variants.push_back({gpu::gemm_mode::gemv, {gu, dn, true, split},
                                 "gemv/" + (gu == 0 ? std::string("auto") : std::to_string(gu) + "." + std::to_string(dn)) +
                                     (split ? ".split" : "")});
           }
-        variants.push_back({gpu::gemm_mode::gemv, {0, 0, false, split}, {}, std::string("gemv/auto") + (split ? ".split" : "") + ".nopdl"});
+        variants.push_back({gpu::gemm_mode::gemv, {0, 0, false, split}, std::string("gemv/auto") + (split ? ".split" : "") + ".nopdl"});
       }
     }
     // Input set i of t tokens (the same seed for the same i), in and out buffers on the device.
@@ -157,7 +153,6 @@ int main(int argc, char** argv) {
       if (mode == gpu::gemm_mode::gemv && t > gpu::gemv_max_rows) continue;
       (*layer)->set_gemm_mode(mode);
       (*layer)->set_gemv_tuning(v.tuning);
-      (*layer)->set_fused_tuning(v.fused);
       // Several input sets, rotated, so repeated runs do not measure one cached input.
       constexpr int sets = 3;
       std::vector<float*> xs, ys;
@@ -175,7 +170,7 @@ int main(int argc, char** argv) {
           std::printf("error: %s\n", m::describe(e).c_str());
           return 1;
         }
-      std::vector<double> ms, dev_ms, exp_ms;
+      std::vector<double> ms, dev_ms, exp_ms, pre_ms, post_ms;
       double bytes = 0;
       int active = 0;
       for (int i = 0; i < reps; ++i) {
@@ -191,15 +186,18 @@ int main(int argc, char** argv) {
         ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
         auto d = (*layer)->last_device_ms();
         dev_ms.push_back(d ? *d : -1.0);
-        auto ex = (*layer)->last_experts_ms();
-        exp_ms.push_back(ex ? *ex : -1.0);
+        auto ph = (*layer)->last_phases();
+        exp_ms.push_back(ph ? ph->experts : -1.0);
+        pre_ms.push_back(ph ? ph->before : -1.0);
+        post_ms.push_back(ph ? ph->after : -1.0);
         bytes += static_cast<double>((*layer)->last_weight_bytes());
         active += (*layer)->last_active_experts();
       }
       std::sort(ms.begin(), ms.end());
       std::sort(dev_ms.begin(), dev_ms.end());
-      std::sort(exp_ms.begin(), exp_ms.end());
+      for (auto* v : {&exp_ms, &pre_ms, &post_ms}) std::sort(v->begin(), v->end());
       const double med = ms[ms.size() / 2], dev_med = dev_ms[dev_ms.size() / 2], exp_med = exp_ms[exp_ms.size() / 2];
+      const double pre_med = pre_ms[pre_ms.size() / 2], post_med = post_ms[post_ms.size() / 2];
       bytes /= reps;
       const double flops = 2.0 * 3.0 * double(s.hidden) * double(s.ffn) * double(t) * s.top_k;
       const double tflops = flops / (med * 1e-3) * 1e-12;
@@ -213,23 +211,21 @@ int main(int argc, char** argv) {
         std::snprintf(hfcol, sizeof hfcol, "%.3f", hf_ms);
         std::snprintf(ratio, sizeof ratio, "%.2fx", hf_ms / med);
       }
-      char expcol[32] = "-", expratio[32] = "-";  // the expert GEMMs alone (not on the GEMV path)
+      char expcol[32] = "-", expratio[32] = "-", prepost[48] = "-";  // not on the GEMV path
       if (exp_med > 0) {
+        std::snprintf(prepost, sizeof prepost, "%.3f/%.3f", pre_med, post_med);
         std::snprintf(expcol, sizeof expcol, "%.3f", exp_med);
         std::snprintf(expratio, sizeof expratio, "%.0f%%", 100 * flops / (exp_med * 1e-3) * 1e-12 / roof->bf16_tflops);
       }
       std::string kind = v.label;
-      if (v.label == "fused" && (*layer)->last_gemm_mode() == gpu::gemm_mode::fused)
-        kind += "=c" + std::to_string((*layer)->last_fused_cluster());
       if (mode == gpu::gemm_mode::automatic) {
         kind += std::string("=") + gpu::to_string((*layer)->last_gemm_mode());
-        if ((*layer)->last_gemm_mode() == gpu::gemm_mode::fused) kind += "/c" + std::to_string((*layer)->last_fused_cluster());
         auto_ms_bytes[t] = {med, bytes};
       }
-      std::printf("%-8s %-15s %6lld %7.1f %10.3f %9.3f %10.2f %10.0f %9.1f %8.0f%% | %8s %8s | %11.3f %6.2fx | %8s %7s\n",
+      std::printf("%-8s %-15s %6lld %7.1f %10.3f %9.3f %10.2f %10.0f %9.1f %8.0f%% | %8s %8s %11s | %11.3f %6.2fx | %8s %7s\n",
                   s.name.c_str(), kind.c_str(), static_cast<long long>(t), double(active) / reps, med, dev_med, bytes * 1e-9,
-                  bytes / (med * 1e-3) * 1e-9, tflops, 100 * tflops / roof->bf16_tflops, expcol, expratio, bound_ms, med / bound_ms,
-                  hfcol, ratio);
+                  bytes / (med * 1e-3) * 1e-9, tflops, 100 * tflops / roof->bf16_tflops, expcol, expratio, prepost, bound_ms,
+                  med / bound_ms, hfcol, ratio);
     }
     // The same-bytes read: one kernel that only reads the weights of the experts a forward used,
     // timed like the forward (host clock around the launch and its synchronisation). Any
@@ -304,7 +300,8 @@ int main(int argc, char** argv) {
   std::printf("(median of %d after warm-up; median ms: host clock around each forward and its synchronisation, what the\n"
               " ratios use; device ms: device events around the forward's work on its stream; targets:\n"
               " ratio <= 1.3 at 1-8 tokens, vs GEMM >= 70%% at 4096; exp: device events around the expert GEMMs alone,\n"
-              " their FLOPs against the GEMM rate; HF = transformers' MoE block, same job;\n"
+              " their FLOPs against the GEMM rate; pre/post: the device time before them (routing, the counts' trip to the\n"
+              " host, dispatch, conversion) and after (combine); HF = transformers' MoE block, same job;\n"
               " read: one kernel reading only the same experts' weights once, host clock, the best of four grid sizes,\n"
               " scaled to the forward's mean bytes)\n",
               reps);

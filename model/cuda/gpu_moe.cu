@@ -823,7 +823,6 @@ struct expert_engine {
   bool fused_ok = false;   ///< our grouped GEMM kernels run here (sm_90 device, widths they take)
   gemm_mode mode = gemm_mode::automatic;
   gemv_tuning tuning;
-  fused_tuning fused;
   int calls = 0;           ///< GEMM calls since the stream was last idle: picks the pointer buffer
   struct weights {
     dbuf gate_up, down;  // bf16 [2F, H], [H, F]
@@ -840,7 +839,6 @@ struct expert_engine {
   dbuf gu_maps, dn_maps;  // fused path: tensor maps of every expert's two matrices, by id
   moe_gemm_setup fused_setup;
   gemm_mode last = gemm_mode::automatic;  // the launch kind the last batch ran with
-  int last_cluster = 0;                   // fused: the CTAs a cluster it ran with
 
   ~expert_engine() {
     if (blas) cublasDestroy(blas);
@@ -1073,13 +1071,19 @@ struct expert_engine {
   }
 
   /// Whether a batch of experts with these row counts runs on our grouped GEMM kernels (`fused`):
-  /// when asked for, and (`automatic`, above the GEMV path) for many small experts, where they beat
-  /// cuBLAS's padded batches (docs/benchmarks.md, 2026-12-06 evening). Few large experts keep
-  /// cuBLAS, whose kernels run those GEMMs faster than ours.
+  /// when asked for, and (`automatic`, above the GEMV path) for many small experts while they
+  /// average at most one and a half tiles (192 rows) each, or cuBLAS's padded batch would pad too
+  /// much. Measured (docs/benchmarks.md, 2026-12-06 night): ours beat the padded batch on
+  /// Qwen3-shaped layers up to 2048 tokens (128 rows an expert), cuBLAS's padded batch wins at 4096
+  /// (256 rows an expert: 0.85 vs 0.90 ms on an H200, 0.99 vs 1.13 on an H100). Few large experts
+  /// keep cuBLAS, whose kernels run those GEMMs faster than ours.
   bool use_fused(const std::vector<int>& cnt) const {
     if (!fused_ok || cnt.empty()) return false;
     if (mode == gemm_mode::fused) return true;
-    return defers_to_automatic() && !few_large(cnt.size());
+    if (!defers_to_automatic() || few_large(cnt.size())) return false;
+    int64_t rows = 0;
+    for (int c : cnt) rows += c;
+    return 2 * rows <= 3 * int64_t{moe_tile_rows} * static_cast<int64_t>(cnt.size()) || !padding_cheap(cnt);
   }
 
   /// Experts ids[g] on rows [off[g], off[g] + n[g]) of the packed row space into the same rows of
@@ -1089,26 +1093,23 @@ struct expert_engine {
                            const bf16* x, const int* row_idx, int64_t total_rows, bf16* yo) {
     if (ids.empty()) return {};
     SY_TRY(tables());
-    const size_t one = moe_tile_list(1, ids.data(), off.data(), n.data(), ids.size(), nullptr);
-    const size_t two = moe_tile_list(2, ids.data(), off.data(), n.data(), ids.size(), nullptr);
-    // Pairs share their weight tiles, but an expert of one tile pairs with an empty one (a CTA
-    // that only passes the stages on): by default pairs only while at most a fifth of the tiles
-    // would be empty.
-    const bool pairs = fused_setup.clusters2 > 0 && (fused.cluster == 2 || (fused.cluster == 0 && two * 4 <= one * 5));
-    const int cluster = pairs ? 2 : 1;
-    const size_t count = pairs ? two : one;
+    size_t count = 0;
+    for (int c : n) count += static_cast<size_t>((c + moe_tile_rows - 1) / moe_tile_rows);
     // Callers enter with the stream idle: the pinned list can be rewritten.
     SY_TRY(tiles_host.reserve(count * sizeof(moe_tile)));
     SY_TRY(tiles.reserve(count * sizeof(moe_tile)));
     SY_TRY(h.reserve(static_cast<size_t>(total_rows * ffn) * 2));
-    moe_tile_list(cluster, ids.data(), off.data(), n.data(), ids.size(), tiles_host.as<moe_tile>());
+    auto* tl = tiles_host.as<moe_tile>();
+    size_t i = 0;
+    for (size_t g = 0; g < ids.size(); ++g)
+      for (int m = 0; m < n[g]; m += moe_tile_rows, ++i)
+        tl[i] = moe_tile{ids[g], off[g] + m, std::min(moe_tile_rows, n[g] - m), off[g] + m};
     SY_CU(cudaMemcpyAsync(tiles.p, tiles_host.p, count * sizeof(moe_tile), cudaMemcpyHostToDevice, stream));
     const auto* td = tiles.as<const moe_tile>();
-    SY_CU(moe_gate_up(fused_setup, cluster, td, static_cast<int>(count), x, row_idx, gu_maps.p, static_cast<int>(hidden),
+    SY_CU(moe_gate_up(fused_setup, td, static_cast<int>(count), x, row_idx, gu_maps.p, static_cast<int>(hidden),
                       static_cast<int>(ffn), h.p, stream));
-    SY_CU(moe_down(fused_setup, cluster, td, static_cast<int>(count), h.p, total_rows, dn_maps.p,
+    SY_CU(moe_down(fused_setup, td, static_cast<int>(count), h.p, total_rows, dn_maps.p,
                    static_cast<int>(hidden), static_cast<int>(ffn), yo, stream));
-    last_cluster = cluster;
     last = gemm_mode::fused;
     return {};
   }
@@ -1160,6 +1161,10 @@ struct expert_engine {
   bool use_padded(const std::vector<int>& cnt) const {
     if (mode == gemm_mode::padded) return true;
     if (!defers_to_automatic() || use_fused(cnt)) return false;
+    return padding_cheap(cnt);
+  }
+  /// `automatic`'s rule for padding, whatever runs instead.
+  bool padding_cheap(const std::vector<int>& cnt) const {
     if (cnt.empty()) return false;
     const int mpad = padded_rows(cnt);
     if (mpad <= padded_free_rows) return true;
@@ -1342,8 +1347,6 @@ caf::error gpu_experts::run(std::span<const int> ids, std::span<const float* con
 
 void gpu_experts::set_gemm_mode(gemm_mode m) { impl_->engine.mode = m; }
 void gpu_experts::set_gemv_tuning(gemv_tuning t) { impl_->engine.tuning = t; }
-void gpu_experts::set_fused_tuning(fused_tuning t) { impl_->engine.fused = t; }
-int gpu_experts::last_fused_cluster() const { return impl_->engine.last_cluster; }
 gemm_mode gpu_experts::last_gemm_mode() const { return impl_->engine.last; }
 
 // ---- gpu_moe_layer ----
@@ -1447,15 +1450,17 @@ caf::expected<double> gpu_moe_layer::last_device_ms() {
   return static_cast<double>(ms);
 }
 
-caf::expected<double> gpu_moe_layer::last_experts_ms() {
+caf::expected<gpu_moe_layer::phases> gpu_moe_layer::last_phases() {
   auto& s = *impl_;
-  if (!s.experts_timed)
+  if (!s.timed || !s.experts_timed)
     return make_error(model_errc::invalid_argument,
-                      "gpu layer: the last forward's expert GEMMs were not timed (timing off, or the GEMV path ran)");
-  SY_CU(cudaEventSynchronize(s.ev[3]));
-  float ms = 0;
-  SY_CU(cudaEventElapsedTime(&ms, s.ev[2], s.ev[3]));
-  return static_cast<double>(ms);
+                      "gpu layer: the last forward's phases were not timed (timing off, or the GEMV path ran)");
+  SY_CU(cudaEventSynchronize(s.ev[1]));
+  float ms[3] = {};
+  SY_CU(cudaEventElapsedTime(&ms[0], s.ev[0], s.ev[2]));
+  SY_CU(cudaEventElapsedTime(&ms[1], s.ev[2], s.ev[3]));
+  SY_CU(cudaEventElapsedTime(&ms[2], s.ev[3], s.ev[1]));
+  return phases{ms[0], ms[1], ms[2]};
 }
 
 caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
@@ -1607,8 +1612,6 @@ caf::error gpu_moe_layer::forward(const float* x, int64_t t, float* y) {
 
 void gpu_moe_layer::set_gemm_mode(gemm_mode m) { impl_->engine.mode = m; }
 void gpu_moe_layer::set_gemv_tuning(gemv_tuning t) { impl_->engine.tuning = t; }
-void gpu_moe_layer::set_fused_tuning(fused_tuning t) { impl_->engine.fused = t; }
-int gpu_moe_layer::last_fused_cluster() const { return impl_->engine.last_cluster; }
 gemm_mode gpu_moe_layer::last_gemm_mode() const { return impl_->engine.last; }
 
 caf::error gpu_moe_layer::synchronize() {

@@ -68,13 +68,6 @@ struct gemv_tuning {
   bool split = true;
 };
 
-/// The fused kernels' shape: CTAs a cluster. 2: a pair of CTAs (two tiles of one expert) shares
-/// each weight tile, each loading half and the copy engine writing it to both; 1: every CTA loads
-/// its own; 0: 2 where the device runs such clusters and a batch's experts mostly fill pairs of
-/// tiles (at most a fifth of the tiles empty), else 1.
-struct fused_tuning {
-  int cluster = 0;
-};
 
 class gpu_experts {
  public:
@@ -95,9 +88,6 @@ class gpu_experts {
                                std::span<const int64_t> n, std::span<float* const> outputs);
   void set_gemm_mode(gemm_mode m);
   void set_gemv_tuning(gemv_tuning t);
-  void set_fused_tuning(fused_tuning t);
-  /// CTAs a cluster of the last batch that ran `fused` (0 before any).
-  [[nodiscard]] int last_fused_cluster() const;
   /// The launch kind the last batch ran with (never `automatic`).
   [[nodiscard]] gemm_mode last_gemm_mode() const;
 
@@ -128,18 +118,19 @@ class gpu_moe_layer {
   [[nodiscard]] caf::error forward_device(const float* x_dev, int64_t t, float* y_dev);
   void set_gemm_mode(gemm_mode m);
   void set_gemv_tuning(gemv_tuning t);
-  void set_fused_tuning(fused_tuning t);
-  /// CTAs a cluster of the last batch that ran `fused` (0 before any).
-  [[nodiscard]] int last_fused_cluster() const;
   /// The launch kind the last batch ran with (never `automatic`).
   [[nodiscard]] gemm_mode last_gemm_mode() const;
   /// With timing on, each `forward_device` is bracketed by device events; `last_device_ms` waits
   /// for the last one and returns its time on the device (benchmarks: launch overhead excluded).
   void set_timing(bool on);
   [[nodiscard]] caf::expected<double> last_device_ms();
-  /// With timing on: device time of the last forward's expert GEMMs alone (both products and
-  /// what runs between them; not routing, conversion or combine). Not on the GEMV path.
-  [[nodiscard]] caf::expected<double> last_experts_ms();
+  /// With timing on, the last forward's device time in three parts (ms): routing, dispatch and
+  /// conversions before the expert GEMMs (the host's read of the counts included), the expert
+  /// GEMMs (both products and what runs between them), the combine after. Not on the GEMV path.
+  struct phases {
+    double before = 0, experts = 0, after = 0;
+  };
+  [[nodiscard]] caf::expected<phases> last_phases();
   /// Waits for the layer's stream.
   [[nodiscard]] caf::error synchronize();
 
