@@ -1073,14 +1073,17 @@ struct expert_engine {
   /// Whether a batch of experts with these row counts runs on our grouped GEMM kernels (`fused`):
   /// when asked for, and (`automatic`, above the GEMV path) for many small experts while they
   /// average at most one and a half tiles (192 rows) each, or cuBLAS's padded batch would pad too
-  /// much. Measured (docs/benchmarks.md, 2026-12-06 night): ours beat the padded batch on
-  /// Qwen3-shaped layers up to 2048 tokens (128 rows an expert), cuBLAS's padded batch wins at 4096
-  /// (256 rows an expert: 0.85 vs 0.90 ms on an H200, 0.99 vs 1.13 on an H100). Few large experts
-  /// keep cuBLAS, whose kernels run those GEMMs faster than ours.
+  /// much, and for few large experts while the weight reads bound the step (at most
+  /// padded_free_rows rows each). Measured (docs/benchmarks.md, 2026-12-06 night): ours beat the
+  /// padded batch on Qwen3-shaped layers up to 2048 tokens (128 rows an expert) and on Mixtral's at
+  /// 64 tokens (0.98 vs 1.05 ms on an H100); cuBLAS wins Qwen3 at 4096 (256 rows an expert: 0.99 vs
+  /// 1.07 ms on the H100, 0.85 vs 0.90 on an H200) and Mixtral from 512 tokens on, where its
+  /// kernels run those GEMMs faster than ours.
   bool use_fused(const std::vector<int>& cnt) const {
     if (!fused_ok || cnt.empty()) return false;
     if (mode == gemm_mode::fused) return true;
-    if (!defers_to_automatic() || few_large(cnt.size())) return false;
+    if (!defers_to_automatic()) return false;
+    if (few_large(cnt.size())) return *std::max_element(cnt.begin(), cnt.end()) <= padded_free_rows;
     int64_t rows = 0;
     for (int c : cnt) rows += c;
     return 2 * rows <= 3 * int64_t{moe_tile_rows} * static_cast<int64_t>(cnt.size()) || !padding_cheap(cnt);
