@@ -13,8 +13,9 @@
 // the tile's end only passes the stages on (in a loop of its own: no wgmma sits in a branch).
 // Epilogue straight from the accumulators while the producer already loads the next item: gate_up
 // applies SwiGLU (a thread holds gate column j and up column j of the same row: the B tile is 128
-// gate rows then the matching 128 up rows) and stores bf16 h; down stores bf16 rows. A rows past the tile's end are zeros (gate_up) or another tile's
-// rows (down, read whole by TMA); either way their output rows are never stored.
+// gate rows then the matching 128 up rows) and stores bf16 h; down stores bf16 rows. A rows past
+// the tile's end are zeros (gate_up) or another tile's rows (down, read whole by TMA); either way
+// their output rows are never stored.
 #include "model/cuda/moe_gemm.hpp"
 
 #include <cuda.h>  // CUtensorMap and its encoder's types; the encoder comes through the runtime
