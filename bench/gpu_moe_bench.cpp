@@ -193,11 +193,12 @@ int main(int argc, char** argv) {
         bytes += static_cast<double>((*layer)->last_weight_bytes());
         active += (*layer)->last_active_experts();
       }
-      std::sort(ms.begin(), ms.end());
-      std::sort(dev_ms.begin(), dev_ms.end());
-      for (auto* v : {&exp_ms, &pre_ms, &post_ms}) std::sort(v->begin(), v->end());
-      const double med = ms[ms.size() / 2], dev_med = dev_ms[dev_ms.size() / 2], exp_med = exp_ms[exp_ms.size() / 2];
-      const double pre_med = pre_ms[pre_ms.size() / 2], post_med = post_ms[post_ms.size() / 2];
+      auto median = [](std::vector<double>& v) {
+        std::sort(v.begin(), v.end());
+        return v[v.size() / 2];
+      };
+      const double med = median(ms), dev_med = median(dev_ms), exp_med = median(exp_ms);
+      const double pre_med = median(pre_ms), post_med = median(post_ms);
       bytes /= reps;
       const double flops = 2.0 * 3.0 * double(s.hidden) * double(s.ffn) * double(t) * s.top_k;
       const double tflops = flops / (med * 1e-3) * 1e-12;

@@ -42,10 +42,12 @@ namespace sy::model::cuda {
 ///   Where they cannot run (no sm_90 device, hidden not a multiple of 256 or ffn of 128) the
 ///   batch falls back to `automatic`;
 /// - `automatic`: `gemv` up to 8 rows per expert (few large experts: above 2 rows per expert on
-///   average not), then `fused` for many small experts where it can run, then `padded` while
-///   padding is cheap (every expert at most `padded_free_rows` rows, or padding adds at most half
-///   the rows, a quarter for few large experts), else `grouped` for many small experts and
-///   `per_expert` for few large ones (`expert_engine::use_padded`).
+///   average not), then, where it can run, `fused` for many small experts averaging at most 192
+///   rows (more where padding is not cheap) and for few large experts of at most
+///   `padded_free_rows` rows (`expert_engine::use_fused`), then `padded` while padding is cheap
+///   (every expert at most `padded_free_rows` rows, or padding adds at most half the rows, a
+///   quarter for few large experts), else `grouped` for many small experts and `per_expert` for
+///   few large ones (`expert_engine::use_padded`).
 enum class gemm_mode { automatic, grouped, per_expert, padded, gemv, fused };
 [[nodiscard]] const char* to_string(gemm_mode m);
 /// Rows per expert up to which the GEMV path runs (a token picks an expert at most once, so a layer
@@ -67,7 +69,6 @@ struct gemv_tuning {
   bool pdl = true;
   bool split = true;
 };
-
 
 class gpu_experts {
  public:

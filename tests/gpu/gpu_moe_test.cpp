@@ -14,6 +14,7 @@
 #include <cmath>
 #include <filesystem>
 #include <random>
+#include <span>
 
 using namespace sy::model;
 namespace gpu = sy::model::cuda;
@@ -29,7 +30,7 @@ std::vector<float> randv(size_t n, uint32_t seed, float scale) {
 }
 
 /// ‖a − b‖ / ‖b‖ (b the reference).
-double norm_err(const std::vector<float>& a, const std::vector<double>& b) {
+double norm_err(std::span<const float> a, std::span<const double> b) {
   double num = 0, den = 0;
   for (size_t i = 0; i < a.size(); ++i) {
     num += (a[i] - b[i]) * (a[i] - b[i]);
@@ -45,15 +46,10 @@ bool fused_shapes(int64_t h, int64_t f) { return h % 256 == 0 && f % 128 == 0; }
 
 /// The largest relative error of a row: max over rows of ‖a_r − b_r‖ / ‖b_r‖.
 double worst_row_err(const std::vector<float>& a, const std::vector<double>& b, int64_t width) {
+  const auto w = static_cast<size_t>(width);
   double worst = 0;
-  for (size_t r = 0; r * size_t(width) < a.size(); ++r) {
-    double num = 0, den = 0;
-    for (size_t c = r * size_t(width); c < (r + 1) * size_t(width); ++c) {
-      num += (a[c] - b[c]) * (a[c] - b[c]);
-      den += b[c] * b[c];
-    }
-    worst = std::max(worst, std::sqrt(num / std::max(den, 1e-30)));
-  }
+  for (size_t r = 0; r * w < a.size(); ++r)
+    worst = std::max(worst, norm_err(std::span(a).subspan(r * w, w), std::span(b).subspan(r * w, w)));
   return worst;
 }
 
