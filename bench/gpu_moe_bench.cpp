@@ -52,7 +52,7 @@ std::vector<float> randv(size_t n, uint32_t seed, float scale) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string hf_json, only_layer;
+  std::string hf_json, only_layer, only_modes;
   int reps = 20;
   bool sweep = false;
   std::vector<int64_t> tokens = {1, 2, 4, 8, 64, 512, 4096};
@@ -61,6 +61,7 @@ int main(int argc, char** argv) {
     if (a == "--hf-json" && i + 1 < argc) hf_json = argv[++i];
     else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (a == "--layer" && i + 1 < argc) only_layer = argv[++i];
+    else if (a == "--modes" && i + 1 < argc) only_modes = "," + std::string(argv[++i]) + ",";
     else if (a == "--gemv-sweep") sweep = true;
     else if (a == "--tokens" && i + 1 < argc) {
       tokens.clear();
@@ -91,8 +92,8 @@ int main(int argc, char** argv) {
   std::printf("roofline (same run): device-to-device copy %.0f GB/s (read + write), cuBLAS bf16 GEMM 8192^3 %.0f TFLOP/s\n",
               roof->copy_gbs, roof->bf16_tflops);
   const std::vector<shape> shapes = {{"mixtral", 4096, 14336, 8, 2}, {"qwen3", 2048, 768, 128, 8}};
-  std::printf("\n%-8s %-15s %6s %7s %10s %9s %10s %10s %9s %9s | %8s %8s %11s | %11s %7s | %8s %7s\n", "layer", "gemm", "tokens",
-              "active", "median ms", "device ms", "weight GB", "GB/s", "TFLOP/s", "vs GEMM", "exp ms", "exp/GEMM", "pre/post ms",
+  std::printf("\n%-8s %-15s %6s %7s %10s %9s %10s %10s %9s %9s | %8s %8s %17s | %11s %7s | %8s %7s\n", "layer", "gemm", "tokens",
+              "active", "median ms", "device ms", "weight GB", "GB/s", "TFLOP/s", "vs GEMM", "exp ms", "exp/GEMM", "pre(route)/post",
               "bytes/bw ms", "ratio", "HF ms", "HF/ours");
   for (const auto& s : shapes) {
     if (!only_layer.empty() && s.name != only_layer) continue;
@@ -121,11 +122,16 @@ int main(int argc, char** argv) {
       gpu::gemm_mode mode;
       gpu::gemv_tuning tuning;
       std::string label;
+      bool device_plan = true;
     };
     std::vector<variant> variants;
     for (auto mode : {gpu::gemm_mode::automatic, gpu::gemm_mode::grouped, gpu::gemm_mode::per_expert,
                       gpu::gemm_mode::padded, gpu::gemm_mode::gemv, gpu::gemm_mode::fused})
       variants.push_back({mode, {}, gpu::to_string(mode)});
+    // The fused path with its tile list made on the host after the counts' round trip (the
+    // default makes it on the device where the step takes `fused` whatever its counts).
+    variants.push_back({gpu::gemm_mode::fused, {}, "fused/host", false});
+    variants.push_back({gpu::gemm_mode::automatic, {}, "auto/host", false});
     if (sweep) {
       for (bool split : {false, true}) {
         for (int gu : {0, 4, 8})
@@ -151,8 +157,10 @@ int main(int argc, char** argv) {
      for (const auto& v : variants) {
       const auto mode = v.mode;
       if (mode == gpu::gemm_mode::gemv && t > gpu::gemv_max_rows) continue;
+      if (!only_modes.empty() && only_modes.find("," + v.label + ",") == std::string::npos) continue;
       (*layer)->set_gemm_mode(mode);
       (*layer)->set_gemv_tuning(v.tuning);
+      (*layer)->set_device_plan(v.device_plan);
       // Several input sets, rotated, so repeated runs do not measure one cached input.
       constexpr int sets = 3;
       std::vector<float*> xs, ys;
@@ -170,7 +178,7 @@ int main(int argc, char** argv) {
           std::printf("error: %s\n", m::describe(e).c_str());
           return 1;
         }
-      std::vector<double> ms, dev_ms, exp_ms, pre_ms, post_ms;
+      std::vector<double> ms, dev_ms, exp_ms, pre_ms, post_ms, route_ms;
       double bytes = 0;
       int active = 0;
       for (int i = 0; i < reps; ++i) {
@@ -190,6 +198,7 @@ int main(int argc, char** argv) {
         exp_ms.push_back(ph ? ph->experts : -1.0);
         pre_ms.push_back(ph ? ph->before : -1.0);
         post_ms.push_back(ph ? ph->after : -1.0);
+        route_ms.push_back(ph ? ph->routing : -1.0);
         bytes += static_cast<double>((*layer)->last_weight_bytes());
         active += (*layer)->last_active_experts();
       }
@@ -198,7 +207,7 @@ int main(int argc, char** argv) {
         return v[v.size() / 2];
       };
       const double med = median(ms), dev_med = median(dev_ms), exp_med = median(exp_ms);
-      const double pre_med = median(pre_ms), post_med = median(post_ms);
+      const double pre_med = median(pre_ms), post_med = median(post_ms), route_med = median(route_ms);
       bytes /= reps;
       const double flops = 2.0 * 3.0 * double(s.hidden) * double(s.ffn) * double(t) * s.top_k;
       const double tflops = flops / (med * 1e-3) * 1e-12;
@@ -214,16 +223,17 @@ int main(int argc, char** argv) {
       }
       char expcol[32] = "-", expratio[32] = "-", prepost[48] = "-";  // not on the GEMV path
       if (exp_med > 0) {
-        std::snprintf(prepost, sizeof prepost, "%.3f/%.3f", pre_med, post_med);
+        std::snprintf(prepost, sizeof prepost, "%.3f(%.3f)/%.3f", pre_med, route_med, post_med);
         std::snprintf(expcol, sizeof expcol, "%.3f", exp_med);
         std::snprintf(expratio, sizeof expratio, "%.0f%%", 100 * flops / (exp_med * 1e-3) * 1e-12 / roof->bf16_tflops);
       }
       std::string kind = v.label;
       if (mode == gpu::gemm_mode::automatic) {
         kind += std::string("=") + gpu::to_string((*layer)->last_gemm_mode());
+        if ((*layer)->last_device_planned()) kind += "/dev";
         auto_ms_bytes[t] = {med, bytes};
       }
-      std::printf("%-8s %-15s %6lld %7.1f %10.3f %9.3f %10.2f %10.0f %9.1f %8.0f%% | %8s %8s %11s | %11.3f %6.2fx | %8s %7s\n",
+      std::printf("%-8s %-15s %6lld %7.1f %10.3f %9.3f %10.2f %10.0f %9.1f %8.0f%% | %8s %8s %17s | %11.3f %6.2fx | %8s %7s\n",
                   s.name.c_str(), kind.c_str(), static_cast<long long>(t), double(active) / reps, med, dev_med, bytes * 1e-9,
                   bytes / (med * 1e-3) * 1e-9, tflops, 100 * tflops / roof->bf16_tflops, expcol, expratio, prepost, bound_ms,
                   med / bound_ms, hfcol, ratio);
@@ -302,7 +312,9 @@ int main(int argc, char** argv) {
               " ratios use; device ms: device events around the forward's work on its stream; targets:\n"
               " ratio <= 1.3 at 1-8 tokens, vs GEMM >= 70%% at 4096; exp: device events around the expert GEMMs alone,\n"
               " their FLOPs against the GEMM rate; pre/post: the device time before them (routing, the counts' trip to the\n"
-              " host, dispatch, conversion) and after (combine); HF = transformers' MoE block, same job;\n"
+              " host where it happens, dispatch, conversion) and after (combine), route: of pre, router GEMM, gating and\n"
+              " counts; /host: the fused path's tile list made on the host after the counts' trip; HF = transformers'\n"
+              " MoE block, same job;\n"
               " read: one kernel reading only the same experts' weights once, host clock, the best of four grid sizes,\n"
               " scaled to the forward's mean bytes)\n",
               reps);

@@ -5,6 +5,7 @@
 #include "model/error.hpp"
 
 #include <cublas_v2.h>
+#include <cub/block/block_scan.cuh>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -207,6 +208,43 @@ struct gate_params {
 __global__ void count_kernel(const int* idx, int64_t n, const int* slot, int* counts) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     if (slot[idx[i]] >= 0) atomicAdd(&counts[idx[i]], 1);
+}
+
+struct plan_sums {
+  int rows, tiles, active;
+};
+struct plan_add {
+  __device__ plan_sums operator()(const plan_sums& a, const plan_sums& b) const {
+    return {a.rows + b.rows, a.tiles + b.tiles, a.active + b.active};
+  }
+};
+
+/// The fused path's dispatch without the host (one block): expert i's rows start at offsets[i]
+/// (packed, in id order, as the host's plan), its tiles of up to moe_tile_rows rows follow one
+/// another in the same order in `tiles`, their number in *tile_count; the experts with rows in
+/// act[0 .. *n_act); `fill` zeroed for the scatter.
+__global__ void __launch_bounds__(max_experts) plan_kernel(const int* counts, int experts, int* offsets, int* fill,
+                                                           moe_tile* tiles, int* tile_count, int* n_act, int* act) {
+  using scan = cub::BlockScan<plan_sums, max_experts>;
+  __shared__ typename scan::TempStorage tmp;
+  const int i = static_cast<int>(threadIdx.x);
+  const int c = i < experts ? counts[i] : 0;
+  const plan_sums mine{c, (c + moe_tile_rows - 1) / moe_tile_rows, c > 0 ? 1 : 0};
+  plan_sums before, total;
+  scan(tmp).ExclusiveScan(mine, before, plan_sums{0, 0, 0}, plan_add{}, total);
+  if (i < experts) {
+    offsets[i] = before.rows;
+    fill[i] = 0;
+  }
+  if (c > 0) act[before.active] = i;
+  for (int m = 0; m < mine.tiles; ++m) {
+    const int r = before.rows + m * moe_tile_rows;
+    tiles[before.tiles + m] = moe_tile{i, r, min(moe_tile_rows, c - m * moe_tile_rows), r};
+  }
+  if (i == 0) {
+    *tile_count = total.tiles;
+    *n_act = total.active;
+  }
 }
 
 /// Routing pair i goes to row pos[i] of the expert-sorted rows (-1: expert not held here); with
@@ -1108,13 +1146,41 @@ struct expert_engine {
       for (int m = 0; m < n[g]; m += moe_tile_rows, ++i)
         tl[i] = moe_tile{ids[g], off[g] + m, std::min(moe_tile_rows, n[g] - m), off[g] + m};
     SY_CU(cudaMemcpyAsync(tiles.p, tiles_host.p, count * sizeof(moe_tile), cudaMemcpyHostToDevice, stream));
-    const auto* td = tiles.as<const moe_tile>();
-    SY_CU(moe_gate_up(fused_setup, td, static_cast<int>(count), x, row_idx, gu_maps.p, static_cast<int>(hidden),
+    return launch_fused(tiles.as<const moe_tile>(), static_cast<int>(count), nullptr, x, row_idx, total_rows, yo);
+  }
+
+  /// The same with the tile list already on the device (`plan_kernel`): `tile_count` tiles of
+  /// `tl`, at most `most`, over at most `rows_most` packed rows.
+  caf::error compute_fused_planned(const moe_tile* tl, const int* tile_count, int most, const bf16* x, const int* row_idx,
+                                   int64_t rows_most, bf16* yo) {
+    SY_TRY(tables());
+    SY_TRY(h.reserve(static_cast<size_t>(std::max<int64_t>(rows_most, 1) * ffn) * 2));
+    return launch_fused(tl, most, tile_count, x, row_idx, std::max<int64_t>(rows_most, 1), yo);
+  }
+
+  caf::error launch_fused(const moe_tile* tl, int count, const int* tile_count, const bf16* x, const int* row_idx,
+                          int64_t h_rows, bf16* yo) {
+    SY_CU(moe_gate_up(fused_setup, tl, count, tile_count, x, row_idx, gu_maps.p, static_cast<int>(hidden),
                       static_cast<int>(ffn), h.p, stream));
-    SY_CU(moe_down(fused_setup, td, static_cast<int>(count), h.p, total_rows, dn_maps.p,
-                   static_cast<int>(hidden), static_cast<int>(ffn), yo, stream));
+    SY_CU(moe_down(fused_setup, tl, count, tile_count, h.p, h_rows, dn_maps.p, static_cast<int>(hidden),
+                   static_cast<int>(ffn), yo, stream));
     last = gemm_mode::fused;
     return {};
+  }
+
+  /// Whether a layer step of `t` tokens routed to `k` experts each out of `experts` runs `fused`
+  /// with its tile list made on the device (`plan_kernel`), decided before any count is known:
+  /// when `fused` is asked for, or (`automatic`) where `use_fused` would take it for the counts
+  /// balanced routing gives: many small experts averaging at most 192 rows, few large ones when
+  /// no expert can get more than `padded_free_rows` rows (t at most that). Other steps bring
+  /// their counts to the host and decide by them.
+  bool fused_without_counts(int64_t t, int64_t k, int experts, int local) const {
+    if (!fused_ok || t <= 0) return false;
+    if (mode == gemm_mode::fused) return true;
+    if (!defers_to_automatic()) return false;
+    const int64_t n = t * k;
+    if (few_large(static_cast<size_t>(std::min<int64_t>(local, n)))) return t <= padded_free_rows;
+    return 2 * n <= 3 * int64_t{moe_tile_rows} * experts;
   }
 
   /// Experts ids[g] on rows [g·mpad, g·mpad + mpad) of xs (bf16, padded to mpad rows per expert)
@@ -1360,6 +1426,9 @@ struct gpu_moe_layer::impl {
   dbuf router, bias, slot, logits, idx, w, counts, offsets, fill, pos, xs, yo, x_in, y_out;
   dbuf n_act, act, act_start, act_cnt, row_tok, yo32;  // the GEMV path's work list and outputs
   dbuf done;  // the fused router/routing kernel's finished-block counter (zero between launches)
+  dbuf plan_tiles, tile_count;  // the device-planned fused path's tile list and its length
+  bool device_plan = true;      // steps that can run `fused` without the counts plan it on the device
+  bool last_planned = false;    // the last forward did
   std::vector<int> slot_host;
   int local = 0;  // experts held here
   hbuf counts_host, offsets_host;
@@ -1367,13 +1436,14 @@ struct gpu_moe_layer::impl {
   int last_active = 0;
   size_t last_bytes = 0;
   bool stats_on_device = false;  // the last forward's active-expert count is still on the device
-  bool last_gemv = false;  // the last forward took the GEMV path (its expert list is on the device,
-                           // otherwise its per-expert counts are in counts_host)
+  bool list_on_device = false;  // the last forward's expert list is on the device (n_act, act: the GEMV
+                                // path, the device-planned fused path); else its counts are in counts_host
   static constexpr int read_tables = 4;
   dbuf read_tab[read_tables], sink;  // the same-bytes read baseline's chunk tables
   int read_chunks[read_tables] = {};
   int sms = 0;  // the device's SMs (sizes the read baseline's grid)
-  cudaEvent_t ev[4] = {};  // while timing is on: around each forward [0, 1], around its expert GEMMs [2, 3]
+  cudaEvent_t ev[5] = {};  // while timing is on: around each forward [0, 1], around its expert GEMMs [2, 3],
+                           // the counts made [4]
   bool experts_timed = false;
   bool timing = false, timed = false;
   ~impl() {
@@ -1459,11 +1529,12 @@ caf::expected<gpu_moe_layer::phases> gpu_moe_layer::last_phases() {
     return make_error(model_errc::invalid_argument,
                       "gpu layer: the last forward's phases were not timed (timing off, or the GEMV path ran)");
   SY_CU(cudaEventSynchronize(s.ev[1]));
-  float ms[3] = {};
+  float ms[4] = {};
   SY_CU(cudaEventElapsedTime(&ms[0], s.ev[0], s.ev[2]));
   SY_CU(cudaEventElapsedTime(&ms[1], s.ev[2], s.ev[3]));
   SY_CU(cudaEventElapsedTime(&ms[2], s.ev[3], s.ev[1]));
-  return phases{ms[0], ms[1], ms[2]};
+  SY_CU(cudaEventElapsedTime(&ms[3], s.ev[0], s.ev[4]));
+  return phases{ms[0], ms[1], ms[2], ms[3]};
 }
 
 caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
@@ -1485,6 +1556,7 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
                  g.scoring == scoring_func::sigmoid, static_cast<int>(g.method), g.norm_topk_prob,
                  g.scale_only_unnormalised, static_cast<float>(g.norm_eps), static_cast<float>(g.routed_scaling_factor)};
   s.last_t = t;
+  s.last_planned = false;
   // Before any count reaches the host: t bounds every expert's rows, t·k over the local experts
   // is the mean the rule needs.
   const bool gemv = n <= gemv_max_pairs && eng.use_gemv(static_cast<int>(std::min<int64_t>(t, gemv_max_rows + 1)), n,
@@ -1518,7 +1590,7 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
                    dim3(256), eng.stream, s.yo32.as<const float>(), s.pos.as<const int>(), s.w.as<const float>(),
                    static_cast<int>(k), h, y)));
     s.stats_on_device = true;
-    s.last_gemv = true;
+    s.list_on_device = true;
     return {};
   }
   s.stats_on_device = false;
@@ -1533,6 +1605,40 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
   SY_CU(cudaMemsetAsync(s.counts.p, 0, static_cast<size_t>(e) * 4, eng.stream));
   count_kernel<<<blocks_for(n), 256, 0, eng.stream>>>(s.idx.as<int>(), n, s.slot.as<int>(), s.counts.as<int>());
   SY_CU(cudaGetLastError());
+  if (s.timing) SY_CU(cudaEventRecord(s.ev[4], eng.stream));
+  if (s.device_plan && eng.fused_without_counts(t, k, static_cast<int>(e), s.local)) {
+    // Our kernels read their tile list's length from the device: plan, scatter, convert, run and
+    // combine without the counts' trip to the host.
+    const int64_t rows_most = n;
+    const int tiles_most = static_cast<int>(n / moe_tile_rows + std::min<int64_t>(s.local, n));
+    SY_TRY(s.plan_tiles.reserve(static_cast<size_t>(tiles_most) * sizeof(moe_tile)));
+    SY_TRY(s.tile_count.reserve(sizeof(int)));
+    SY_TRY(s.n_act.reserve(sizeof(int)));
+    SY_TRY(s.act.reserve(static_cast<size_t>(e) * 4));
+    SY_TRY(s.row_tok.reserve(static_cast<size_t>(n) * 4));
+    plan_kernel<<<1, max_experts, 0, eng.stream>>>(s.counts.as<int>(), static_cast<int>(e), s.offsets.as<int>(),
+                                                   s.fill.as<int>(), s.plan_tiles.as<moe_tile>(), s.tile_count.as<int>(),
+                                                   s.n_act.as<int>(), s.act.as<int>());
+    SY_CU(cudaGetLastError());
+    scatter_kernel<<<blocks_for(n), 256, 0, eng.stream>>>(s.idx.as<int>(), n, s.slot.as<int>(), s.offsets.as<int>(),
+                                                          s.fill.as<int>(), s.pos.as<int>(), s.row_tok.as<int>(),
+                                                          static_cast<int>(k));
+    SY_CU(cudaGetLastError());
+    f32_to_bf16_kernel<<<blocks_for(convert_threads(t * h)), 256, 0, eng.stream>>>(x, s.xs.as<bf16>(), t * h);
+    SY_CU(cudaGetLastError());
+    if (s.timing) SY_CU(cudaEventRecord(s.ev[2], eng.stream));
+    SY_TRY(eng.compute_fused_planned(s.plan_tiles.as<const moe_tile>(), s.tile_count.as<const int>(), tiles_most,
+                                     s.xs.as<bf16>(), s.row_tok.as<int>(), rows_most, s.yo.as<bf16>()));
+    if (s.timing) {
+      SY_CU(cudaEventRecord(s.ev[3], eng.stream));
+      s.experts_timed = true;
+    }
+    SY_TRY(combine(s, t, y));
+    s.stats_on_device = true;
+    s.list_on_device = true;
+    s.last_planned = true;
+    return {};
+  }
   // The GEMM launches take their sizes on the host: one small copy per layer.
   SY_CU(cudaMemcpyAsync(s.counts_host.p, s.counts.p, static_cast<size_t>(e) * 4, cudaMemcpyDeviceToHost, eng.stream));
   SY_CU(cudaStreamSynchronize(eng.stream));
@@ -1557,7 +1663,7 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
   }
   s.last_active = static_cast<int>(ids.size());
   s.last_bytes = ids.size() * static_cast<size_t>(3 * h * eng.ffn) * 2;
-  s.last_gemv = false;
+  s.list_on_device = false;
   if (padded) {  // the stream is idle: growing the buffers is safe
     SY_TRY(s.xs.reserve(static_cast<size_t>(rows * h) * 2));
     SY_TRY(s.yo.reserve(static_cast<size_t>(rows * h) * 2));
@@ -1588,15 +1694,19 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
     SY_CU(cudaEventRecord(s.ev[3], eng.stream));
     s.experts_timed = true;
   }
-  if (t > 0) {
-    if (h % 8 == 0 && aligned16(y) && aligned16(s.yo.p))
-      combine8_kernel<<<dim3(static_cast<unsigned>(t), static_cast<unsigned>((h / 8 + 255) / 256)), 256, 0, eng.stream>>>(
-          s.yo.as<bf16>(), s.pos.as<int>(), s.w.as<float>(), static_cast<int>(k), h, y);
-    else
-      combine_kernel<bf16><<<dim3(static_cast<unsigned>(t), static_cast<unsigned>((h + 255) / 256)), 256, 0, eng.stream>>>(
-          s.yo.as<bf16>(), s.pos.as<int>(), s.w.as<float>(), static_cast<int>(k), h, y);
-    SY_CU(cudaGetLastError());
-  }
+  return combine(s, t, y);
+}
+
+caf::error gpu_moe_layer::combine(impl& s, int64_t t, float* y) {
+  const int64_t h = s.engine.hidden, k = s.gating.top_k;
+  if (t <= 0) return {};
+  if (h % 8 == 0 && aligned16(y) && aligned16(s.yo.p))
+    combine8_kernel<<<dim3(static_cast<unsigned>(t), static_cast<unsigned>((h / 8 + 255) / 256)), 256, 0, s.engine.stream>>>(
+        s.yo.as<bf16>(), s.pos.as<int>(), s.w.as<float>(), static_cast<int>(k), h, y);
+  else
+    combine_kernel<bf16><<<dim3(static_cast<unsigned>(t), static_cast<unsigned>((h + 255) / 256)), 256, 0, s.engine.stream>>>(
+        s.yo.as<bf16>(), s.pos.as<int>(), s.w.as<float>(), static_cast<int>(k), h, y);
+  SY_CU(cudaGetLastError());
   return {};
 }
 
@@ -1614,6 +1724,8 @@ caf::error gpu_moe_layer::forward(const float* x, int64_t t, float* y) {
 }
 
 void gpu_moe_layer::set_gemm_mode(gemm_mode m) { impl_->engine.mode = m; }
+void gpu_moe_layer::set_device_plan(bool on) { impl_->device_plan = on; }
+bool gpu_moe_layer::last_device_planned() const { return impl_->last_planned; }
 void gpu_moe_layer::set_gemv_tuning(gemv_tuning t) { impl_->engine.tuning = t; }
 gemm_mode gpu_moe_layer::last_gemm_mode() const { return impl_->engine.last; }
 
@@ -1669,7 +1781,7 @@ caf::expected<size_t> gpu_moe_layer::prepare_read_baseline(int table) {
   SY_CU(cudaSetDevice(eng.device));
   SY_CU(cudaStreamSynchronize(eng.stream));
   std::vector<int> ids;
-  if (!s.last_gemv) {
+  if (!s.list_on_device) {
     for (int e = 0; e < s.gating.num_experts; ++e)
       if (s.counts_host.as<int>()[e] > 0) ids.push_back(e);  // as the forward listed them
   } else {

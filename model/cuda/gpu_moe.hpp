@@ -11,7 +11,9 @@
 ///   gating kernel (softmax or sigmoid + bias + group-limited top-k, as `route_from_logits`),
 ///   dispatch (count, scan, scatter), the experts, and the weighted combine. Up to 8 tokens the whole
 ///   layer runs without a host round trip (routing, work lists and the GEMV path stay on the
-///   device); above that the per-expert counts come back once to size the GEMM launches.
+///   device), and so do steps that take our fused kernels whatever their counts (the tile list is
+///   made on the device, `set_device_plan`); other steps bring the per-expert counts back once to
+///   choose and size their GEMM launches.
 /// - `gpu_expert_executor`: the decoder's `expert_executor` over `gpu_experts`, one per layer.
 ///
 /// The CPU path is the oracle: with the same inputs, outputs agree within bf16 tolerance.
@@ -113,23 +115,33 @@ class gpu_moe_layer {
   /// y[t, H] = MoE(x[t, H]), host f32 in and out (uploads, computes, downloads, synchronises).
   [[nodiscard]] caf::error forward(const float* x, int64_t t, float* y);
   /// The same on device pointers (f32 [t, H] in and out), asynchronous on the layer's stream: up
-  /// to `gemv_max_rows` tokens entirely; above that except for the one small copy of the per-expert
-  /// counts the GEMM launches need (so the stream is idle when it starts). `synchronize` waits for
-  /// the rest.
+  /// to `gemv_max_rows` tokens and on the device-planned fused path entirely; otherwise except for
+  /// the one small copy of the per-expert counts the GEMM launches need (so the stream is idle when
+  /// it starts). `synchronize` waits for the rest.
   [[nodiscard]] caf::error forward_device(const float* x_dev, int64_t t, float* y_dev);
   void set_gemm_mode(gemm_mode m);
   void set_gemv_tuning(gemv_tuning t);
+  /// On (the default), a step that takes `fused` whatever its counts (`fused` asked for, or
+  /// `automatic` where balanced routing would give it: many small experts averaging at most 192
+  /// rows, few large ones of at most `padded_free_rows` tokens) makes its tile list on the device
+  /// and never waits for the host; off, every GEMM step brings its counts to the host first (tests
+  /// and benchmarks compare the two).
+  void set_device_plan(bool on);
   /// The launch kind the last batch ran with (never `automatic`).
   [[nodiscard]] gemm_mode last_gemm_mode() const;
+  /// Whether the last forward ran `fused` with its tile list made on the device.
+  [[nodiscard]] bool last_device_planned() const;
   /// With timing on, each `forward_device` is bracketed by device events; `last_device_ms` waits
   /// for the last one and returns its time on the device (benchmarks: launch overhead excluded).
   void set_timing(bool on);
   [[nodiscard]] caf::expected<double> last_device_ms();
   /// With timing on, the last forward's device time in three parts (ms): routing, dispatch and
-  /// conversions before the expert GEMMs (the host's read of the counts included), the expert
-  /// GEMMs (both products and what runs between them), the combine after. Not on the GEMV path.
+  /// conversions before the expert GEMMs (the host's read of the counts included, where it
+  /// happens), the expert GEMMs (both products and what runs between them), the combine after;
+  /// and, of `before`, the routing's share: router GEMM, gating and the per-expert counts. Not on
+  /// the GEMV path.
   struct phases {
-    double before = 0, experts = 0, after = 0;
+    double before = 0, experts = 0, after = 0, routing = 0;
   };
   [[nodiscard]] caf::expected<phases> last_phases();
   /// Waits for the layer's stream.
@@ -159,6 +171,7 @@ class gpu_moe_layer {
  private:
   explicit gpu_moe_layer(std::unique_ptr<impl> p);
   [[nodiscard]] caf::error forward_launch(const float* x, int64_t t, float* y);
+  [[nodiscard]] static caf::error combine(impl& s, int64_t t, float* y);
   std::unique_ptr<impl> impl_;
 };
 

@@ -45,7 +45,8 @@ static_assert(sizeof(CUtensorMap) == moe_map_bytes);
 struct gemm_args {
   CUtensorMap a_map;     // down: h [rows, ffn] for TMA (gate_up gathers A with cp.async instead)
   const moe_tile* tiles;
-  int n_tiles;
+  int n_tiles;           // tiles, or with tile_count their most
+  const int* tile_count; // null, or the tile count in device memory (written by an earlier launch)
   int col_tiles;         // column tiles of the output (ffn / 128 for gate_up, hidden / 256 for down)
   const bf16* a;         // gate_up: A rows, `k` wide
   const int* row_idx;    // gate_up: tile row r reads A row row_idx[src_row + r]; null: A row src_row + r
@@ -207,7 +208,7 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
   constexpr int cols = SwiGLU ? tile_n / 2 : tile_n;  // output columns of a work item
   // Work item w: column tile w % col_tiles of row tile w / col_tiles. CTAs stride over the items,
   // so the CTAs running at once share A rows (same row tile) and weights (same expert).
-  const int items = p.n_tiles * p.col_tiles;
+  const int items = (p.tile_count ? *p.tile_count : p.n_tiles) * p.col_tiles;
   if (tid < 128) {
     regs_down<120>();
     if (SwiGLU || tid == 0) {  // down: one thread drives the copy engine
@@ -344,14 +345,15 @@ cudaError_t encode(CUtensorMap* map, const void* m, int64_t rows, int64_t cols) 
 }
 
 template <bool SwiGLU>
-cudaError_t launch(const moe_gemm_setup& setup, const moe_tile* tiles, int n_tiles, const void* a, const int* row_idx,
-                   int64_t a_rows, const void* w_maps, int k, int n, void* out, cudaStream_t stream) {
+cudaError_t launch(const moe_gemm_setup& setup, const moe_tile* tiles, int n_tiles, const int* tile_count, const void* a,
+                   const int* row_idx, int64_t a_rows, const void* w_maps, int k, int n, void* out, cudaStream_t stream) {
   if (n_tiles <= 0) return cudaSuccess;
   gemm_args args{};
   if (!SwiGLU)
     if (auto e = encode(&args.a_map, a, a_rows, k); e != cudaSuccess) return e;
   args.tiles = tiles;
   args.n_tiles = n_tiles;
+  args.tile_count = tile_count;
   args.col_tiles = n / (SwiGLU ? tile_n / 2 : tile_n);
   args.a = static_cast<const bf16*>(a);
   args.row_idx = row_idx;
@@ -401,14 +403,16 @@ cudaError_t moe_weight_maps(const void* const* w, int n, int64_t rows, int64_t c
   return cudaSuccess;
 }
 
-cudaError_t moe_gate_up(const moe_gemm_setup& setup, const moe_tile* tiles, int n_tiles, const void* x,
-                        const int* row_idx, const void* w_maps, int hidden, int ffn, void* h, cudaStream_t stream) {
-  return launch<true>(setup, tiles, n_tiles, x, row_idx, 0, w_maps, hidden, ffn, h, stream);
+cudaError_t moe_gate_up(const moe_gemm_setup& setup, const moe_tile* tiles, int n_tiles, const int* tile_count,
+                        const void* x, const int* row_idx, const void* w_maps, int hidden, int ffn, void* h,
+                        cudaStream_t stream) {
+  return launch<true>(setup, tiles, n_tiles, tile_count, x, row_idx, 0, w_maps, hidden, ffn, h, stream);
 }
 
-cudaError_t moe_down(const moe_gemm_setup& setup, const moe_tile* tiles, int n_tiles, const void* h,
-                     int64_t h_rows, const void* w_maps, int hidden, int ffn, void* y, cudaStream_t stream) {
-  return launch<false>(setup, tiles, n_tiles, h, nullptr, h_rows, w_maps, ffn, hidden, y, stream);
+cudaError_t moe_down(const moe_gemm_setup& setup, const moe_tile* tiles, int n_tiles, const int* tile_count,
+                     const void* h, int64_t h_rows, const void* w_maps, int hidden, int ffn, void* y,
+                     cudaStream_t stream) {
+  return launch<false>(setup, tiles, n_tiles, tile_count, h, nullptr, h_rows, w_maps, ffn, hidden, y, stream);
 }
 
 }  // namespace sy::model::cuda

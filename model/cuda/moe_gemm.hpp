@@ -44,17 +44,22 @@ struct moe_gemm_setup {
 /// a device copy of that table, indexed by a tile's `expert`.
 [[nodiscard]] cudaError_t moe_weight_maps(const void* const* w, int n, int64_t rows, int64_t cols, void* maps);
 
-/// For every tile (device array) and row r < rows, over every column j < ffn:
+/// `tiles` is a device array of `n_tiles` tiles; or, with `tile_count` (device memory, written by
+/// an earlier launch on the stream, at most `n_tiles`), of that many: the list then never passes
+/// through the host.
+///
+/// For every tile and row r < rows, over every column j < ffn:
 ///   h[dst_row + r, j] = silu(x[i] · gate_j) · (x[i] · up_j),  i = row_idx ? row_idx[src_row + r] : src_row + r,
 /// x bf16 [*, hidden], expert weights bf16 [2·ffn, hidden] (gate rows, then up rows; `w_maps` their
 /// tensor maps), h bf16 [*, ffn]; fp32 accumulation, SwiGLU on the fp32 sums. Asynchronous on `stream`.
-[[nodiscard]] cudaError_t moe_gate_up(const moe_gemm_setup& setup, const moe_tile* tiles, int n_tiles, const void* x,
-                                      const int* row_idx, const void* w_maps, int hidden, int ffn, void* h,
-                                      cudaStream_t stream);
+[[nodiscard]] cudaError_t moe_gate_up(const moe_gemm_setup& setup, const moe_tile* tiles, int n_tiles,
+                                      const int* tile_count, const void* x, const int* row_idx, const void* w_maps,
+                                      int hidden, int ffn, void* h, cudaStream_t stream);
 /// For every tile and row r < rows: y[dst_row + r] = h[src_row + r] · wᵀ, h bf16 [h_rows, ffn]
 /// (read by the copy engine: 16-byte aligned), expert weights bf16 [hidden, ffn] (`w_maps`), y
 /// bf16 [*, hidden]; fp32 accumulation.
-[[nodiscard]] cudaError_t moe_down(const moe_gemm_setup& setup, const moe_tile* tiles, int n_tiles, const void* h,
-                                   int64_t h_rows, const void* w_maps, int hidden, int ffn, void* y, cudaStream_t stream);
+[[nodiscard]] cudaError_t moe_down(const moe_gemm_setup& setup, const moe_tile* tiles, int n_tiles, const int* tile_count,
+                                   const void* h, int64_t h_rows, const void* w_maps, int hidden, int ffn, void* y,
+                                   cudaStream_t stream);
 
 }  // namespace sy::model::cuda

@@ -397,6 +397,7 @@ TEST_CASE("gpu: whole MoE layers equal the CPU layer within bf16 tolerance", "[g
     int64_t t;
   };
   for (auto s : std::vector<shape>{{"small mixtral", 256, 384, 8, 2, 8, 1, 1, false, 50},
+                                   {"small experts of two tiles each", 256, 384, 8, 2, 8, 1, 1, false, 700},
                                    {"qwen3-30b-a3b shape", 2048, 768, 128, 8, 128, 1, 1, false, 64},
                                    {"deepseek-v3 host, 32 of 64 experts", 1024, 512, 64, 8, 32, 8, 4, true, 40},
                                    {"mixtral-8x7b shape", 4096, 14336, 8, 2, 8, 1, 1, false, 16},
@@ -425,9 +426,13 @@ TEST_CASE("gpu: whole MoE layers equal the CPU layer within bf16 tolerance", "[g
       auto x = randv(size_t(t * s.h), 9 + uint32_t(t), 1.0f);
       auto want = cpu_layer(g, router, bias.empty() ? nullptr : bias.data(), L, x, t, s.h);
       for (auto mode : {gpu::gemm_mode::automatic, gpu::gemm_mode::grouped, gpu::gemm_mode::per_expert,
-                        gpu::gemm_mode::padded, gpu::gemm_mode::gemv, gpu::gemm_mode::fused}) {
-        INFO(t << " tokens, mode " << gpu::to_string(mode));
+                        gpu::gemm_mode::padded, gpu::gemm_mode::gemv, gpu::gemm_mode::fused})
+       for (bool plan : {true, false}) {
+        // Off: the fused path's tile list made on the host after the counts' trip.
+        if (!plan && mode != gpu::gemm_mode::fused && mode != gpu::gemm_mode::automatic) continue;
+        INFO(t << " tokens, mode " << gpu::to_string(mode) << (plan ? "" : ", planned on the host"));
         (*layer)->set_gemm_mode(mode);
+        (*layer)->set_device_plan(plan);
         std::vector<float> y(size_t(t * s.h), std::nanf(""));
         REQUIRE_FALSE((*layer)->forward(x.data(), t, y.data()));
         const double e = norm_err(y, to_double(want));
@@ -436,6 +441,10 @@ TEST_CASE("gpu: whole MoE layers equal the CPU layer within bf16 tolerance", "[g
         CHECK(e < 1e-2);
         if (mode == gpu::gemm_mode::fused)
           CHECK(((*layer)->last_gemm_mode() == gpu::gemm_mode::fused) == fused_shapes(s.h, s.f));
+        // Asked for, `fused` plans its tiles on the device unless told not to.
+        if (mode == gpu::gemm_mode::fused && t > gpu::gemv_max_rows)
+          CHECK((*layer)->last_device_planned() == (plan && fused_shapes(s.h, s.f)));
+        if (!plan) CHECK_FALSE((*layer)->last_device_planned());
         // Automatic takes the GEMV path up to 8 tokens, except for few large experts (Mixtral's)
         // at more than two rows per local expert on average.
         const bool few_large = s.local <= 16 && 2 * s.f * s.h >= (int64_t{16} << 20);
