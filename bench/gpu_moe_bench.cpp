@@ -13,6 +13,7 @@
 // >= 70% of the bf16 GEMM rate.
 #include "model/cuda/gpu_moe.hpp"
 
+#include <cuda_profiler_api.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -55,6 +56,7 @@ int main(int argc, char** argv) {
   std::string hf_json, only_layer, only_modes;
   int reps = 20;
   bool sweep = false;
+  bool profile = false;  // the last forward of each run between cudaProfilerStart and Stop (ncu --profile-from-start off)
   std::vector<int64_t> tokens = {1, 2, 4, 8, 64, 512, 4096};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -62,6 +64,7 @@ int main(int argc, char** argv) {
     else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (a == "--layer" && i + 1 < argc) only_layer = argv[++i];
     else if (a == "--modes" && i + 1 < argc) only_modes = "," + std::string(argv[++i]) + ",";
+    else if (a == "--profile") profile = true;
     else if (a == "--gemv-sweep") sweep = true;
     else if (a == "--tokens" && i + 1 < argc) {
       tokens.clear();
@@ -92,7 +95,7 @@ int main(int argc, char** argv) {
   std::printf("roofline (same run): device-to-device copy %.0f GB/s (read + write), cuBLAS bf16 GEMM 8192^3 %.0f TFLOP/s\n",
               roof->copy_gbs, roof->bf16_tflops);
   const std::vector<shape> shapes = {{"mixtral", 4096, 14336, 8, 2}, {"qwen3", 2048, 768, 128, 8}};
-  std::printf("\n%-8s %-15s %6s %7s %10s %9s %10s %10s %9s %9s | %8s %8s %17s | %11s %7s | %8s %7s\n", "layer", "gemm", "tokens",
+  std::printf("\n%-8s %-18s %6s %7s %10s %9s %10s %10s %9s %9s | %8s %8s %17s | %11s %7s | %8s %7s\n", "layer", "gemm", "tokens",
               "active", "median ms", "device ms", "weight GB", "GB/s", "TFLOP/s", "vs GEMM", "exp ms", "exp/GEMM", "pre(route)/post",
               "bytes/bw ms", "ratio", "HF ms", "HF/ours");
   for (const auto& s : shapes) {
@@ -123,13 +126,17 @@ int main(int argc, char** argv) {
       gpu::gemv_tuning tuning;
       std::string label;
       bool device_plan = true;
+      gpu::fused_tuning fused = {};
     };
     std::vector<variant> variants;
     for (auto mode : {gpu::gemm_mode::automatic, gpu::gemm_mode::grouped, gpu::gemm_mode::per_expert,
                       gpu::gemm_mode::padded, gpu::gemm_mode::gemv, gpu::gemm_mode::fused})
       variants.push_back({mode, {}, gpu::to_string(mode)});
-    // The fused path with its tile list made on the host after the counts' round trip (the
-    // default makes it on the device where the step takes `fused` whatever its counts).
+    // The fused kernels' cluster sizes forced (plain `fused` picks one and says which), and the
+    // fused path with its tile list made on the host after the counts' round trip (the default
+    // makes it on the device where the step takes `fused` whatever its counts).
+    variants.push_back({gpu::gemm_mode::fused, {}, "fused/c1", true, {1}});
+    variants.push_back({gpu::gemm_mode::fused, {}, "fused/c2", true, {2}});
     variants.push_back({gpu::gemm_mode::fused, {}, "fused/host", false});
     variants.push_back({gpu::gemm_mode::automatic, {}, "auto/host", false});
     if (sweep) {
@@ -161,6 +168,7 @@ int main(int argc, char** argv) {
       (*layer)->set_gemm_mode(mode);
       (*layer)->set_gemv_tuning(v.tuning);
       (*layer)->set_device_plan(v.device_plan);
+      (*layer)->set_fused_tuning(v.fused);
       // Several input sets, rotated, so repeated runs do not measure one cached input.
       constexpr int sets = 3;
       std::vector<float*> xs, ys;
@@ -182,6 +190,8 @@ int main(int argc, char** argv) {
       double bytes = 0;
       int active = 0;
       for (int i = 0; i < reps; ++i) {
+        const bool profiled = profile && i == reps - 1;
+        if (profiled) cudaProfilerStart();
         auto t0 = std::chrono::steady_clock::now();
         if (auto e = (*layer)->forward_device(xs[size_t(i % sets)], t, ys[size_t(i % sets)])) {
           std::printf("error: %s\n", m::describe(e).c_str());
@@ -191,6 +201,7 @@ int main(int argc, char** argv) {
           std::printf("error: %s\n", m::describe(e).c_str());
           return 1;
         }
+        if (profiled) cudaProfilerStop();
         ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
         auto d = (*layer)->last_device_ms();
         dev_ms.push_back(d ? *d : -1.0);
@@ -228,12 +239,16 @@ int main(int argc, char** argv) {
         std::snprintf(expratio, sizeof expratio, "%.0f%%", 100 * flops / (exp_med * 1e-3) * 1e-12 / roof->bf16_tflops);
       }
       std::string kind = v.label;
+      const bool ran_fused = (*layer)->last_gemm_mode() == gpu::gemm_mode::fused;
       if (mode == gpu::gemm_mode::automatic) {
         kind += std::string("=") + gpu::to_string((*layer)->last_gemm_mode());
         if ((*layer)->last_device_planned()) kind += "/dev";
+        if (ran_fused) kind += "/c" + std::to_string((*layer)->last_fused_cluster());
         auto_ms_bytes[t] = {med, bytes};
+      } else if (v.label == "fused" && ran_fused) {
+        kind += "=c" + std::to_string((*layer)->last_fused_cluster());
       }
-      std::printf("%-8s %-15s %6lld %7.1f %10.3f %9.3f %10.2f %10.0f %9.1f %8.0f%% | %8s %8s %17s | %11.3f %6.2fx | %8s %7s\n",
+      std::printf("%-8s %-18s %6lld %7.1f %10.3f %9.3f %10.2f %10.0f %9.1f %8.0f%% | %8s %8s %17s | %11.3f %6.2fx | %8s %7s\n",
                   s.name.c_str(), kind.c_str(), static_cast<long long>(t), double(active) / reps, med, dev_med, bytes * 1e-9,
                   bytes / (med * 1e-3) * 1e-9, tflops, 100 * tflops / roof->bf16_tflops, expcol, expratio, prepost, bound_ms,
                   med / bound_ms, hfcol, ratio);
@@ -313,8 +328,8 @@ int main(int argc, char** argv) {
               " ratio <= 1.3 at 1-8 tokens, vs GEMM >= 70%% at 4096; exp: device events around the expert GEMMs alone,\n"
               " their FLOPs against the GEMM rate; pre/post: the device time before them (routing, the counts' trip to the\n"
               " host where it happens, dispatch, conversion) and after (combine), route: of pre, router GEMM, gating and\n"
-              " counts; /host: the fused path's tile list made on the host after the counts' trip; HF = transformers'\n"
-              " MoE block, same job;\n"
+              " counts; /host: the fused path's tile list made on the host after the counts' trip; /dev: made on the\n"
+              " device; cN: the fused kernels' CTAs a cluster; HF = transformers' MoE block, same job;\n"
               " read: one kernel reading only the same experts' weights once, host clock, the best of four grid sizes,\n"
               " scaled to the forward's mean bytes)\n",
               reps);

@@ -221,15 +221,18 @@ struct plan_add {
 
 /// The fused path's dispatch without the host (one block): expert i's rows start at offsets[i]
 /// (packed, in id order, as the host's plan), its tiles of up to moe_tile_rows rows follow one
-/// another in the same order in `tiles`, their number in *tile_count; the experts with rows in
-/// act[0 .. *n_act); `fill` zeroed for the scatter.
-__global__ void __launch_bounds__(max_experts) plan_kernel(const int* counts, int experts, int* offsets, int* fill,
-                                                           moe_tile* tiles, int* tile_count, int* n_act, int* act) {
+/// another in the same order in `tiles` (`cluster` 2: in pairs, as moe_tile_list makes them),
+/// their number in *tile_count; the experts with rows in act[0 .. *n_act); `fill` zeroed for the
+/// scatter.
+__global__ void __launch_bounds__(max_experts) plan_kernel(const int* counts, int experts, int cluster, int* offsets,
+                                                           int* fill, moe_tile* tiles, int* tile_count, int* n_act,
+                                                           int* act) {
   using scan = cub::BlockScan<plan_sums, max_experts>;
   __shared__ typename scan::TempStorage tmp;
   const int i = static_cast<int>(threadIdx.x);
   const int c = i < experts ? counts[i] : 0;
-  const plan_sums mine{c, (c + moe_tile_rows - 1) / moe_tile_rows, c > 0 ? 1 : 0};
+  const int tl = (c + moe_tile_rows - 1) / moe_tile_rows;
+  const plan_sums mine{c, (tl + cluster - 1) / cluster * cluster, c > 0 ? 1 : 0};  // pairs: an odd expert's last tile empty
   plan_sums before, total;
   scan(tmp).ExclusiveScan(mine, before, plan_sums{0, 0, 0}, plan_add{}, total);
   if (i < experts) {
@@ -238,8 +241,8 @@ __global__ void __launch_bounds__(max_experts) plan_kernel(const int* counts, in
   }
   if (c > 0) act[before.active] = i;
   for (int m = 0; m < mine.tiles; ++m) {
-    const int r = before.rows + m * moe_tile_rows;
-    tiles[before.tiles + m] = moe_tile{i, r, min(moe_tile_rows, c - m * moe_tile_rows), r};
+    const int first = min(m * moe_tile_rows, c), r = before.rows + first;
+    tiles[before.tiles + m] = moe_tile{i, r, min(moe_tile_rows, c - first), r};
   }
   if (i == 0) {
     *tile_count = total.tiles;
@@ -861,6 +864,7 @@ struct expert_engine {
   bool fused_ok = false;   ///< our grouped GEMM kernels run here (sm_90 device, widths they take)
   gemm_mode mode = gemm_mode::automatic;
   gemv_tuning tuning;
+  fused_tuning fused;
   int calls = 0;           ///< GEMM calls since the stream was last idle: picks the pointer buffer
   struct weights {
     dbuf gate_up, down;  // bf16 [2F, H], [H, F]
@@ -877,6 +881,7 @@ struct expert_engine {
   dbuf gu_maps, dn_maps;  // fused path: tensor maps of every expert's two matrices, by id
   moe_gemm_setup fused_setup;
   gemm_mode last = gemm_mode::automatic;  // the launch kind the last batch ran with
+  int last_cluster = 0;                   // fused: the CTAs a cluster it ran with
 
   ~expert_engine() {
     if (blas) cublasDestroy(blas);
@@ -1108,8 +1113,9 @@ struct expert_engine {
     return {};
   }
 
-  /// Whether a batch of experts with these row counts runs on our grouped GEMM kernels (`fused`):
-  /// when asked for, and (`automatic`, above the GEMV path) for many small experts while they
+  /// Whether a batch of experts with these row counts, known on the host (an expert host's
+  /// batches; layer steps not planned on the device, `fused_without_counts`), runs on our grouped
+  /// GEMM kernels (`fused`): when asked for, and (`automatic`, above the GEMV path) for many small experts while they
   /// average at most one and a half tiles (192 rows) each, or cuBLAS's padded batch would pad too
   /// much, and for few large experts while the weight reads bound the step (at most
   /// padded_free_rows rows each). Measured (docs/benchmarks.md, 2026-12-06 night): ours beat the
@@ -1134,53 +1140,72 @@ struct expert_engine {
                            const bf16* x, const int* row_idx, int64_t total_rows, bf16* yo) {
     if (ids.empty()) return {};
     SY_TRY(tables());
-    size_t count = 0;
-    for (int c : n) count += static_cast<size_t>((c + moe_tile_rows - 1) / moe_tile_rows);
+    const size_t one = moe_tile_list(1, ids.data(), off.data(), n.data(), ids.size(), nullptr);
+    const size_t two = moe_tile_list(2, ids.data(), off.data(), n.data(), ids.size(), nullptr);
+    // Pairs share their weight tiles, but an expert of one tile pairs with an empty one (a CTA
+    // that only loads its half of the weights for its partner): pairs from a full tile an expert
+    // on average, or where at most a fifth of the tiles would be empty.
+    int64_t rows = 0;
+    for (int c : n) rows += c;
+    const int cluster = pairs(rows >= int64_t{moe_tile_rows} * static_cast<int64_t>(ids.size()) || two * 4 <= one * 5) ? 2 : 1;
+    const size_t count = cluster == 2 ? two : one;
     // Callers enter with the stream idle: the pinned list can be rewritten.
     SY_TRY(tiles_host.reserve(count * sizeof(moe_tile)));
     SY_TRY(tiles.reserve(count * sizeof(moe_tile)));
     SY_TRY(h.reserve(static_cast<size_t>(total_rows * ffn) * 2));
-    auto* tl = tiles_host.as<moe_tile>();
-    size_t i = 0;
-    for (size_t g = 0; g < ids.size(); ++g)
-      for (int m = 0; m < n[g]; m += moe_tile_rows, ++i)
-        tl[i] = moe_tile{ids[g], off[g] + m, std::min(moe_tile_rows, n[g] - m), off[g] + m};
+    moe_tile_list(cluster, ids.data(), off.data(), n.data(), ids.size(), tiles_host.as<moe_tile>());
     SY_CU(cudaMemcpyAsync(tiles.p, tiles_host.p, count * sizeof(moe_tile), cudaMemcpyHostToDevice, stream));
-    return launch_fused(tiles.as<const moe_tile>(), static_cast<int>(count), nullptr, x, row_idx, total_rows, yo);
+    return launch_fused(cluster, tiles.as<const moe_tile>(), static_cast<int>(count), nullptr, x, row_idx, total_rows, yo);
   }
 
-  /// The same with the tile list already on the device (`plan_kernel`): `tile_count` tiles of
-  /// `tl`, at most `most`, over at most `rows_most` packed rows.
-  caf::error compute_fused_planned(const moe_tile* tl, const int* tile_count, int most, const bf16* x, const int* row_idx,
-                                   int64_t rows_most, bf16* yo) {
+  /// Whether the fused kernels run as pairs of CTAs: where the device runs them, when asked
+  /// for, or (no cluster size asked for) when `automatic` would want them (`good`).
+  bool pairs(bool good) const {
+    return fused_setup.clusters2 > 0 && (fused.cluster == 2 || (fused.cluster == 0 && good));
+  }
+  /// The cluster size a device-planned step of n routed rows over `experts` runs with (the
+  /// counts unknown): pairs from a full tile an expert on average under balanced routing.
+  /// Measured on an H100 (docs/benchmarks.md, 2026-12-07): Qwen3-shaped at 512 tokens (32 rows an
+  /// expert) single CTAs 0.52 vs 0.56 ms, at 2048 (128) pairs 0.71 vs 0.78, at 4096 0.98 vs 1.11;
+  /// Mixtral-shaped at 64 tokens (16 rows) single CTAs 1.02 vs 1.06, at 512 (128) pairs 1.19 vs 1.45.
+  int planned_cluster(int64_t n, int experts) const {
+    return pairs(n >= int64_t{moe_tile_rows} * experts) ? 2 : 1;
+  }
+
+  /// The same with the tile list already on the device (`plan_kernel`, made for `cluster`):
+  /// `tile_count` tiles of `tl`, at most `most`, over at most `rows_most` packed rows.
+  caf::error compute_fused_planned(int cluster, const moe_tile* tl, const int* tile_count, int most, const bf16* x,
+                                   const int* row_idx, int64_t rows_most, bf16* yo) {
     SY_TRY(tables());
     SY_TRY(h.reserve(static_cast<size_t>(std::max<int64_t>(rows_most, 1) * ffn) * 2));
-    return launch_fused(tl, most, tile_count, x, row_idx, std::max<int64_t>(rows_most, 1), yo);
+    return launch_fused(cluster, tl, most, tile_count, x, row_idx, std::max<int64_t>(rows_most, 1), yo);
   }
 
-  caf::error launch_fused(const moe_tile* tl, int count, const int* tile_count, const bf16* x, const int* row_idx,
-                          int64_t h_rows, bf16* yo) {
-    SY_CU(moe_gate_up(fused_setup, tl, count, tile_count, x, row_idx, gu_maps.p, static_cast<int>(hidden),
+  caf::error launch_fused(int cluster, const moe_tile* tl, int count, const int* tile_count, const bf16* x,
+                          const int* row_idx, int64_t h_rows, bf16* yo) {
+    SY_CU(moe_gate_up(fused_setup, cluster, tl, count, tile_count, x, row_idx, gu_maps.p, static_cast<int>(hidden),
                       static_cast<int>(ffn), h.p, stream));
-    SY_CU(moe_down(fused_setup, tl, count, tile_count, h.p, h_rows, dn_maps.p, static_cast<int>(hidden),
+    SY_CU(moe_down(fused_setup, cluster, tl, count, tile_count, h.p, h_rows, dn_maps.p, static_cast<int>(hidden),
                    static_cast<int>(ffn), yo, stream));
     last = gemm_mode::fused;
+    last_cluster = cluster;
     return {};
   }
 
-  /// Whether a layer step of `t` tokens routed to `k` experts each out of `experts` runs `fused`
-  /// with its tile list made on the device (`plan_kernel`), decided before any count is known:
-  /// when `fused` is asked for, or (`automatic`) where `use_fused` would take it for the counts
-  /// balanced routing gives: many small experts averaging at most 192 rows, few large ones when
-  /// no expert can get more than `padded_free_rows` rows (t at most that). Other steps bring
-  /// their counts to the host and decide by them.
-  bool fused_without_counts(int64_t t, int64_t k, int experts, int local) const {
+  /// Whether a layer step of `t` tokens routed to `k` experts each runs `fused` with its tile
+  /// list made on the device (`plan_kernel`), decided before any count is known: when `fused` is
+  /// asked for, or (`automatic`) for many small experts at any size and for few large ones when
+  /// no expert can get more than `padded_free_rows` rows (t at most that). Measured on an H100
+  /// (docs/benchmarks.md, 2026-12-07), Qwen3-shaped: with the list made on the device (no trip to
+  /// the host) the fused kernels beat cuBLAS's padded batch at every size, 0.98 vs 1.02 ms at
+  /// 4096 tokens and 1.61 vs 1.66 at 8192; planned on the host they lose there (1.04 at 4096).
+  /// Other steps bring their counts to the host and decide by them.
+  bool fused_without_counts(int64_t t, int64_t k, int local) const {
     if (!fused_ok || t <= 0) return false;
     if (mode == gemm_mode::fused) return true;
     if (!defers_to_automatic()) return false;
     const int64_t n = t * k;
-    if (few_large(static_cast<size_t>(std::min<int64_t>(local, n)))) return t <= padded_free_rows;
-    return 2 * n <= 3 * int64_t{moe_tile_rows} * experts;
+    return !few_large(static_cast<size_t>(std::min<int64_t>(local, n))) || t <= padded_free_rows;
   }
 
   /// Experts ids[g] on rows [g·mpad, g·mpad + mpad) of xs (bf16, padded to mpad rows per expert)
@@ -1416,6 +1441,8 @@ caf::error gpu_experts::run(std::span<const int> ids, std::span<const float* con
 
 void gpu_experts::set_gemm_mode(gemm_mode m) { impl_->engine.mode = m; }
 void gpu_experts::set_gemv_tuning(gemv_tuning t) { impl_->engine.tuning = t; }
+void gpu_experts::set_fused_tuning(fused_tuning t) { impl_->engine.fused = t; }
+int gpu_experts::last_fused_cluster() const { return impl_->engine.last_cluster; }
 gemm_mode gpu_experts::last_gemm_mode() const { return impl_->engine.last; }
 
 // ---- gpu_moe_layer ----
@@ -1606,17 +1633,18 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
   count_kernel<<<blocks_for(n), 256, 0, eng.stream>>>(s.idx.as<int>(), n, s.slot.as<int>(), s.counts.as<int>());
   SY_CU(cudaGetLastError());
   if (s.timing) SY_CU(cudaEventRecord(s.ev[4], eng.stream));
-  if (s.device_plan && eng.fused_without_counts(t, k, static_cast<int>(e), s.local)) {
+  if (s.device_plan && eng.fused_without_counts(t, k, s.local)) {
     // Our kernels read their tile list's length from the device: plan, scatter, convert, run and
     // combine without the counts' trip to the host.
     const int64_t rows_most = n;
-    const int tiles_most = static_cast<int>(n / moe_tile_rows + std::min<int64_t>(s.local, n));
+    const int cluster = eng.planned_cluster(n, static_cast<int>(e));
+    const int tiles_most = static_cast<int>(n / moe_tile_rows + cluster * std::min<int64_t>(s.local, n));
     SY_TRY(s.plan_tiles.reserve(static_cast<size_t>(tiles_most) * sizeof(moe_tile)));
     SY_TRY(s.tile_count.reserve(sizeof(int)));
     SY_TRY(s.n_act.reserve(sizeof(int)));
     SY_TRY(s.act.reserve(static_cast<size_t>(e) * 4));
     SY_TRY(s.row_tok.reserve(static_cast<size_t>(n) * 4));
-    plan_kernel<<<1, max_experts, 0, eng.stream>>>(s.counts.as<int>(), static_cast<int>(e), s.offsets.as<int>(),
+    plan_kernel<<<1, max_experts, 0, eng.stream>>>(s.counts.as<int>(), static_cast<int>(e), cluster, s.offsets.as<int>(),
                                                    s.fill.as<int>(), s.plan_tiles.as<moe_tile>(), s.tile_count.as<int>(),
                                                    s.n_act.as<int>(), s.act.as<int>());
     SY_CU(cudaGetLastError());
@@ -1627,7 +1655,7 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
     f32_to_bf16_kernel<<<blocks_for(convert_threads(t * h)), 256, 0, eng.stream>>>(x, s.xs.as<bf16>(), t * h);
     SY_CU(cudaGetLastError());
     if (s.timing) SY_CU(cudaEventRecord(s.ev[2], eng.stream));
-    SY_TRY(eng.compute_fused_planned(s.plan_tiles.as<const moe_tile>(), s.tile_count.as<const int>(), tiles_most,
+    SY_TRY(eng.compute_fused_planned(cluster, s.plan_tiles.as<const moe_tile>(), s.tile_count.as<const int>(), tiles_most,
                                      s.xs.as<bf16>(), s.row_tok.as<int>(), rows_most, s.yo.as<bf16>()));
     if (s.timing) {
       SY_CU(cudaEventRecord(s.ev[3], eng.stream));
@@ -1725,6 +1753,8 @@ caf::error gpu_moe_layer::forward(const float* x, int64_t t, float* y) {
 
 void gpu_moe_layer::set_gemm_mode(gemm_mode m) { impl_->engine.mode = m; }
 void gpu_moe_layer::set_device_plan(bool on) { impl_->device_plan = on; }
+void gpu_moe_layer::set_fused_tuning(fused_tuning t) { impl_->engine.fused = t; }
+int gpu_moe_layer::last_fused_cluster() const { return impl_->engine.last_cluster; }
 bool gpu_moe_layer::last_device_planned() const { return impl_->last_planned; }
 void gpu_moe_layer::set_gemv_tuning(gemv_tuning t) { impl_->engine.tuning = t; }
 gemm_mode gpu_moe_layer::last_gemm_mode() const { return impl_->engine.last; }

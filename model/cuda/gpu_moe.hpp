@@ -44,9 +44,12 @@ namespace sy::model::cuda {
 ///   Where they cannot run (no sm_90 device, hidden not a multiple of 256 or ffn of 128) the
 ///   batch falls back to `automatic`;
 /// - `automatic`: `gemv` up to 8 rows per expert (few large experts: above 2 rows per expert on
-///   average not), then, where it can run, `fused` for many small experts averaging at most 192
-///   rows (more where padding is not cheap) and for few large experts of at most
-///   `padded_free_rows` rows (`expert_engine::use_fused`), then `padded` while padding is cheap
+///   average not), then, where it can run, `fused`: in a whole layer (`gpu_moe_layer`, tile list
+///   made on the device) for many small experts at any size and for few large ones of at most
+///   `padded_free_rows` tokens; with counts on the host (`gpu_experts`, or the layer with
+///   `set_device_plan(false)`) for many small experts averaging at most 192 rows (more where
+///   padding is not cheap) and few large ones of at most `padded_free_rows` rows
+///   (`expert_engine::use_fused`); then `padded` while padding is cheap
 ///   (every expert at most `padded_free_rows` rows, or padding adds at most half the rows, a
 ///   quarter for few large experts), else `grouped` for many small experts and `per_expert` for
 ///   few large ones (`expert_engine::use_padded`).
@@ -72,6 +75,15 @@ struct gemv_tuning {
   bool split = true;
 };
 
+/// The fused kernels' shape: CTAs a cluster. 2: a pair of CTAs (two tiles of one expert) shares
+/// each weight tile, each loading half and the copy engine writing it to both; 1: every CTA loads
+/// its own; 0 (`automatic`'s choice): 2 where the device runs such clusters, for few large experts,
+/// and for many small ones whose tiles mostly fill pairs (known counts: at most a fifth of the
+/// tiles empty; planned on the device: two tiles an expert or more on average), else 1.
+struct fused_tuning {
+  int cluster = 0;
+};
+
 class gpu_experts {
  public:
   static caf::expected<std::unique_ptr<gpu_experts>> make(int device, int64_t hidden, int64_t ffn);
@@ -91,6 +103,9 @@ class gpu_experts {
                                std::span<const int64_t> n, std::span<float* const> outputs);
   void set_gemm_mode(gemm_mode m);
   void set_gemv_tuning(gemv_tuning t);
+  void set_fused_tuning(fused_tuning t);
+  /// CTAs a cluster of the last batch that ran `fused` (0 before any).
+  [[nodiscard]] int last_fused_cluster() const;
   /// The launch kind the last batch ran with (never `automatic`).
   [[nodiscard]] gemm_mode last_gemm_mode() const;
 
@@ -122,11 +137,14 @@ class gpu_moe_layer {
   void set_gemm_mode(gemm_mode m);
   void set_gemv_tuning(gemv_tuning t);
   /// On (the default), a step that takes `fused` whatever its counts (`fused` asked for, or
-  /// `automatic` where balanced routing would give it: many small experts averaging at most 192
-  /// rows, few large ones of at most `padded_free_rows` tokens) makes its tile list on the device
-  /// and never waits for the host; off, every GEMM step brings its counts to the host first (tests
-  /// and benchmarks compare the two).
+  /// `automatic` for many small experts at any size and for few large ones at up to
+  /// `padded_free_rows` tokens) makes its tile list on the device and never waits for the host;
+  /// off, every GEMM step brings its counts to the host first and `automatic` decides by them
+  /// (tests and benchmarks compare the two).
   void set_device_plan(bool on);
+  void set_fused_tuning(fused_tuning t);
+  /// CTAs a cluster of the last batch that ran `fused` (0 before any).
+  [[nodiscard]] int last_fused_cluster() const;
   /// The launch kind the last batch ran with (never `automatic`).
   [[nodiscard]] gemm_mode last_gemm_mode() const;
   /// Whether the last forward ran `fused` with its tile list made on the device.

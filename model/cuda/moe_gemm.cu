@@ -95,14 +95,48 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, u
       : "memory");
 }
 
+/// The same box written to the same offset of every CTA of the cluster in `mask`, each CTA's
+/// barrier at `bar` counting the bytes that reach it.
+__device__ __forceinline__ void tma_load_multicast(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
+                                                   uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(dst),
+      "l"(map), "r"(bar), "r"(c0), "r"(c1), "h"(mask)
+      : "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+/// Every thread of every CTA of the cluster arrives and waits (release / acquire).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
+}
 /// Acquires the copy engine's view of a tensor map in global memory written from the host.
 __device__ __forceinline__ void fence_tensormap(const CUtensorMap* map) {
   asm volatile("fence.proxy.tensormap::generic.acquire.sys [%0], 128;" ::"l"(map) : "memory");
 }
-/// Makes this thread's mbarrier initialisations visible to the copy engine.
+/// Makes this thread's mbarrier initialisations visible to the cluster.
 __device__ __forceinline__ void fence_mbar_init() {
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 }
+/// Arrives on the barrier at this CTA-relative address in CTA `rank` of the cluster. The arrival
+/// is a release at CTA scope, as for a local one: what it orders is this warp's reads of the stage,
+/// done before it (their wgmmas waited for); a cluster-scope release here (`.release.cluster`)
+/// cost every stage a wait and made pairs 1.5-2x slower than single CTAs (H100 and H200, 2026-12-06).
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, int rank) {
+  asm volatile(
+      "{\n"
+      ".reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n"
+      "}\n" ::"r"(bar),
+      "r"(rank)
+      : "memory");
+}
+
 /// 16 bytes global -> shared, L2 only; `src_bytes` 0 writes zeros.
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
@@ -187,42 +221,52 @@ __device__ __forceinline__ void store2(bf16* p, float a, float b) {
 
 constexpr int box_rows = 128;  // rows of one TMA box (64 columns = 128 bytes, the swizzle's span)
 
-template <bool SwiGLU>
+template <bool SwiGLU, int Cl>
 __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_constant__ gemm_args p) {
 #ifdef SY_MOE_WGMMA
+  static_assert(Cl == 1 || Cl == 2);
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
   const uint32_t sa = base, sb = base + stages * a_stage;
   const uint32_t full = sb + stages * b_stage, empty = full + stages * 8;  // mbarriers, 8 bytes each
   const int tid = threadIdx.x;
+  const int rank = Cl == 1 ? 0 : static_cast<int>(cluster_rank());
   if (tid == 0)
     for (int s = 0; s < stages; ++s) {
       // gate_up: every producer thread once its cp.async copies landed, and thread 0's expect;
       // down: thread 0's expect. The TMA bytes complete the phase.
       mbar_init(full + s * 8, SwiGLU ? 129 : 1);
-      mbar_init(empty + s * 8, 8);  // lane 0 of every consumer warp
+      // Lane 0 of every consumer warp of the cluster: a stage is refilled (in every CTA of the
+      // cluster, the weights being multicast) only once all of them have read it.
+      mbar_init(empty + s * 8, 8 * Cl);
     }
-  if (tid == 0) fence_mbar_init();  // the copy engine sees them initialised
-  __syncthreads();
+  if (tid == 0) fence_mbar_init();  // the copy engine (and with Cl = 2, the peer) sees them initialised
+  if constexpr (Cl > 1) cluster_sync();  // the peer's barriers are initialised before anything arrives on them
+  else __syncthreads();
   const int kbs = p.k / tile_k;
   constexpr int cols = SwiGLU ? tile_n / 2 : tile_n;  // output columns of a work item
-  // Work item w: column tile w % col_tiles of row tile w / col_tiles. CTAs stride over the items,
-  // so the CTAs running at once share A rows (same row tile) and weights (same expert).
-  const int items = (p.tile_count ? *p.tile_count : p.n_tiles) * p.col_tiles;
+  // Work item w: column tile w % col_tiles of row tile (Cl = 2: tile pair) w / col_tiles. The
+  // clusters stride over the items, so the ones running at once share A rows (same row tile) and
+  // weights (same expert). A pair is two tiles of one expert; CTA `rank` of a cluster takes tile
+  // Cl · (w / col_tiles) + rank.
+  const int items = (p.tile_count ? *p.tile_count : p.n_tiles) / Cl * p.col_tiles;
+  const int first = blockIdx.x / Cl, stride = gridDim.x / Cl;
   if (tid < 128) {
     regs_down<120>();
     if (SwiGLU || tid == 0) {  // down: one thread drives the copy engine
       const int chunk = tid & 7, r0 = tid >> 3;  // gate_up: this thread copies 16-byte chunk `chunk` of rows r0, r0 + 16, ...
       int it = 0;                                // k-blocks issued, over all items
-      for (int wi = blockIdx.x; wi < items; wi += gridDim.x) {
-        const moe_tile t = p.tiles[wi / p.col_tiles];
+      for (int wi = first; wi < items; wi += stride) {
+        const moe_tile t = p.tiles[Cl * (wi / p.col_tiles) + rank];
         const int n0 = (wi % p.col_tiles) * cols;
         const CUtensorMap* w = p.w + t.expert;
         // The maps were written by a host copy (and rewritten in place when experts change): the
         // copy engine's view of them is acquired before use.
         if (tid == 0) fence_tensormap(w);
-        // gate_up: the first box is gate rows n0.., the second the matching up rows; down: 256 rows.
+        // gate_up: the first box is gate rows n0.., the second the matching up rows; down: 256
+        // rows. Cl = 2: each CTA loads one box for both.
         const int second = SwiGLU ? p.n + n0 : n0 + box_rows;
+        const bool load_a = SwiGLU || t.rows > 0;  // down: a pair's empty second tile reads no A
         int row[tile_m / 16];
         if constexpr (SwiGLU) {
 #pragma unroll
@@ -236,10 +280,14 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
           if (it >= stages) mbar_wait(empty + s * 8, (it / stages - 1) & 1);
           const uint32_t as = sa + s * a_stage, bs = sb + s * b_stage, bar = full + s * 8;
           if (tid == 0) {
-            mbar_arrive_expect(bar, (SwiGLU ? 0 : a_stage) + b_stage);
-            if (!SwiGLU) tma_load(as, &p.a_map, bar, kb * tile_k, t.src_row);
-            tma_load(bs, w, bar, kb * tile_k, n0);
-            tma_load(bs + box_rows * 128, w, bar, kb * tile_k, second);
+            mbar_arrive_expect(bar, (SwiGLU || !load_a ? 0 : a_stage) + b_stage);
+            if (!SwiGLU && load_a) tma_load(as, &p.a_map, bar, kb * tile_k, t.src_row);
+            if constexpr (Cl == 1) {
+              tma_load(bs, w, bar, kb * tile_k, n0);
+              tma_load(bs + box_rows * 128, w, bar, kb * tile_k, second);
+            } else {
+              tma_load_multicast(bs + rank * box_rows * 128, w, bar, kb * tile_k, rank == 0 ? n0 : second, 0x3);
+            }
           }
           if constexpr (SwiGLU) {
             const int col = kb * tile_k + chunk * 8;
@@ -254,19 +302,30 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
         }
       }
     }
+    // Cl = 2: no CTA leaves while its peer may still write its shared memory or arrive on its
+    // barriers. (Down: warp 0 reconverges first, thread 0 having run the loop alone.)
+    if constexpr (Cl > 1) {
+      __syncwarp();
+      cluster_sync();
+    }
     return;
   }
   regs_up<184>();
   const int c = tid / 128 - 1;  // consumer warpgroup: rows c·64 .. c·64 + 63 of each tile
   const int lane = tid & 31, warp = (tid / 32) % 4;
-  auto release = [&](int s) {  // lane 0 of each consumer warp, once the warp is done with stage s
+  // Lane 0 of each consumer warp releases a stage in every CTA of the cluster.
+  auto release = [&](int s) {
     __syncwarp();
-    if (lane == 0) mbar_arrive(empty + s * 8);
+    if (lane == 0) {
+      if constexpr (Cl == 1) mbar_arrive(empty + s * 8);
+      else
+        for (int r = 0; r < Cl; ++r) mbar_arrive_cluster(empty + s * 8, r);
+    }
   };
   float d[128];
   int it = 0;
-  for (int wi = blockIdx.x; wi < items; wi += gridDim.x) {
-    const moe_tile t = p.tiles[wi / p.col_tiles];
+  for (int wi = first; wi < items; wi += stride) {
+    const moe_tile t = p.tiles[Cl * (wi / p.col_tiles) + rank];
     const int n0 = (wi % p.col_tiles) * cols;
     // A warpgroup past the tile's rows only passes the stages on. Its own loop: wgmma inside a
     // branch the compiler cannot prove warp-uniform is serialized (ptxas C7518), one wgmma waiting
@@ -314,6 +373,7 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
       }
     }
   }
+  if constexpr (Cl > 1) cluster_sync();
 #endif
 }
 
@@ -344,10 +404,31 @@ cudaError_t encode(CUtensorMap* map, const void* m, int64_t rows, int64_t cols) 
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+template <bool SwiGLU, int Cl>
+cudaError_t launch_cl(const gemm_args& args, int grid, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem_bytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1]{};
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = Cl;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, moe_gemm_kernel<SwiGLU, Cl>, args);
+}
+
 template <bool SwiGLU>
-cudaError_t launch(const moe_gemm_setup& setup, const moe_tile* tiles, int n_tiles, const int* tile_count, const void* a,
-                   const int* row_idx, int64_t a_rows, const void* w_maps, int k, int n, void* out, cudaStream_t stream) {
+cudaError_t launch(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles, const int* tile_count,
+                   const void* a, const int* row_idx, int64_t a_rows, const void* w_maps, int k, int n, void* out,
+                   cudaStream_t stream) {
   if (n_tiles <= 0) return cudaSuccess;
+  if (cluster != 1 && cluster != 2) return cudaErrorInvalidValue;
+  if (!tile_count && n_tiles % cluster != 0) return cudaErrorInvalidValue;  // a pair list has whole pairs
+  if (cluster == 2 && setup.clusters2 <= 0) return cudaErrorNotSupported;
   gemm_args args{};
   if (!SwiGLU)
     if (auto e = encode(&args.a_map, a, a_rows, k); e != cudaSuccess) return e;
@@ -361,11 +442,13 @@ cudaError_t launch(const moe_gemm_setup& setup, const moe_tile* tiles, int n_til
   args.k = k;
   args.n = n;
   args.out = static_cast<bf16*>(out);
-  // Persistent: one CTA per SM (each takes all of an SM's shared memory), striding over the items.
-  const int64_t items = int64_t(n_tiles) * args.col_tiles;
-  const auto grid = static_cast<unsigned>(std::min<int64_t>(items, setup.sms));
-  moe_gemm_kernel<SwiGLU><<<grid, threads, smem_bytes, stream>>>(args);
-  return cudaGetLastError();
+  // Persistent: one CTA per SM (each takes all of an SM's shared memory), as many clusters as fit
+  // at once, striding over the items.
+  const int64_t items = int64_t(n_tiles / cluster) * args.col_tiles;
+  const int64_t most = cluster == 1 ? setup.sms : setup.clusters2;
+  const int grid = static_cast<int>(std::min(items, most)) * cluster;
+  const cudaError_t e = cluster == 1 ? launch_cl<SwiGLU, 1>(args, grid, stream) : launch_cl<SwiGLU, 2>(args, grid, stream);
+  return e != cudaSuccess ? e : cudaGetLastError();
 }
 
 }  // namespace
@@ -376,20 +459,55 @@ bool moe_gemm_available(int device) {
   if (prop.major != 9 || prop.minor != 0) return false;
   if (!encoder()) return false;
   cudaFuncAttributes attr{};
-  return cudaFuncGetAttributes(&attr, moe_gemm_kernel<true>) == cudaSuccess && attr.binaryVersion == 90;
+  return cudaFuncGetAttributes(&attr, moe_gemm_kernel<true, 1>) == cudaSuccess && attr.binaryVersion == 90;
 }
 
 cudaError_t moe_gemm_prepare(int device, moe_gemm_setup* setup) {
   if (auto e = cudaSetDevice(device); e != cudaSuccess) return e;
-  for (auto kernel : {moe_gemm_kernel<true>, moe_gemm_kernel<false>})
+  for (auto kernel : {moe_gemm_kernel<true, 1>, moe_gemm_kernel<false, 1>, moe_gemm_kernel<true, 2>, moe_gemm_kernel<false, 2>})
     if (auto e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes); e != cudaSuccess)
       return e;
-  return cudaDeviceGetAttribute(&setup->sms, cudaDevAttrMultiProcessorCount, device);
+  if (auto e = cudaDeviceGetAttribute(&setup->sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
+  // Pairs of SMs of one processor cluster that can hold the kernel at once (fewer than sms / 2
+  // where a processor cluster has an odd number of SMs).
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(setup->sms / 2 * 2));
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem_bytes;
+  cudaLaunchAttribute attr[1]{};
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 2;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int gu = 0, dn = 0;
+  if (cudaOccupancyMaxActiveClusters(&gu, moe_gemm_kernel<true, 2>, &cfg) != cudaSuccess ||
+      cudaOccupancyMaxActiveClusters(&dn, moe_gemm_kernel<false, 2>, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();  // no clusters here: the launches keep to one CTA
+    gu = dn = 0;
+  }
+  setup->clusters2 = std::min(gu, dn);
+  return cudaSuccess;
 }
 
 bool moe_gemm_shapes(int64_t hidden, int64_t ffn) {
   return hidden > 0 && ffn > 0 && hidden % tile_n == 0 && ffn % (tile_n / 2) == 0 && hidden <= (int64_t{1} << 20) &&
          ffn <= (int64_t{1} << 20);
+}
+
+size_t moe_tile_list(int cluster, const int* experts, const int* off, const int* rows, size_t groups, moe_tile* out) {
+  size_t n = 0;
+  for (size_t g = 0; g < groups; ++g) {
+    const int tiles = (rows[g] + moe_tile_rows - 1) / moe_tile_rows;
+    const int padded = cluster == 2 ? (tiles + 1) / 2 * 2 : tiles;  // a pair's second tile may be empty
+    for (int i = 0; i < padded; ++i, ++n) {
+      if (!out) continue;
+      const int m = std::min(i * moe_tile_rows, rows[g]);
+      out[n] = moe_tile{experts[g], off[g] + m, std::min(moe_tile_rows, rows[g] - m), off[g] + m};
+    }
+  }
+  return n;
 }
 
 cudaError_t moe_weight_maps(const void* const* w, int n, int64_t rows, int64_t cols, void* maps) {
@@ -403,16 +521,16 @@ cudaError_t moe_weight_maps(const void* const* w, int n, int64_t rows, int64_t c
   return cudaSuccess;
 }
 
-cudaError_t moe_gate_up(const moe_gemm_setup& setup, const moe_tile* tiles, int n_tiles, const int* tile_count,
-                        const void* x, const int* row_idx, const void* w_maps, int hidden, int ffn, void* h,
-                        cudaStream_t stream) {
-  return launch<true>(setup, tiles, n_tiles, tile_count, x, row_idx, 0, w_maps, hidden, ffn, h, stream);
+cudaError_t moe_gate_up(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles,
+                        const int* tile_count, const void* x, const int* row_idx, const void* w_maps, int hidden,
+                        int ffn, void* h, cudaStream_t stream) {
+  return launch<true>(setup, cluster, tiles, n_tiles, tile_count, x, row_idx, 0, w_maps, hidden, ffn, h, stream);
 }
 
-cudaError_t moe_down(const moe_gemm_setup& setup, const moe_tile* tiles, int n_tiles, const int* tile_count,
-                     const void* h, int64_t h_rows, const void* w_maps, int hidden, int ffn, void* y,
-                     cudaStream_t stream) {
-  return launch<false>(setup, tiles, n_tiles, tile_count, h, nullptr, h_rows, w_maps, ffn, hidden, y, stream);
+cudaError_t moe_down(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles,
+                     const int* tile_count, const void* h, int64_t h_rows, const void* w_maps, int hidden, int ffn,
+                     void* y, cudaStream_t stream) {
+  return launch<false>(setup, cluster, tiles, n_tiles, tile_count, h, nullptr, h_rows, w_maps, ffn, hidden, y, stream);
 }
 
 }  // namespace sy::model::cuda

@@ -18,23 +18,30 @@ inline constexpr int moe_tile_rows = 128;
 struct moe_tile {
   int expert;  ///< index into the weight tables
   int src_row;
-  int rows;  ///< 1..moe_tile_rows
+  int rows;  ///< 1..moe_tile_rows (0: the empty second tile of a pair, clusters of two)
   int dst_row;
 };
+
+/// Writes the tile list of a batch (`groups` experts: expert experts[g] on the `rows[g]` rows from
+/// off[g] of the packed row space) into `out` (null: only counts) and returns its length. With
+/// `cluster` 2 the list is pairs of tiles of one expert (two CTAs share each weight tile), an odd
+/// expert's last pair ending in an empty tile; with 1, one tile after another.
+size_t moe_tile_list(int cluster, const int* experts, const int* off, const int* rows, size_t groups, moe_tile* out);
 
 /// Bytes of one tensor map (the copy engine's description of a matrix in device memory).
 inline constexpr size_t moe_map_bytes = 128;
 
 /// What the launches need from the device, read once (`moe_gemm_prepare`).
 struct moe_gemm_setup {
-  int sms = 0;  ///< multiprocessors: the persistent grid's size
+  int sms = 0;        ///< multiprocessors: the persistent grid's size with one CTA a cluster
+  int clusters2 = 0;  ///< two-CTA clusters that fit at once (0: none, launches keep to one CTA)
 };
 
 /// True when the kernels were built for this device (compute capability 9.0) and the driver
 /// encodes tensor maps.
 [[nodiscard]] bool moe_gemm_available(int device);
 /// Once per device before the first launch: raises the kernels' shared-memory limit, reads the
-/// multiprocessor count.
+/// multiprocessor count and how many two-CTA clusters fit at once.
 [[nodiscard]] cudaError_t moe_gemm_prepare(int device, moe_gemm_setup* setup);
 /// True when the kernels take these widths (hidden a multiple of 256, ffn of 128).
 [[nodiscard]] bool moe_gemm_shapes(int64_t hidden, int64_t ffn);
@@ -46,20 +53,21 @@ struct moe_gemm_setup {
 
 /// `tiles` is a device array of `n_tiles` tiles; or, with `tile_count` (device memory, written by
 /// an earlier launch on the stream, at most `n_tiles`), of that many: the list then never passes
-/// through the host.
+/// through the host. `cluster` 1: each CTA loads its own weight tiles; 2 (needs setup.clusters2 > 0,
+/// a list built for 2): a pair of CTAs each loads half and the copy engine writes it to both.
 ///
 /// For every tile and row r < rows, over every column j < ffn:
 ///   h[dst_row + r, j] = silu(x[i] · gate_j) · (x[i] · up_j),  i = row_idx ? row_idx[src_row + r] : src_row + r,
 /// x bf16 [*, hidden], expert weights bf16 [2·ffn, hidden] (gate rows, then up rows; `w_maps` their
 /// tensor maps), h bf16 [*, ffn]; fp32 accumulation, SwiGLU on the fp32 sums. Asynchronous on `stream`.
-[[nodiscard]] cudaError_t moe_gate_up(const moe_gemm_setup& setup, const moe_tile* tiles, int n_tiles,
+[[nodiscard]] cudaError_t moe_gate_up(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles,
                                       const int* tile_count, const void* x, const int* row_idx, const void* w_maps,
                                       int hidden, int ffn, void* h, cudaStream_t stream);
 /// For every tile and row r < rows: y[dst_row + r] = h[src_row + r] · wᵀ, h bf16 [h_rows, ffn]
 /// (read by the copy engine: 16-byte aligned), expert weights bf16 [hidden, ffn] (`w_maps`), y
 /// bf16 [*, hidden]; fp32 accumulation.
-[[nodiscard]] cudaError_t moe_down(const moe_gemm_setup& setup, const moe_tile* tiles, int n_tiles, const int* tile_count,
-                                   const void* h, int64_t h_rows, const void* w_maps, int hidden, int ffn, void* y,
-                                   cudaStream_t stream);
+[[nodiscard]] cudaError_t moe_down(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles,
+                                   const int* tile_count, const void* h, int64_t h_rows, const void* w_maps, int hidden,
+                                   int ffn, void* y, cudaStream_t stream);
 
 }  // namespace sy::model::cuda

@@ -261,20 +261,25 @@ TEST_CASE("gpu: our grouped GEMM kernels get every row right at the tiles' edges
     in.push_back(x[i].data());
     out.push_back(y[i].data());
   }
-  for (auto mode : {gpu::gemm_mode::fused, gpu::gemm_mode::automatic}) {
-    INFO("mode " << gpu::to_string(mode));
-    (*g)->set_gemm_mode(mode);
-    for (auto& v : y) std::fill(v.begin(), v.end(), std::nanf(""));
-    REQUIRE_FALSE((*g)->run(ids, in, rows, out));
-    // Automatic takes them too: ten small experts (not few large ones, 108 rows on average),
-    // above the GEMV path.
-    REQUIRE((*g)->last_gemm_mode() == gpu::gemm_mode::fused);
-    for (size_t i = 0; i < rows.size(); ++i) {
-      INFO("expert " << ids[i] << ", " << rows[i] << " rows");
-      CHECK(worst_row_err(y[i], ref[i], h) < 2e-2);
-      CHECK(norm_err(y[i], ref[i]) < 1e-2);
+  // Clusters of two: an expert of 129, 191 or 300 rows ends in a pair whose second tile is empty.
+  for (int cluster : {1, 2})
+    for (auto mode : {gpu::gemm_mode::fused, gpu::gemm_mode::automatic}) {
+      INFO("mode " << gpu::to_string(mode) << ", cluster " << cluster);
+      (*g)->set_gemm_mode(mode);
+      (*g)->set_fused_tuning({cluster});
+      for (auto& v : y) std::fill(v.begin(), v.end(), std::nanf(""));
+      REQUIRE_FALSE((*g)->run(ids, in, rows, out));
+      // Automatic takes them too: ten small experts (not few large ones, 108 rows on average),
+      // above the GEMV path.
+      REQUIRE((*g)->last_gemm_mode() == gpu::gemm_mode::fused);
+      CHECK((*g)->last_fused_cluster() == cluster);  // every sm_90 device runs clusters of two
+      for (size_t i = 0; i < rows.size(); ++i) {
+        INFO("expert " << ids[i] << ", " << rows[i] << " rows");
+        CHECK(worst_row_err(y[i], ref[i], h) < 2e-2);
+        CHECK(norm_err(y[i], ref[i]) < 1e-2);
+      }
     }
-  }
+  (*g)->set_fused_tuning({});
 
   {
     // Above one and a half tiles an expert on average, automatic leaves an evenly spread batch to
@@ -318,15 +323,25 @@ TEST_CASE("gpu: our grouped GEMM kernels get every row right at the tiles' edges
   const int64_t t = 500;
   auto xl = randv(size_t(t * h), 11, 1.0f);
   const auto want = to_double(cpu_layer(gc, router, nullptr, L, xl, t, h));
-  std::vector<float> fused(size_t(t * h), std::nanf("")), padded(size_t(t * h), std::nanf(""));
-  (*layer)->set_gemm_mode(gpu::gemm_mode::fused);
-  REQUIRE_FALSE((*layer)->forward(xl.data(), t, fused.data()));
-  REQUIRE((*layer)->last_gemm_mode() == gpu::gemm_mode::fused);
+  std::vector<float> padded(size_t(t * h), std::nanf(""));
   (*layer)->set_gemm_mode(gpu::gemm_mode::padded);
   REQUIRE_FALSE((*layer)->forward(xl.data(), t, padded.data()));
-  CHECK(norm_err(fused, want) < 1e-2);
-  // Same routing on the device: every token's row agrees with the padded cuBLAS path.
-  CHECK(worst_row_err(fused, to_double(padded), h) < 2e-2);
+  // Tile lists made on the host from the counts and on the device, single CTAs and pairs.
+  (*layer)->set_gemm_mode(gpu::gemm_mode::fused);
+  for (bool plan : {true, false})
+    for (int cluster : {1, 2}) {
+      INFO((plan ? "planned on the device" : "planned on the host") << ", cluster " << cluster);
+      std::vector<float> fused(size_t(t * h), std::nanf(""));
+      (*layer)->set_device_plan(plan);
+      (*layer)->set_fused_tuning({cluster});
+      REQUIRE_FALSE((*layer)->forward(xl.data(), t, fused.data()));
+      REQUIRE((*layer)->last_gemm_mode() == gpu::gemm_mode::fused);
+      CHECK((*layer)->last_device_planned() == plan);
+      CHECK((*layer)->last_fused_cluster() == cluster);
+      CHECK(norm_err(fused, want) < 1e-2);
+      // Same routing on the device: every token's row agrees with the padded cuBLAS path.
+      CHECK(worst_row_err(fused, to_double(padded), h) < 2e-2);
+    }
 }
 
 TEST_CASE("gpu: automatic mode pads row counts only while padding is cheap, and every layout stays within 1e-2 of float64", "[gpu]") {
