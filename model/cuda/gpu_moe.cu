@@ -58,7 +58,13 @@ struct dbuf {
   }
   caf::error reserve(size_t n) {
     if (n <= bytes) return {};
-    if (p) cudaFree(p);
+    // Work queued earlier (a forward still running on its stream) may use the old buffer: wait
+    // for the device before freeing it rather than count on cudaFree's own synchronisation.
+    // Growth is rare (the first steps of each size).
+    if (p) {
+      SY_CU(cudaDeviceSynchronize());
+      cudaFree(p);
+    }
     p = nullptr;
     bytes = 0;
     SY_CU(cudaMalloc(&p, std::max<size_t>(n, 256)));

@@ -77,9 +77,9 @@ struct gemv_tuning {
 
 /// The fused kernels' shape: CTAs a cluster. 2: a pair of CTAs (two tiles of one expert) shares
 /// each weight tile, each loading half and the copy engine writing it to both; 1: every CTA loads
-/// its own; 0 (`automatic`'s choice): 2 where the device runs such clusters, for few large experts,
-/// and for many small ones whose tiles mostly fill pairs (known counts: at most a fifth of the
-/// tiles empty; planned on the device: two tiles an expert or more on average), else 1.
+/// its own; 0 (`automatic`'s choice): 2 where the device runs such clusters and the experts
+/// average a full tile (128 rows) or more (counts known on the host: or at most a fifth of the
+/// tiles would be empty; planned on the device: under balanced routing), else 1.
 struct fused_tuning {
   int cluster = 0;
 };

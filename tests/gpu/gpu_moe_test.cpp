@@ -457,7 +457,7 @@ TEST_CASE("gpu: whole MoE layers equal the CPU layer within bf16 tolerance", "[g
         if (mode == gpu::gemm_mode::fused)
           CHECK(((*layer)->last_gemm_mode() == gpu::gemm_mode::fused) == fused_shapes(s.h, s.f));
         // Asked for, `fused` plans its tiles on the device unless told not to.
-        if (mode == gpu::gemm_mode::fused && t > gpu::gemv_max_rows)
+        if (mode == gpu::gemm_mode::fused)
           CHECK((*layer)->last_device_planned() == (plan && fused_shapes(s.h, s.f)));
         if (!plan) CHECK_FALSE((*layer)->last_device_planned());
         // Automatic takes the GEMV path up to 8 tokens, except for few large experts (Mixtral's)
