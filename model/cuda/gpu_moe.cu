@@ -227,7 +227,7 @@ struct plan_add {
 
 /// The fused path's dispatch without the host (one block): expert i's rows start at offsets[i]
 /// (packed, in id order, as the host's plan), its tiles of up to moe_tile_rows rows follow one
-/// another in the same order in `tiles` (`cluster` 2: in pairs, as moe_tile_list makes them),
+/// another in the same order in `tiles` (`cluster` 2: in pairs; the layout moe_tile_list makes),
 /// their number in *tile_count; the experts with rows in act[0 .. *n_act); `fill` zeroed for the
 /// scatter.
 __global__ void __launch_bounds__(max_experts) plan_kernel(const int* counts, int experts, int cluster, int* offsets,
@@ -237,8 +237,7 @@ __global__ void __launch_bounds__(max_experts) plan_kernel(const int* counts, in
   __shared__ typename scan::TempStorage tmp;
   const int i = static_cast<int>(threadIdx.x);
   const int c = i < experts ? counts[i] : 0;
-  const int tl = (c + moe_tile_rows - 1) / moe_tile_rows;
-  const plan_sums mine{c, (tl + cluster - 1) / cluster * cluster, c > 0 ? 1 : 0};  // pairs: an odd expert's last tile empty
+  const plan_sums mine{c, moe_expert_tiles(cluster, c), c > 0 ? 1 : 0};
   plan_sums before, total;
   scan(tmp).ExclusiveScan(mine, before, plan_sums{0, 0, 0}, plan_add{}, total);
   if (i < experts) {
@@ -246,10 +245,7 @@ __global__ void __launch_bounds__(max_experts) plan_kernel(const int* counts, in
     fill[i] = 0;
   }
   if (c > 0) act[before.active] = i;
-  for (int m = 0; m < mine.tiles; ++m) {
-    const int first = min(m * moe_tile_rows, c), r = before.rows + first;
-    tiles[before.tiles + m] = moe_tile{i, r, min(moe_tile_rows, c - first), r};
-  }
+  for (int m = 0; m < mine.tiles; ++m) tiles[before.tiles + m] = moe_expert_tile(i, before.rows, c, m);
   if (i == 0) {
     *tile_count = total.tiles;
     *n_act = total.active;
@@ -1150,10 +1146,9 @@ struct expert_engine {
     const size_t two = moe_tile_list(2, ids.data(), off.data(), n.data(), ids.size(), nullptr);
     // Pairs share their weight tiles, but an expert of one tile pairs with an empty one (a CTA
     // that only loads its half of the weights for its partner): pairs from a full tile an expert
-    // on average, or where at most a fifth of the tiles would be empty.
-    int64_t rows = 0;
-    for (int c : n) rows += c;
-    const int cluster = pairs(rows >= int64_t{moe_tile_rows} * static_cast<int64_t>(ids.size()) || two * 4 <= one * 5) ? 2 : 1;
+    // on average, or where at most a fifth of the tiles would be empty. (total_rows: the packed
+    // rows, fused never pads.)
+    const int cluster = pairs(total_rows >= int64_t{moe_tile_rows} * static_cast<int64_t>(ids.size()) || two * 4 <= one * 5) ? 2 : 1;
     const size_t count = cluster == 2 ? two : one;
     // Callers enter with the stream idle: the pinned list can be rewritten.
     SY_TRY(tiles_host.reserve(count * sizeof(moe_tile)));

@@ -499,13 +499,10 @@ bool moe_gemm_shapes(int64_t hidden, int64_t ffn) {
 size_t moe_tile_list(int cluster, const int* experts, const int* off, const int* rows, size_t groups, moe_tile* out) {
   size_t n = 0;
   for (size_t g = 0; g < groups; ++g) {
-    const int tiles = (rows[g] + moe_tile_rows - 1) / moe_tile_rows;
-    const int padded = cluster == 2 ? (tiles + 1) / 2 * 2 : tiles;  // a pair's second tile may be empty
-    for (int i = 0; i < padded; ++i, ++n) {
-      if (!out) continue;
-      const int m = std::min(i * moe_tile_rows, rows[g]);
-      out[n] = moe_tile{experts[g], off[g] + m, std::min(moe_tile_rows, rows[g] - m), off[g] + m};
-    }
+    const int tiles = moe_expert_tiles(cluster, rows[g]);
+    if (out)
+      for (int i = 0; i < tiles; ++i) out[n + size_t(i)] = moe_expert_tile(experts[g], off[g], rows[g], i);
+    n += size_t(tiles);
   }
   return n;
 }

@@ -22,10 +22,21 @@ struct moe_tile {
   int dst_row;
 };
 
+/// Tiles an expert of `rows` rows takes in a list for `cluster`: with 2, whole pairs (two CTAs
+/// share each weight tile), an odd count's last pair ending in an empty tile.
+__host__ __device__ constexpr int moe_expert_tiles(int cluster, int rows) {
+  const int tiles = (rows + moe_tile_rows - 1) / moe_tile_rows;
+  return (tiles + cluster - 1) / cluster * cluster;
+}
+/// Tile i of expert `expert`'s `rows` rows starting at row `first` of the packed row space.
+__host__ __device__ constexpr moe_tile moe_expert_tile(int expert, int first, int rows, int i) {
+  const int m = i * moe_tile_rows < rows ? i * moe_tile_rows : rows;
+  return moe_tile{expert, first + m, rows - m < moe_tile_rows ? rows - m : moe_tile_rows, first + m};
+}
+
 /// Writes the tile list of a batch (`groups` experts: expert experts[g] on the `rows[g]` rows from
-/// off[g] of the packed row space) into `out` (null: only counts) and returns its length. With
-/// `cluster` 2 the list is pairs of tiles of one expert (two CTAs share each weight tile), an odd
-/// expert's last pair ending in an empty tile; with 1, one tile after another.
+/// off[g] of the packed row space) into `out` (null: only counts) and returns its length: each
+/// expert's `moe_expert_tiles` in turn.
 size_t moe_tile_list(int cluster, const int* experts, const int* off, const int* rows, size_t groups, moe_tile* out);
 
 /// Bytes of one tensor map (the copy engine's description of a matrix in device memory).
