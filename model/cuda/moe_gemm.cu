@@ -404,21 +404,31 @@ cudaError_t encode(CUtensorMap* map, const void* m, int64_t rows, int64_t cols) 
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+/// The kernels' launch configuration: `grid` CTAs of `threads`, all of the shared memory they
+/// take, clusters of `cl` CTAs. Not copyable: the configuration points at its own attribute.
+struct cluster_launch {
+  cudaLaunchAttribute attr{};
+  cudaLaunchConfig_t cfg{};
+  cluster_launch(int grid, int cl, cudaStream_t stream) {
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = static_cast<unsigned>(cl);
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    cfg.gridDim = dim3(static_cast<unsigned>(grid));
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem_bytes;
+    cfg.stream = stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+  }
+  cluster_launch(const cluster_launch&) = delete;
+  cluster_launch& operator=(const cluster_launch&) = delete;
+};
+
 template <bool SwiGLU, int Cl>
 cudaError_t launch_cl(const gemm_args& args, int grid, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(grid));
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem_bytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1]{};
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = Cl;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, moe_gemm_kernel<SwiGLU, Cl>, args);
+  const cluster_launch l(grid, Cl, stream);
+  return cudaLaunchKernelEx(&l.cfg, moe_gemm_kernel<SwiGLU, Cl>, args);
 }
 
 template <bool SwiGLU>
@@ -470,20 +480,10 @@ cudaError_t moe_gemm_prepare(int device, moe_gemm_setup* setup) {
   if (auto e = cudaDeviceGetAttribute(&setup->sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
   // Pairs of SMs of one processor cluster that can hold the kernel at once (fewer than sms / 2
   // where a processor cluster has an odd number of SMs).
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(setup->sms / 2 * 2));
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem_bytes;
-  cudaLaunchAttribute attr[1]{};
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 2;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  const cluster_launch l(setup->sms / 2 * 2, 2, nullptr);
   int gu = 0, dn = 0;
-  if (cudaOccupancyMaxActiveClusters(&gu, moe_gemm_kernel<true, 2>, &cfg) != cudaSuccess ||
-      cudaOccupancyMaxActiveClusters(&dn, moe_gemm_kernel<false, 2>, &cfg) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&gu, moe_gemm_kernel<true, 2>, &l.cfg) != cudaSuccess ||
+      cudaOccupancyMaxActiveClusters(&dn, moe_gemm_kernel<false, 2>, &l.cfg) != cudaSuccess) {
     (void)cudaGetLastError();  // no clusters here: the launches keep to one CTA
     gu = dn = 0;
   }
