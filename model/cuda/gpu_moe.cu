@@ -217,37 +217,51 @@ __global__ void count_kernel(const int* idx, int64_t n, const int* slot, int* co
 }
 
 struct plan_sums {
-  int rows, tiles, active;
+  int rows, whole, odd, active;
 };
 struct plan_add {
   __device__ plan_sums operator()(const plan_sums& a, const plan_sums& b) const {
-    return {a.rows + b.rows, a.tiles + b.tiles, a.active + b.active};
+    return {a.rows + b.rows, a.whole + b.whole, a.odd + b.odd, a.active + b.active};
   }
 };
 
 /// The fused path's dispatch without the host (one block): expert i's rows start at offsets[i]
-/// (packed, in id order, as the host's plan), its tiles of up to moe_tile_rows rows follow one
-/// another in the same order in `tiles` (`cluster` 2: in pairs; the layout moe_tile_list makes),
-/// their number in *tile_count; the experts with rows in act[0 .. *n_act); `fill` zeroed for the
-/// scatter.
+/// (packed, in id order, as the host's plan), its tiles of up to moe_tile_rows rows go into
+/// `tiles` in the layout moe_tile_list makes for `cluster` (moe_gemm.hpp), their number in
+/// *tile_count; the experts with rows in act[0 .. *n_act); `fill` zeroed for the scatter.
 __global__ void __launch_bounds__(max_experts) plan_kernel(const int* counts, int experts, int cluster, int* offsets,
                                                            int* fill, moe_tile* tiles, int* tile_count, int* n_act,
                                                            int* act) {
   using scan = cub::BlockScan<plan_sums, max_experts>;
   __shared__ typename scan::TempStorage tmp;
+  __shared__ moe_tile last[max_experts];  // the last tile of the j-th expert with an odd tile count
   const int i = static_cast<int>(threadIdx.x);
   const int c = i < experts ? counts[i] : 0;
-  const plan_sums mine{c, moe_expert_tiles(cluster, c), c > 0 ? 1 : 0};
+  const moe_tile_place pl = moe_expert_place(cluster, c);
+  const plan_sums mine{c, pl.whole, pl.odd, c > 0 ? 1 : 0};
   plan_sums before, total;
-  scan(tmp).ExclusiveScan(mine, before, plan_sums{0, 0, 0}, plan_add{}, total);
+  scan(tmp).ExclusiveScan(mine, before, plan_sums{0, 0, 0, 0}, plan_add{}, total);
   if (i < experts) {
     offsets[i] = before.rows;
     fill[i] = 0;
   }
   if (c > 0) act[before.active] = i;
-  for (int m = 0; m < mine.tiles; ++m) tiles[before.tiles + m] = moe_expert_tile(i, before.rows, c, m);
+  const int start = moe_run_start(before.whole, before.odd);
+  for (int m = 0; m < pl.whole; ++m) tiles[start + m] = moe_expert_tile(i, before.rows, c, m);
+  if (pl.odd) last[before.odd] = moe_expert_tile(i, before.rows, c, pl.whole);
+  __syncthreads();
+  if (pl.odd) {
+    if (before.odd % 2 == 1) {  // the mixed pair with the previous odd expert, after this run
+      tiles[start + pl.whole] = last[before.odd - 1];
+      tiles[start + pl.whole + 1] = last[before.odd];
+    } else if (before.odd == total.odd - 1) {  // the last odd expert, unpaired: ends the list
+      const int n = moe_list_length(total.whole, total.odd);
+      tiles[n - 2] = last[before.odd];
+      tiles[n - 1] = moe_expert_tile(i, before.rows, c, pl.whole + 1);
+    }
+  }
   if (i == 0) {
-    *tile_count = total.tiles;
+    *tile_count = moe_list_length(total.whole, total.odd);
     *n_act = total.active;
   }
 }
@@ -1142,14 +1156,9 @@ struct expert_engine {
                            const bf16* x, const int* row_idx, int64_t total_rows, bf16* yo) {
     if (ids.empty()) return {};
     SY_TRY(tables());
-    const size_t one = moe_tile_list(1, ids.data(), off.data(), n.data(), ids.size(), nullptr);
-    const size_t two = moe_tile_list(2, ids.data(), off.data(), n.data(), ids.size(), nullptr);
-    // Pairs share their weight tiles, but an expert of one tile pairs with an empty one (a CTA
-    // that only loads its half of the weights for its partner): pairs from a full tile an expert
-    // on average, or where at most a fifth of the tiles would be empty. (total_rows: the packed
-    // rows, fused never pads.)
-    const int cluster = pairs(total_rows >= int64_t{moe_tile_rows} * static_cast<int64_t>(ids.size()) || two * 4 <= one * 5) ? 2 : 1;
-    const size_t count = cluster == 2 ? two : one;
+    // As a device-planned step (total_rows: the packed rows, fused never pads).
+    const int cluster = planned_cluster(total_rows, static_cast<int>(ids.size()));
+    const size_t count = moe_tile_list(cluster, ids.data(), off.data(), n.data(), ids.size(), nullptr);
     // Callers enter with the stream idle: the pinned list can be rewritten.
     SY_TRY(tiles_host.reserve(count * sizeof(moe_tile)));
     SY_TRY(tiles.reserve(count * sizeof(moe_tile)));
@@ -1164,11 +1173,12 @@ struct expert_engine {
   bool pairs(bool good) const {
     return fused_setup.clusters2 > 0 && (fused.cluster == 2 || (fused.cluster == 0 && good));
   }
-  /// The cluster size a device-planned step of n routed rows over `experts` runs with (the
-  /// counts unknown): pairs from a full tile an expert on average under balanced routing.
-  /// Measured on an H100 (docs/benchmarks.md, 2026-12-07): Qwen3-shaped at 512 tokens (32 rows an
-  /// expert) single CTAs 0.52 vs 0.56 ms, at 2048 (128) pairs 0.71 vs 0.78, at 4096 0.98 vs 1.11;
-  /// Mixtral-shaped at 64 tokens (16 rows) single CTAs 1.02 vs 1.06, at 512 (128) pairs 1.19 vs 1.45.
+  /// The cluster size a step of n routed rows over `experts` runs with: pairs from a full tile an
+  /// expert on average. Measured on an H100 (docs/benchmarks.md, 2026-12-07, third session), the
+  /// odd last tiles in mixed pairs: Qwen3-shaped at 512 tokens (32 rows an expert) pairs and
+  /// single CTAs both 0.51 ms, at 2048 (128) pairs 0.65 vs 0.75, at 4096 0.91 vs 1.07; Mixtral-shaped
+  /// at 64 tokens (16 rows) both 0.99-1.00, at 512 (128) pairs 1.18 vs 1.43. (Before mixed pairs,
+  /// when an odd tile paired with an empty one, single CTAs won below a tile an expert.)
   int planned_cluster(int64_t n, int experts) const {
     return pairs(n >= int64_t{moe_tile_rows} * experts) ? 2 : 1;
   }

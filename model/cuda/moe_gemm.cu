@@ -11,6 +11,10 @@
 // tile's rows: wait for `full`, four m64n256k16 wgmmas (fp32 accumulators in registers), release
 // the stage whose wgmmas have completed on its `empty` barrier. A warpgroup whose 64 rows are past
 // the tile's end only passes the stages on (in a loop of its own: no wgmma sits in a branch).
+// Clusters of two take a pair of tiles (moe_gemm.hpp's list layout): of one expert, each CTA's
+// producer loads one of the stage's two weight boxes for both (multicast) and a stage is refilled
+// once the consumers of both CTAs released it; a mixed pair (two experts' last tiles) loads each
+// CTA's weights on its own, under the same barriers.
 // Epilogue straight from the accumulators while the producer already loads the next item: gate_up
 // applies SwiGLU (a thread holds gate column j and up column j of the same row: the B tile is 128
 // gate rows then the matching 128 up rows) and stores bf16 h; down stores bf16 rows. A rows past
@@ -257,7 +261,12 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
       const int chunk = tid & 7, r0 = tid >> 3;  // gate_up: this thread copies 16-byte chunk `chunk` of rows r0, r0 + 16, ...
       int it = 0;                                // k-blocks issued, over all items
       for (int wi = first; wi < items; wi += stride) {
-        const moe_tile t = p.tiles[Cl * (wi / p.col_tiles) + rank];
+        const int pair = Cl * (wi / p.col_tiles);
+        const moe_tile t = p.tiles[pair + rank];
+        // Cl = 2: a pair of one expert's tiles shares its weight boxes; a mixed pair does not.
+        bool shared = false;
+        if constexpr (Cl > 1) shared = p.tiles[pair].expert == p.tiles[pair + 1].expert;
+        const bool load_b = shared || t.rows > 0;  // an empty tile outside a shared pair reads nothing
         const int n0 = (wi % p.col_tiles) * cols;
         const CUtensorMap* w = p.w + t.expert;
         // The maps were written by a host copy (and rewritten in place when experts change): the
@@ -266,7 +275,7 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
         // gate_up: the first box is gate rows n0.., the second the matching up rows; down: 256
         // rows. Cl = 2: each CTA loads one box for both.
         const int second = SwiGLU ? p.n + n0 : n0 + box_rows;
-        const bool load_a = SwiGLU || t.rows > 0;  // down: a pair's empty second tile reads no A
+        const bool load_a = SwiGLU || t.rows > 0;  // down: an empty tile reads no A
         int row[tile_m / 16];
         if constexpr (SwiGLU) {
 #pragma unroll
@@ -280,13 +289,13 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
           if (it >= stages) mbar_wait(empty + s * 8, (it / stages - 1) & 1);
           const uint32_t as = sa + s * a_stage, bs = sb + s * b_stage, bar = full + s * 8;
           if (tid == 0) {
-            mbar_arrive_expect(bar, (SwiGLU || !load_a ? 0 : a_stage) + b_stage);
+            mbar_arrive_expect(bar, (SwiGLU || !load_a ? 0 : a_stage) + (load_b ? b_stage : 0));
             if (!SwiGLU && load_a) tma_load(as, &p.a_map, bar, kb * tile_k, t.src_row);
-            if constexpr (Cl == 1) {
+            if (shared) {
+              tma_load_multicast(bs + rank * box_rows * 128, w, bar, kb * tile_k, rank == 0 ? n0 : second, 0x3);
+            } else if (load_b) {
               tma_load(bs, w, bar, kb * tile_k, n0);
               tma_load(bs + box_rows * 128, w, bar, kb * tile_k, second);
-            } else {
-              tma_load_multicast(bs + rank * box_rows * 128, w, bar, kb * tile_k, rank == 0 ? n0 : second, 0x3);
             }
           }
           if constexpr (SwiGLU) {
@@ -497,14 +506,34 @@ bool moe_gemm_shapes(int64_t hidden, int64_t ffn) {
 }
 
 size_t moe_tile_list(int cluster, const int* experts, const int* off, const int* rows, size_t groups, moe_tile* out) {
-  size_t n = 0;
+  int whole = 0, odd = 0;
+  moe_tile open{}, open_empty{};  // the last tile of an odd expert still without a partner, and its empty pair
   for (size_t g = 0; g < groups; ++g) {
-    const int tiles = moe_expert_tiles(cluster, rows[g]);
+    const moe_tile_place pl = moe_expert_place(cluster, rows[g]);
+    const int start = moe_run_start(whole, odd);
     if (out)
-      for (int i = 0; i < tiles; ++i) out[n + size_t(i)] = moe_expert_tile(experts[g], off[g], rows[g], i);
-    n += size_t(tiles);
+      for (int i = 0; i < pl.whole; ++i) out[start + i] = moe_expert_tile(experts[g], off[g], rows[g], i);
+    if (pl.odd) {
+      const moe_tile last = moe_expert_tile(experts[g], off[g], rows[g], pl.whole);
+      if (odd % 2 == 1) {
+        if (out) {
+          out[start + pl.whole] = open;
+          out[start + pl.whole + 1] = last;
+        }
+      } else {
+        open = last;
+        open_empty = moe_expert_tile(experts[g], off[g], rows[g], pl.whole + 1);
+      }
+    }
+    whole += pl.whole;
+    odd += pl.odd;
   }
-  return n;
+  const int n = moe_list_length(whole, odd);
+  if (out && odd % 2 == 1) {
+    out[n - 2] = open;
+    out[n - 1] = open_empty;
+  }
+  return static_cast<size_t>(n);
 }
 
 cudaError_t moe_weight_maps(const void* const* w, int n, int64_t rows, int64_t cols, void* maps) {

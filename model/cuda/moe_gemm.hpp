@@ -18,25 +18,44 @@ inline constexpr int moe_tile_rows = 128;
 struct moe_tile {
   int expert;  ///< index into the weight tables
   int src_row;
-  int rows;  ///< 1..moe_tile_rows (0: the empty second tile of a pair, clusters of two)
+  int rows;  ///< 1..moe_tile_rows (0: the empty tile that can end a list for clusters of two)
   int dst_row;
 };
 
-/// Tiles an expert of `rows` rows takes in a list for `cluster`: with 2, whole pairs (two CTAs
-/// share each weight tile), an odd count's last pair ending in an empty tile.
-__host__ __device__ constexpr int moe_expert_tiles(int cluster, int rows) {
+/// Where a tile list puts each expert's tiles: the layout `moe_tile_list` makes on the host and the
+/// layer's plan on the device, and the kernels read. With `cluster` 1, every expert's tiles in
+/// turn. With 2 the list runs in pairs (CTA r of a cluster takes tile 2p + r): each expert's
+/// whole pairs first (two of its tiles: the CTAs share the weight tiles, each loading half for
+/// both); an expert with an odd tile count leaves its last tile for a mixed pair with the next
+/// such expert, placed right after that one's own pairs (its CTAs each load their own expert's
+/// weights); with an odd number of such experts, the last one's tile ends the list, paired with
+/// an empty tile (rows 0).
+struct moe_tile_place {
+  int whole;  ///< tiles in the expert's own run: all of them (cluster 1), its whole pairs (2)
+  int odd;    ///< 1: its last tile goes to a mixed pair (cluster 2)
+};
+__host__ __device__ constexpr moe_tile_place moe_expert_place(int cluster, int rows) {
   const int tiles = (rows + moe_tile_rows - 1) / moe_tile_rows;
-  return (tiles + cluster - 1) / cluster * cluster;
+  return cluster == 1 ? moe_tile_place{tiles, 0} : moe_tile_place{tiles / 2 * 2, tiles % 2};
 }
-/// Tile i of expert `expert`'s `rows` rows starting at row `first` of the packed row space.
+/// First slot of an expert's run, from the sums of `whole` and `odd` over the experts before it
+/// (the mixed pairs placed so far: one per two odd experts). An expert whose `odd_before` is odd
+/// places the mixed pair [the previous odd expert's last tile, its own] after its run.
+__host__ __device__ constexpr int moe_run_start(int whole_before, int odd_before) {
+  return whole_before + odd_before / 2 * 2;
+}
+/// Tiles in the list, from the sums over all experts.
+__host__ __device__ constexpr int moe_list_length(int whole, int odd) { return whole + (odd + 1) / 2 * 2; }
+/// Tile i of expert `expert`'s `rows` rows starting at row `first` of the packed row space (past
+/// its last tile: an empty one).
 __host__ __device__ constexpr moe_tile moe_expert_tile(int expert, int first, int rows, int i) {
   const int m = i * moe_tile_rows < rows ? i * moe_tile_rows : rows;
   return moe_tile{expert, first + m, rows - m < moe_tile_rows ? rows - m : moe_tile_rows, first + m};
 }
 
 /// Writes the tile list of a batch (`groups` experts: expert experts[g] on the `rows[g]` rows from
-/// off[g] of the packed row space) into `out` (null: only counts) and returns its length: each
-/// expert's `moe_expert_tiles` in turn.
+/// off[g] of the packed row space) into `out` (null: only counts) and returns its length, in the
+/// layout above.
 size_t moe_tile_list(int cluster, const int* experts, const int* off, const int* rows, size_t groups, moe_tile* out);
 
 /// Bytes of one tensor map (the copy engine's description of a matrix in device memory).
@@ -65,7 +84,8 @@ struct moe_gemm_setup {
 /// `tiles` is a device array of `n_tiles` tiles; or, with `tile_count` (device memory, written by
 /// an earlier launch on the stream, at most `n_tiles`), of that many: the list then never passes
 /// through the host. `cluster` 1: each CTA loads its own weight tiles; 2 (needs setup.clusters2 > 0,
-/// a list built for 2): a pair of CTAs each loads half and the copy engine writes it to both.
+/// a list built for 2): the CTAs of a pair of one expert's tiles each load half and the copy
+/// engine writes it to both; a mixed pair's CTAs load their own.
 ///
 /// For every tile and row r < rows, over every column j < ffn:
 ///   h[dst_row + r, j] = silu(x[i] · gate_j) · (x[i] · up_j),  i = row_idx ? row_idx[src_row + r] : src_row + r,
