@@ -57,6 +57,7 @@ int main(int argc, char** argv) {
   int reps = 20;
   bool sweep = false;
   bool profile = false;  // the last forward of each run between cudaProfilerStart and Stop (ncu --profile-from-start off)
+  bool router_bf16 = false;  // the router's weights rounded to bf16 (as a bf16 checkpoint stores them)
   std::vector<int64_t> tokens = {1, 2, 4, 8, 64, 512, 4096};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -65,6 +66,7 @@ int main(int argc, char** argv) {
     else if (a == "--layer" && i + 1 < argc) only_layer = argv[++i];
     else if (a == "--modes" && i + 1 < argc) only_modes = "," + std::string(argv[++i]) + ",";
     else if (a == "--profile") profile = true;
+    else if (a == "--router-bf16") router_bf16 = true;
     else if (a == "--gemv-sweep") sweep = true;
     else if (a == "--tokens" && i + 1 < argc) {
       tokens.clear();
@@ -104,7 +106,7 @@ int main(int argc, char** argv) {
     g.num_experts = s.experts;
     g.top_k = s.top_k;
     g.norm_topk_prob = true;
-    auto router = m::matrix::from_f32(m::dtype::f32, randv(size_t(s.experts * s.hidden), 1, 0.05f), s.experts, s.hidden);
+    auto router = m::matrix::from_f32(router_bf16 ? m::dtype::bf16 : m::dtype::f32, randv(size_t(s.experts * s.hidden), 1, 0.05f), s.experts, s.hidden);
     std::vector<m::expert_weights> store;
     for (int e = 0; e < s.experts; ++e) {
       m::expert_weights w;
@@ -127,6 +129,7 @@ int main(int argc, char** argv) {
       std::string label;
       bool device_plan = true;
       gpu::fused_tuning fused = {};
+      gpu::gpu_moe_layer::router_gemm router = gpu::gpu_moe_layer::router_gemm::automatic;
     };
     std::vector<variant> variants;
     for (auto mode : {gpu::gemm_mode::automatic, gpu::gemm_mode::grouped, gpu::gemm_mode::per_expert,
@@ -139,6 +142,9 @@ int main(int argc, char** argv) {
     variants.push_back({gpu::gemm_mode::fused, {}, "fused/c2", true, {2}});
     variants.push_back({gpu::gemm_mode::fused, {}, "fused/host", false});
     variants.push_back({gpu::gemm_mode::automatic, {}, "auto/host", false});
+    // The router GEMM of large steps forced to f32 (cublasSgemm) or to bf16 pieces.
+    variants.push_back({gpu::gemm_mode::automatic, {}, "auto/sgemm", true, {}, gpu::gpu_moe_layer::router_gemm::f32});
+    variants.push_back({gpu::gemm_mode::automatic, {}, "auto/pieces", true, {}, gpu::gpu_moe_layer::router_gemm::bf16_pieces});
     if (sweep) {
       for (bool split : {false, true}) {
         for (int gu : {0, 4, 8})
@@ -169,6 +175,7 @@ int main(int argc, char** argv) {
       (*layer)->set_gemv_tuning(v.tuning);
       (*layer)->set_device_plan(v.device_plan);
       (*layer)->set_fused_tuning(v.fused);
+      (*layer)->set_router_gemm(v.router);
       // Several input sets, rotated, so repeated runs do not measure one cached input.
       constexpr int sets = 3;
       std::vector<float*> xs, ys;

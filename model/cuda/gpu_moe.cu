@@ -150,6 +150,36 @@ __global__ void f32_to_bf16_kernel(const float* in, bf16* out, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride) out[i] = __float2bfloat16(in[i]);
 }
 
+/// x (f32, n values) as three bf16 pieces, out[0 .. n) = hi, out[n .. 2n) = mid, out[2n .. 3n) = lo,
+/// hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid) (each difference exact in f32), so
+/// hi + mid + lo = x for every normal x. hi is what f32_to_bf16_kernel writes.
+__device__ __forceinline__ void split3(float x, bf16& hi, bf16& mid, bf16& lo) {
+  hi = __float2bfloat16_rn(x);
+  const float r = x - __bfloat162float(hi);
+  mid = __float2bfloat16_rn(r);
+  lo = __float2bfloat16_rn(r - __bfloat162float(mid));
+}
+__global__ void split3_kernel(const float* in, bf16* out, int64_t n) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  if (n % 8 == 0 && aligned16(in) && aligned16(out)) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n / 8; i += stride) {
+      float v[8], hi[8], mid[8], lo[8];
+      load8(in + i * 8, v);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        bf16 a, b, c;
+        split3(v[j], a, b, c);
+        hi[j] = __bfloat162float(a), mid[j] = __bfloat162float(b), lo[j] = __bfloat162float(c);
+      }
+      reinterpret_cast<uint4*>(out)[i] = pack8_bf16(hi);  // exact: each is a bf16 value already
+      reinterpret_cast<uint4*>(out + n)[i] = pack8_bf16(mid);
+      reinterpret_cast<uint4*>(out + 2 * n)[i] = pack8_bf16(lo);
+    }
+    return;
+  }
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride) split3(in[i], out[i], out[n + i], out[2 * n + i]);
+}
+
 __global__ void bf16_to_f32_kernel(const bf16* in, float* out, int64_t n) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   if (n % 8 == 0 && aligned16(in) && aligned16(out)) {
@@ -646,19 +676,27 @@ __global__ void __launch_bounds__(gemv_warps * 32, gemv_min_blocks(R)) gemv_down
 /// and weights — the same rule as the CPU's `route_from_logits` — by one warp (one thread per token
 /// would leave the layer waiting on a long serial chain), the experts strided over the lanes;
 /// `choice`/`score` are this warp's shared scratch of `experts` floats, `gs`/`keep` of `n_group`.
-__device__ void gate_token_warp(const float* logits, const float* bias, const gate_params& p, int row, int* out_idx,
-                                float* out_w, float* score, float* choice, float* gs, int* keep) {
+/// The logits are the sum of `parts` slices `part_stride` floats apart (the split router GEMM's
+/// products), added from the last slice to the first (the smallest products first).
+__device__ void gate_token_warp(const float* logits, int parts, int64_t part_stride, const float* bias,
+                                const gate_params& p, int row, int* out_idx, float* out_w, float* score, float* choice,
+                                float* gs, int* keep) {
   const int lane = threadIdx.x & 31, E = p.experts;
   const float* l = logits + int64_t(row) * E;  // read through L2 (__ldcg): other blocks wrote them
+  for (int i = lane; i < E; i += 32) {
+    float v = __ldcg(l + (parts - 1) * part_stride + i);
+    for (int q = parts - 2; q >= 0; --q) v += __ldcg(l + q * part_stride + i);
+    score[i] = v;  // the logit, until the scores replace it
+  }
   if (p.sigmoid) {
-    for (int i = lane; i < E; i += 32) score[i] = 1.0f / (1.0f + expf(-__ldcg(l + i)));
+    for (int i = lane; i < E; i += 32) score[i] = 1.0f / (1.0f + expf(-score[i]));
   } else {
     float m = -INFINITY;
-    for (int i = lane; i < E; i += 32) m = fmaxf(m, __ldcg(l + i));
+    for (int i = lane; i < E; i += 32) m = fmaxf(m, score[i]);
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     double sum = 0;
     for (int i = lane; i < E; i += 32) {
-      score[i] = expf(__ldcg(l + i) - m);
+      score[i] = expf(score[i] - m);
       sum += score[i];
     }
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
@@ -737,14 +775,15 @@ constexpr int gate_warp_floats = 2 * max_experts + 2 * max_groups;
 
 /// Gating of a large step: one warp per token (gate_token_warp), gate_block_warps tokens per block.
 constexpr int gate_block_warps = 4;
-__global__ void __launch_bounds__(32 * gate_block_warps) gate_kernel(const float* logits, const float* bias, gate_params p,
-                                                                     int64_t t, int* out_idx, float* out_w) {
+__global__ void __launch_bounds__(32 * gate_block_warps) gate_kernel(const float* logits, int parts, const float* bias,
+                                                                     gate_params p, int64_t t, int* out_idx, float* out_w) {
   __shared__ float scratch[gate_block_warps][gate_warp_floats];
   const int warp = static_cast<int>(threadIdx.x >> 5);
   const int64_t row = blockIdx.x * int64_t(gate_block_warps) + warp;
   if (row >= t) return;  // the whole warp: gate_token_warp's shuffles need all 32 lanes
   float* sc = scratch[warp];
-  gate_token_warp(logits, bias, p, static_cast<int>(row), out_idx, out_w, sc, sc + max_experts, sc + 2 * max_experts,
+  gate_token_warp(logits, parts, t * p.experts, bias, p, static_cast<int>(row), out_idx, out_w, sc, sc + max_experts,
+                  sc + 2 * max_experts,
                   reinterpret_cast<int*>(sc + 2 * max_experts + max_groups));
 }
 
@@ -759,7 +798,7 @@ __device__ void route_small(const float* logits, const float* bias, const gate_p
   const int n = t * gp.k, tid = threadIdx.x, bd = blockDim.x, warp = tid >> 5;
   if (warp < t) {  // one warp per token (blockDim.x = 32 · gemv_max_rows)
     float* sc = s_gate[warp];
-    gate_token_warp(logits, bias, gp, warp, idx, wts, sc, sc + max_experts, sc + 2 * max_experts,
+    gate_token_warp(logits, 1, 0, bias, gp, warp, idx, wts, sc, sc + max_experts, sc + 2 * max_experts,
                     reinterpret_cast<int*>(sc + 2 * max_experts + max_groups));
   }
   __syncthreads();
@@ -1466,6 +1505,10 @@ struct gpu_moe_layer::impl {
   dbuf done;  // the fused router/routing kernel's finished-block counter (zero between launches)
   dbuf plan_tiles, tile_count;  // the device-planned fused path's tile list and its length
   bool device_plan = true;      // steps that can run `fused` without the counts plan it on the device
+  dbuf router_bf;               // the router in bf16 pieces, [3][E, H]: hi, mid, lo
+  bool router_exact = false;    // its weights are bf16 values (mid and lo zero)
+  gpu_moe_layer::router_gemm router_mode = gpu_moe_layer::router_gemm::automatic;
+  int last_parts = 0;           // the last forward's router GEMM (last_router_parts)
   bool last_planned = false;    // the last forward did
   std::vector<int> slot_host;
   int local = 0;  // experts held here
@@ -1519,6 +1562,24 @@ caf::expected<std::unique_ptr<gpu_moe_layer>> gpu_moe_layer::make(int device, co
   auto r = router.to_f32();
   if (auto err = p->router.reserve(r.size() * 4)) return err;
   if (auto err = p->slot.reserve(p->slot_host.size() * 4)) return err;
+  {
+    // The router's bf16 pieces (split3's rule, on the host) for large steps' GEMM.
+    std::vector<bf16> pieces(3 * r.size());
+    p->router_exact = true;
+    for (size_t i = 0; i < r.size(); ++i) {
+      const bf16 hi = __float2bfloat16_rn(r[i]);
+      const float rest = r[i] - __bfloat162float(hi);
+      const bf16 mid = __float2bfloat16_rn(rest);
+      pieces[i] = hi;
+      pieces[r.size() + i] = mid;
+      pieces[2 * r.size() + i] = __float2bfloat16_rn(rest - __bfloat162float(mid));
+      p->router_exact = p->router_exact && rest == 0.0f;
+    }
+    if (auto err = p->router_bf.reserve(pieces.size() * 2)) return err;
+    if (const cudaError_t ce = cudaMemcpy(p->router_bf.p, pieces.data(), pieces.size() * 2, cudaMemcpyHostToDevice);
+        ce != cudaSuccess)
+      return cuda_fail("cudaMemcpy (router pieces)", ce);
+  }
   {
     cudaError_t ce = cudaMemcpy(p->router.p, r.data(), r.size() * 4, cudaMemcpyHostToDevice);
     if (ce == cudaSuccess) ce = cudaMemcpy(p->slot.p, p->slot_host.data(), p->slot_host.size() * 4, cudaMemcpyHostToDevice);
@@ -1595,6 +1656,7 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
                  g.scale_only_unnormalised, static_cast<float>(g.norm_eps), static_cast<float>(g.routed_scaling_factor)};
   s.last_t = t;
   s.last_planned = false;
+  s.last_parts = 0;
   // Before any count reaches the host: t bounds every expert's rows, t·k over the local experts
   // is the mean the rule needs.
   const bool gemv = n <= gemv_max_pairs && eng.use_gemv(static_cast<int>(std::min<int64_t>(t, gemv_max_rows + 1)), n,
@@ -1632,19 +1694,49 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
     return {};
   }
   s.stats_on_device = false;
-  // Router logits in true fp32 (the default math mode, no TF32), so expert choices match the CPU.
+  // Router logits as an f32 GEMM gives them, so expert choices match the CPU: in bf16 pieces on the
+  // tensor cores, or cublasSgemm in true f32 (the default math mode, no TF32); set_router_gemm.
   const float one = 1.0f, zero = 0.0f;
-  SY_CUBLAS(cublasSgemm(eng.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(e), static_cast<int>(t), static_cast<int>(h),
-                        &one, s.router.as<float>(), static_cast<int>(h), x, static_cast<int>(h), &zero,
-                        s.logits.as<float>(), static_cast<int>(e)));
-  gate_kernel<<<blocks_for(t, gate_block_warps), 32 * gate_block_warps, 0, eng.stream>>>(s.logits.as<float>(), s.bias.p ? s.bias.as<float>() : nullptr,
-                                                          gp, t, s.idx.as<int>(), s.w.as<float>());
+  // Decided before any count: whether this step runs fused with its tile list made on the device.
+  const bool planned = s.device_plan && eng.fused_without_counts(t, k, s.local);
+  const bool split = s.router_mode == router_gemm::bf16_pieces ||
+                     (s.router_mode == router_gemm::automatic && s.router_exact && planned && t >= router_pieces_from);
+  const int parts = split ? (s.router_exact ? 3 : 6) : 1;
+  s.last_parts = parts;
+  if (split) {
+    // x's pieces in xs (3 blocks of t·h): hi is the bf16 copy of x the fused path reads, so it
+    // skips its own conversion below. Slices of the logits: x hi, mid, lo times router hi; then
+    // x hi, mid times router mid; x hi times router lo (the products f32 resolves).
+    SY_TRY(s.xs.reserve(static_cast<size_t>(std::max(n, 3 * t) * h) * 2));
+    SY_TRY(s.logits.reserve(static_cast<size_t>(parts * t * e) * 4));
+    split3_kernel<<<blocks_for(convert_threads(t * h)), 256, 0, eng.stream>>>(x, s.xs.as<bf16>(), t * h);
+    SY_CU(cudaGetLastError());
+    const bf16* rb = s.router_bf.as<bf16>();
+    auto products = [&](int piece, int x_pieces, int slice) {
+      return cublasGemmStridedBatchedEx(eng.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(e), static_cast<int>(t),
+                                        static_cast<int>(h), &one, rb + piece * e * h, CUDA_R_16BF, static_cast<int>(h), 0,
+                                        s.xs.as<bf16>(), CUDA_R_16BF, static_cast<int>(h), t * h, &zero,
+                                        s.logits.as<float>() + slice * t * e, CUDA_R_32F, static_cast<int>(e), t * e,
+                                        x_pieces, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    };
+    SY_CUBLAS(products(0, 3, 0));
+    if (!s.router_exact) {
+      SY_CUBLAS(products(1, 2, 3));
+      SY_CUBLAS(products(2, 1, 5));
+    }
+  } else {
+    SY_CUBLAS(cublasSgemm(eng.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(e), static_cast<int>(t), static_cast<int>(h),
+                          &one, s.router.as<float>(), static_cast<int>(h), x, static_cast<int>(h), &zero,
+                          s.logits.as<float>(), static_cast<int>(e)));
+  }
+  gate_kernel<<<blocks_for(t, gate_block_warps), 32 * gate_block_warps, 0, eng.stream>>>(
+      s.logits.as<float>(), parts, s.bias.p ? s.bias.as<float>() : nullptr, gp, t, s.idx.as<int>(), s.w.as<float>());
   SY_CU(cudaGetLastError());
   SY_CU(cudaMemsetAsync(s.counts.p, 0, static_cast<size_t>(e) * 4, eng.stream));
   count_kernel<<<blocks_for(n), 256, 0, eng.stream>>>(s.idx.as<int>(), n, s.slot.as<int>(), s.counts.as<int>());
   SY_CU(cudaGetLastError());
   if (s.timing) SY_CU(cudaEventRecord(s.ev[4], eng.stream));
-  if (s.device_plan && eng.fused_without_counts(t, k, s.local)) {
+  if (planned) {
     // Our kernels read their tile list's length from the device: plan, scatter, convert, run and
     // combine without the counts' trip to the host.
     const int64_t rows_most = n;
@@ -1663,8 +1755,10 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
                                                           s.fill.as<int>(), s.pos.as<int>(), s.row_tok.as<int>(),
                                                           static_cast<int>(k));
     SY_CU(cudaGetLastError());
-    f32_to_bf16_kernel<<<blocks_for(convert_threads(t * h)), 256, 0, eng.stream>>>(x, s.xs.as<bf16>(), t * h);
-    SY_CU(cudaGetLastError());
+    if (!split) {  // else the router's split wrote x's bf16 copy
+      f32_to_bf16_kernel<<<blocks_for(convert_threads(t * h)), 256, 0, eng.stream>>>(x, s.xs.as<bf16>(), t * h);
+      SY_CU(cudaGetLastError());
+    }
     if (s.timing) SY_CU(cudaEventRecord(s.ev[2], eng.stream));
     SY_TRY(eng.compute_fused_planned(cluster, s.plan_tiles.as<const moe_tile>(), s.tile_count.as<const int>(), tiles_most,
                                      s.xs.as<bf16>(), s.row_tok.as<int>(), rows_most, s.yo.as<bf16>()));
@@ -1715,9 +1809,12 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
                                                         fused ? s.row_tok.as<int>() : nullptr, static_cast<int>(k));
   SY_CU(cudaGetLastError());
   if (fused) {
-    // The kernels read the token rows through row_tok: one bf16 copy of x, not one per routed row.
-    f32_to_bf16_kernel<<<blocks_for(convert_threads(t * h)), 256, 0, eng.stream>>>(x, s.xs.as<bf16>(), t * h);
-    SY_CU(cudaGetLastError());
+    // The kernels read the token rows through row_tok: one bf16 copy of x, not one per routed row
+    // (made by the router's split, or here).
+    if (!split) {
+      f32_to_bf16_kernel<<<blocks_for(convert_threads(t * h)), 256, 0, eng.stream>>>(x, s.xs.as<bf16>(), t * h);
+      SY_CU(cudaGetLastError());
+    }
   } else if (n > 0) {
     gather_kernel<<<static_cast<unsigned>(n), 256, 0, eng.stream>>>(x, h, s.pos.as<int>(), static_cast<int>(k), s.xs.as<bf16>());
     SY_CU(cudaGetLastError());
@@ -1764,6 +1861,8 @@ caf::error gpu_moe_layer::forward(const float* x, int64_t t, float* y) {
 
 void gpu_moe_layer::set_gemm_mode(gemm_mode m) { impl_->engine.mode = m; }
 void gpu_moe_layer::set_device_plan(bool on) { impl_->device_plan = on; }
+void gpu_moe_layer::set_router_gemm(router_gemm g) { impl_->router_mode = g; }
+int gpu_moe_layer::last_router_parts() const { return impl_->last_parts; }
 void gpu_moe_layer::set_fused_tuning(fused_tuning t) { impl_->engine.fused = t; }
 int gpu_moe_layer::last_fused_cluster() const { return impl_->engine.last_cluster; }
 bool gpu_moe_layer::last_device_planned() const { return impl_->last_planned; }

@@ -143,6 +143,29 @@ class gpu_moe_layer {
   /// (tests and benchmarks compare the two).
   void set_device_plan(bool on);
   void set_fused_tuning(fused_tuning t);
+  /// How steps above the GEMV path compute the router logits (set_router_gemm).
+  enum class router_gemm {
+    /// bf16 pieces where the router's weights are bf16 values (as bf16 checkpoints store them: three
+    /// products) and the step runs our fused kernels with the tile list made on the device, from
+    /// `router_pieces_from` tokens; f32 otherwise. Measured on an H100 (docs/benchmarks.md,
+    /// 2026-12-07, third session), Qwen3-shaped with a bf16 router, pieces against f32: 512 tokens
+    /// 0.50 vs 0.51 ms, 2048 0.63 vs 0.65, 4096 0.88 vs 0.91, 8192 1.50 vs 1.54, 64 even; with an
+    /// f32 router (six products) pieces lose from 8192 tokens and below 2048; for Mixtral's few
+    /// large experts (cuBLAS's kernels, its own conversion of the tokens) they gain nothing.
+    automatic,
+    /// `cublasSgemm` on the f32 values (the default math mode, no TF32).
+    f32,
+    /// On the tensor cores in bf16 pieces: each f32 input split exactly into three bf16 values (hi,
+    /// mid, lo), each router weight too (one piece for bf16 weights), the products f32 resolves (6
+    /// of the 9; 3 for bf16 weights) summed in f32 by the gating kernel: the logits of an f32 GEMM
+    /// up to rounding. x's hi piece is the bf16 copy of the tokens the fused kernels read.
+    bf16_pieces,
+  };
+  static constexpr int64_t router_pieces_from = 512;
+  void set_router_gemm(router_gemm g);
+  /// The last forward's router GEMM: 0 on the GEMV path (its own f32 kernel), 1 for `cublasSgemm`,
+  /// else the number of bf16 products summed (3 or 6).
+  [[nodiscard]] int last_router_parts() const;
   /// CTAs a cluster of the last batch that ran `fused` (0 before any).
   [[nodiscard]] int last_fused_cluster() const;
   /// The launch kind the last batch ran with (never `automatic`).

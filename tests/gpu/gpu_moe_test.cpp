@@ -122,10 +122,13 @@ TEST_CASE("gpu: the gating kernel makes the CPU's choices, for every family's ru
   g.num_experts = 160, g.top_k = 6, g.method = topk_method::group_limited_greedy, g.n_group = 8, g.topk_group = 3;
   g.routed_scaling_factor = 16.0, g.scale_only_unnormalised = true, g.norm_eps = 1e-20;
   vs.push_back({"deepseek-v2 softmax group-limited greedy", g, false});
-  for (auto& v : vs) {
-    INFO(v.name);
+  for (auto& v : vs)
+   for (auto router_type : {dtype::f32, dtype::bf16}) {
+    INFO(v.name << ", router " << (router_type == dtype::f32 ? "f32" : "bf16"));
     const int64_t h = 128;
-    auto router = matrix::from_f32(dtype::f32, randv(size_t(v.g.num_experts * h), 1, 0.3f), v.g.num_experts, h);
+    // A bf16 router (as in bf16 checkpoints) takes one bf16 piece a weight in the split GEMM, an
+    // f32 one three.
+    auto router = matrix::from_f32(router_type, randv(size_t(v.g.num_experts * h), 1, 0.3f), v.g.num_experts, h);
     auto bias = randv(size_t(v.g.num_experts), 2, 0.5f);
     // Tiny experts: this case is about the routing.
     std::vector<expert_weights> store;
@@ -135,12 +138,19 @@ TEST_CASE("gpu: the gating kernel makes the CPU's choices, for every family's ru
     auto layer = gpu::gpu_moe_layer::make(0, v.g, router, v.bias ? bias.data() : nullptr, ptrs);
     REQUIRE(layer);
     // 300 tokens: the batched gating kernel; 5: the one-block routing of the device-only path.
-    for (int64_t t : {int64_t{300}, int64_t{5}}) {
-    INFO(t << " tokens");
+    // 300 tokens with the router GEMM in bf16 pieces, in f32 (cublasSgemm) and as automatic takes
+    // it (f32: these tiny experts do not run our fused kernels).
+    using rg = gpu::gpu_moe_layer::router_gemm;
+    for (auto [t, how] : {std::pair{int64_t{300}, rg::bf16_pieces}, std::pair{int64_t{300}, rg::f32},
+                          std::pair{int64_t{300}, rg::automatic}, std::pair{int64_t{5}, rg::automatic}}) {
+    INFO(t << " tokens, router GEMM " << int(how));
     auto x = randv(size_t(t * h), 3 + uint32_t(t), 1.0f);
     std::vector<float> y(size_t(t * h));
+    (*layer)->set_router_gemm(how);
     REQUIRE_FALSE((*layer)->forward(x.data(), t, y.data()));
     CHECK(((*layer)->last_gemm_mode() == gpu::gemm_mode::gemv) == (t <= gpu::gemv_max_rows));
+    CHECK((*layer)->last_router_parts() ==
+          (t <= gpu::gemv_max_rows ? 0 : how != rg::bf16_pieces ? 1 : router_type == dtype::bf16 ? 3 : 6));
     auto got = (*layer)->last_routing();
     REQUIRE(got);
     auto want = gate(v.g, router, v.bias ? bias.data() : nullptr, x.data(), t);
@@ -414,7 +424,7 @@ TEST_CASE("gpu: whole MoE layers equal the CPU layer within bf16 tolerance", "[g
     int64_t t;
   };
   for (auto s : std::vector<shape>{{"small mixtral", 256, 384, 8, 2, 8, 1, 1, false, 50},
-                                   {"small experts of two tiles each", 256, 384, 8, 2, 8, 1, 1, false, 700},
+                                   {"small experts of two tiles each, bf16 router", 256, 384, 8, 2, 8, 1, 1, false, 700},
                                    {"qwen3-30b-a3b shape", 2048, 768, 128, 8, 128, 1, 1, false, 64},
                                    {"deepseek-v3 host, 32 of 64 experts", 1024, 512, 64, 8, 32, 8, 4, true, 40},
                                    {"mixtral-8x7b shape", 4096, 14336, 8, 2, 8, 1, 1, false, 16},
@@ -428,7 +438,11 @@ TEST_CASE("gpu: whole MoE layers equal the CPU layer within bf16 tolerance", "[g
       g.topk_group = s.topk_groups, g.routed_scaling_factor = 2.5, g.has_score_bias = true, g.norm_eps = 1e-20;
       bias = randv(size_t(s.e), 5, 0.1f);
     }
-    auto router = matrix::from_f32(dtype::f32, randv(size_t(s.e * s.h), 1, 1.0f / std::sqrt(float(s.h))), s.e, s.h);
+    // One shape's router holds bf16 values (as bf16 checkpoints store it): automatic takes the
+    // router GEMM in bf16 pieces for its large fused steps.
+    const bool bf16_router = s.t >= gpu::gpu_moe_layer::router_pieces_from;
+    auto router = matrix::from_f32(bf16_router ? dtype::bf16 : dtype::f32,
+                                   randv(size_t(s.e * s.h), 1, 1.0f / std::sqrt(float(s.h))), s.e, s.h);
     std::vector<layer_experts> L(1);
     L[0].experts.resize(size_t(s.e));
     std::vector<const expert_weights*> ptrs(size_t(s.e), nullptr);
@@ -444,12 +458,21 @@ TEST_CASE("gpu: whole MoE layers equal the CPU layer within bf16 tolerance", "[g
       auto want = cpu_layer(g, router, bias.empty() ? nullptr : bias.data(), L, x, t, s.h);
       for (auto mode : {gpu::gemm_mode::automatic, gpu::gemm_mode::grouped, gpu::gemm_mode::per_expert,
                         gpu::gemm_mode::padded, gpu::gemm_mode::gemv, gpu::gemm_mode::fused})
-       for (bool plan : {true, false}) {
+       for (bool plan : {true, false})
+        for (auto how : {gpu::gpu_moe_layer::router_gemm::automatic, gpu::gpu_moe_layer::router_gemm::bf16_pieces}) {
+        using rg = gpu::gpu_moe_layer::router_gemm;
         // Off: the fused path's tile list made on the host after the counts' trip.
         if (!plan && mode != gpu::gemm_mode::fused && mode != gpu::gemm_mode::automatic) continue;
-        INFO(t << " tokens, mode " << gpu::to_string(mode) << (plan ? "" : ", planned on the host"));
+        // The router GEMM in bf16 pieces whatever automatic would take, for the kinds whose
+        // choice it is (each path then takes x's bf16 copy from the split, or makes its own).
+        if (how == rg::bf16_pieces && mode != gpu::gemm_mode::automatic && mode != gpu::gemm_mode::fused &&
+            mode != gpu::gemm_mode::padded)
+          continue;
+        INFO(t << " tokens, mode " << gpu::to_string(mode) << (plan ? "" : ", planned on the host")
+               << (how == rg::bf16_pieces ? ", router GEMM in bf16 pieces" : ""));
         (*layer)->set_gemm_mode(mode);
         (*layer)->set_device_plan(plan);
+        (*layer)->set_router_gemm(how);
         std::vector<float> y(size_t(t * s.h), std::nanf(""));
         REQUIRE_FALSE((*layer)->forward(x.data(), t, y.data()));
         const double e = norm_err(y, to_double(want));
@@ -462,6 +485,13 @@ TEST_CASE("gpu: whole MoE layers equal the CPU layer within bf16 tolerance", "[g
         if (mode == gpu::gemm_mode::fused)
           CHECK((*layer)->last_device_planned() == (plan && fused_shapes(s.h, s.f)));
         if (!plan) CHECK_FALSE((*layer)->last_device_planned());
+        // The router GEMM: automatic takes bf16 pieces for a bf16 router's large device-planned
+        // fused steps, f32 elsewhere above the GEMV path.
+        if ((*layer)->last_gemm_mode() != gpu::gemm_mode::gemv) {
+          const bool pieces = how == rg::bf16_pieces ||
+                              (bf16_router && (*layer)->last_device_planned() && t >= gpu::gpu_moe_layer::router_pieces_from);
+          CHECK((*layer)->last_router_parts() == (pieces ? (bf16_router ? 3 : 6) : 1));
+        }
         // Automatic takes the GEMV path up to 8 tokens, except for few large experts (Mixtral's)
         // at more than two rows per local expert on average.
         const bool few_large = s.local <= 16 && 2 * s.f * s.h >= (int64_t{16} << 20);
