@@ -31,6 +31,10 @@ if step bench; then
 echo "== bench_gpu_moe"
 "$PACK/bin/bench_gpu_moe" --hf-json "$OUT/hf.json" 2>&1 | tee "$OUT/bench_gpu_moe.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "== bench_gpu_moe --router-bf16 (a router stored in bf16, as checkpoints hold it: the router GEMM in bf16 pieces)"
+"$PACK/bin/bench_gpu_moe" --router-bf16 --tokens 64,512,4096 --modes auto,auto/sgemm 2>&1 | tee "$OUT/bench_gpu_moe_router_bf16.txt" |
+  grep -E 'device|roofline|auto'
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if step sweep; then
 echo "== bench_gpu_moe --gemv-sweep (the GEMV path's tunings, 1-8 tokens)"
