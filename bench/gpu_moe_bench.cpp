@@ -4,10 +4,15 @@
 // the same job (bench/gpu/hf_moe_block.py writes that JSON).
 //
 //   bench_gpu_moe [--hf-json FILE] [--reps N] [--layer mixtral|qwen3] [--tokens 1,8,...] [--gemv-sweep]
+//                 [--modes auto,fused/c2,...] [--router-bf16] [--profile]
 //
 // --gemv-sweep adds, at up to 8 tokens, the GEMV path under every `gemv_tuning` (rows per warp of
 // each kernel or `auto`, per-expert unrolling, dependent launch off), labelled
-// gemv/GU.DN[.split][.nopdl].
+// gemv/GU.DN[.split][.nopdl]. --modes keeps only the variants named (auto, grouped, each, padded,
+// gemv, fused, fused/c1, fused/c2, fused/host, auto/host, auto/sgemm, auto/pieces). --router-bf16
+// rounds the router's weights to bf16, as a bf16 checkpoint stores them (automatic then takes the
+// router GEMM in bf16 pieces on large fused steps). --profile brackets the last forward of each run
+// with cudaProfilerStart/Stop (for `ncu --profile-from-start off`).
 //
 // Targets: at 1–8 tokens within 1.3x of (expert weight bytes read / copy bandwidth); at 4096 tokens
 // >= 70% of the bf16 GEMM rate.
