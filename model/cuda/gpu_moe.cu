@@ -152,8 +152,9 @@ __global__ void f32_to_bf16_kernel(const float* in, bf16* out, int64_t n) {
 
 /// x (f32, n values) as three bf16 pieces, out[0 .. n) = hi, out[n .. 2n) = mid, out[2n .. 3n) = lo,
 /// hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid) (each difference exact in f32), so
-/// hi + mid + lo = x for every normal x. hi is what f32_to_bf16_kernel writes.
-__device__ __forceinline__ void split3(float x, bf16& hi, bf16& mid, bf16& lo) {
+/// hi + mid + lo = x for every normal x. hi is what f32_to_bf16_kernel writes. (Also the host's
+/// split of the router's weights.)
+__host__ __device__ __forceinline__ void split3(float x, bf16& hi, bf16& mid, bf16& lo) {
   hi = __float2bfloat16_rn(x);
   const float r = x - __bfloat162float(hi);
   mid = __float2bfloat16_rn(r);
@@ -1505,7 +1506,7 @@ struct gpu_moe_layer::impl {
   dbuf done;  // the fused router/routing kernel's finished-block counter (zero between launches)
   dbuf plan_tiles, tile_count;  // the device-planned fused path's tile list and its length
   bool device_plan = true;      // steps that can run `fused` without the counts plan it on the device
-  dbuf router_bf;               // the router in bf16 pieces, [3][E, H]: hi, mid, lo
+  dbuf router_bf;               // the router in bf16 pieces, [3][E, H]: hi, mid, lo (hi only when exact)
   bool router_exact = false;    // its weights are bf16 values (mid and lo zero)
   gpu_moe_layer::router_gemm router_mode = gpu_moe_layer::router_gemm::automatic;
   int last_parts = 0;           // the last forward's router GEMM (last_router_parts)
@@ -1563,21 +1564,16 @@ caf::expected<std::unique_ptr<gpu_moe_layer>> gpu_moe_layer::make(int device, co
   if (auto err = p->router.reserve(r.size() * 4)) return err;
   if (auto err = p->slot.reserve(p->slot_host.size() * 4)) return err;
   {
-    // The router's bf16 pieces (split3's rule, on the host) for large steps' GEMM.
+    // The router's bf16 pieces for large steps' GEMM; only hi where the weights are bf16 values.
     std::vector<bf16> pieces(3 * r.size());
     p->router_exact = true;
     for (size_t i = 0; i < r.size(); ++i) {
-      const bf16 hi = __float2bfloat16_rn(r[i]);
-      const float rest = r[i] - __bfloat162float(hi);
-      const bf16 mid = __float2bfloat16_rn(rest);
-      pieces[i] = hi;
-      pieces[r.size() + i] = mid;
-      pieces[2 * r.size() + i] = __float2bfloat16_rn(rest - __bfloat162float(mid));
-      p->router_exact = p->router_exact && rest == 0.0f;
+      split3(r[i], pieces[i], pieces[r.size() + i], pieces[2 * r.size() + i]);
+      p->router_exact = p->router_exact && r[i] - __bfloat162float(pieces[i]) == 0.0f;
     }
-    if (auto err = p->router_bf.reserve(pieces.size() * 2)) return err;
-    if (const cudaError_t ce = cudaMemcpy(p->router_bf.p, pieces.data(), pieces.size() * 2, cudaMemcpyHostToDevice);
-        ce != cudaSuccess)
+    const size_t bytes = (p->router_exact ? 1 : 3) * r.size() * 2;
+    if (auto err = p->router_bf.reserve(bytes)) return err;
+    if (const cudaError_t ce = cudaMemcpy(p->router_bf.p, pieces.data(), bytes, cudaMemcpyHostToDevice); ce != cudaSuccess)
       return cuda_fail("cudaMemcpy (router pieces)", ce);
   }
   {
@@ -1703,6 +1699,13 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
                      (s.router_mode == router_gemm::automatic && s.router_exact && planned && t >= router_pieces_from);
   const int parts = split ? (s.router_exact ? 3 : 6) : 1;
   s.last_parts = parts;
+  // The fused kernels' bf16 copy of x (one copy, read through row_tok): the split's hi piece, or made here.
+  auto bf16_copy_of_x = [&]() -> caf::error {
+    if (split) return {};
+    f32_to_bf16_kernel<<<blocks_for(convert_threads(t * h)), 256, 0, eng.stream>>>(x, s.xs.as<bf16>(), t * h);
+    SY_CU(cudaGetLastError());
+    return {};
+  };
   if (split) {
     // x's pieces in xs (3 blocks of t·h): hi is the bf16 copy of x the fused path reads, so it
     // skips its own conversion below. Slices of the logits: x hi, mid, lo times router hi; then
@@ -1755,10 +1758,7 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
                                                           s.fill.as<int>(), s.pos.as<int>(), s.row_tok.as<int>(),
                                                           static_cast<int>(k));
     SY_CU(cudaGetLastError());
-    if (!split) {  // else the router's split wrote x's bf16 copy
-      f32_to_bf16_kernel<<<blocks_for(convert_threads(t * h)), 256, 0, eng.stream>>>(x, s.xs.as<bf16>(), t * h);
-      SY_CU(cudaGetLastError());
-    }
+    SY_TRY(bf16_copy_of_x());
     if (s.timing) SY_CU(cudaEventRecord(s.ev[2], eng.stream));
     SY_TRY(eng.compute_fused_planned(cluster, s.plan_tiles.as<const moe_tile>(), s.tile_count.as<const int>(), tiles_most,
                                      s.xs.as<bf16>(), s.row_tok.as<int>(), rows_most, s.yo.as<bf16>()));
@@ -1809,12 +1809,7 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
                                                         fused ? s.row_tok.as<int>() : nullptr, static_cast<int>(k));
   SY_CU(cudaGetLastError());
   if (fused) {
-    // The kernels read the token rows through row_tok: one bf16 copy of x, not one per routed row
-    // (made by the router's split, or here).
-    if (!split) {
-      f32_to_bf16_kernel<<<blocks_for(convert_threads(t * h)), 256, 0, eng.stream>>>(x, s.xs.as<bf16>(), t * h);
-      SY_CU(cudaGetLastError());
-    }
+    SY_TRY(bf16_copy_of_x());
   } else if (n > 0) {
     gather_kernel<<<static_cast<unsigned>(n), 256, 0, eng.stream>>>(x, h, s.pos.as<int>(), static_cast<int>(k), s.xs.as<bf16>());
     SY_CU(cudaGetLastError());
