@@ -1086,6 +1086,29 @@ struct expert_engine {
 
   size_t bytes() const { return experts.size() * static_cast<size_t>(3 * hidden * ffn) * 2; }
 
+  /// The A, B and C pointers of a batched cuBLAS call in device memory (`*dp`: A's, then B's, then
+  /// C's), copied on the stream. Each call of a forward uses the other of two buffers; the forward
+  /// starts with the stream idle, so no buffer can still feed an earlier copy.
+  caf::error pointer_arrays(const std::vector<const void*>& a, const std::vector<const void*>& b,
+                            const std::vector<void*>& c, void*** dp) {
+    const size_t groups = a.size();
+    const size_t pbytes = groups * sizeof(void*);
+    auto& hptr = host_ptrs[calls % 2];
+    auto& dptr = ptrs[calls % 2];
+    ++calls;
+    SY_TRY(hptr.reserve(3 * pbytes));
+    SY_TRY(dptr.reserve(3 * pbytes));
+    auto** hp = hptr.as<const void*>();
+    for (size_t g = 0; g < groups; ++g) {
+      hp[g] = a[g];
+      hp[groups + g] = b[g];
+      hp[2 * groups + g] = c[g];
+    }
+    SY_CU(cudaMemcpyAsync(dptr.p, hptr.p, 3 * pbytes, cudaMemcpyHostToDevice, stream));
+    *dp = dptr.as<void*>();
+    return {};
+  }
+
   /// C_g = op(A_g) · B_g for each group g (column-major view of our row-major data), bf16 in and
   /// out, fp32 accumulation: one grouped launch, or one GEMM per group if the library refuses.
   caf::error grouped(int m, const std::vector<int>& n, int k, const std::vector<const void*>& a, int lda,
@@ -1104,23 +1127,8 @@ struct expert_engine {
       std::vector<int> ms(static_cast<size_t>(groups), m), ks(static_cast<size_t>(groups), k), ldas(static_cast<size_t>(groups), lda),
           ldbs(static_cast<size_t>(groups), ldb), ldcs(static_cast<size_t>(groups), ldc), sizes(static_cast<size_t>(groups), 1);
       std::vector<float> alpha(static_cast<size_t>(groups), 1.0f), beta(static_cast<size_t>(groups), 0.0f);
-      // The pointer arrays must live in device memory.
-      // Each call of a forward uses its own buffers; the forward starts with the stream idle, so no
-      // buffer can still feed an earlier copy.
-      const size_t pbytes = static_cast<size_t>(groups) * sizeof(void*);
-      auto& hptr = host_ptrs[calls % 2];
-      auto& dptr = ptrs[calls % 2];
-      ++calls;
-      SY_TRY(hptr.reserve(3 * pbytes));
-      SY_TRY(dptr.reserve(3 * pbytes));
-      auto** hp = hptr.as<const void*>();
-      for (int g = 0; g < groups; ++g) {
-        hp[g] = a[static_cast<size_t>(g)];
-        hp[groups + g] = b[static_cast<size_t>(g)];
-        hp[2 * groups + g] = c[static_cast<size_t>(g)];
-      }
-      SY_CU(cudaMemcpyAsync(dptr.p, hptr.p, 3 * pbytes, cudaMemcpyHostToDevice, stream));
-      auto** dp = dptr.as<void*>();
+      void** dp = nullptr;
+      SY_TRY(pointer_arrays(a, b, c, &dp));
       const auto st = cublasGemmGroupedBatchedEx(blas, ta.data(), tb.data(), ms.data(), n.data(), ks.data(), alpha.data(),
                                                  const_cast<const void* const*>(dp), CUDA_R_16BF, ldas.data(),
                                                  const_cast<const void* const*>(dp + groups), CUDA_R_16BF, ldbs.data(),
@@ -1148,20 +1156,8 @@ struct expert_engine {
     const int groups = static_cast<int>(a.size());
     if (groups == 0) return {};
     last = gemm_mode::padded;
-    const size_t pbytes = static_cast<size_t>(groups) * sizeof(void*);
-    auto& hptr = host_ptrs[calls % 2];
-    auto& dptr = ptrs[calls % 2];
-    ++calls;
-    SY_TRY(hptr.reserve(3 * pbytes));
-    SY_TRY(dptr.reserve(3 * pbytes));
-    auto** hp = hptr.as<const void*>();
-    for (int g = 0; g < groups; ++g) {
-      hp[g] = a[static_cast<size_t>(g)];
-      hp[groups + g] = b[static_cast<size_t>(g)];
-      hp[2 * groups + g] = c[static_cast<size_t>(g)];
-    }
-    SY_CU(cudaMemcpyAsync(dptr.p, hptr.p, 3 * pbytes, cudaMemcpyHostToDevice, stream));
-    auto** dp = dptr.as<void*>();
+    void** dp = nullptr;
+    SY_TRY(pointer_arrays(a, b, c, &dp));
     const float alpha = 1.0f, beta = 0.0f;
     SY_CUBLAS(cublasGemmBatchedEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, const_cast<const void* const*>(dp),
                                   CUDA_R_16BF, lda, const_cast<const void* const*>(dp + groups), CUDA_R_16BF, ldb, &beta,
