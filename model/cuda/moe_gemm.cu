@@ -6,8 +6,9 @@
 // weight rows into a four-stage ring in the 128-byte swizzled layout wgmma reads. The weights come
 // by the tensor copy engine (TMA, one tensor map per expert matrix), completing on the stage's
 // `full` barrier by bytes; down's A rows (h, packed) come the same way; gate_up's A rows are
-// gathered through `row_idx` with 16-byte cp.async, each producer thread's copies arriving on the
-// same barrier when they land (cp.async.mbarrier.arrive.noinc). Warpgroups 1 and 2 each own 64 of a
+// gathered through `row_idx` with 16-byte cp.async (evict-last in L2: read again by the token's
+// other experts), each producer thread's copies arriving on the same barrier when they land
+// (cp.async.mbarrier.arrive.noinc). Warpgroups 1 and 2 each own 64 of a
 // tile's rows: wait for `full`, four m64n256k16 wgmmas (fp32 accumulators in registers), release
 // the stage whose wgmmas have completed on its `empty` barrier. A warpgroup whose 64 rows are past
 // the tile's end only passes the stages on (in a loop of its own: no wgmma sits in a branch).
@@ -141,9 +142,17 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, int rank) {
       : "memory");
 }
 
-/// 16 bytes global -> shared, L2 only; `src_bytes` 0 writes zeros.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+/// An L2 policy that keeps what it loads ahead of normal lines when lines must go.
+__device__ __forceinline__ uint64_t evict_last_policy() {
+  uint64_t p;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
+  return p;
+}
+/// 16 bytes global -> shared, L2 only, under L2 policy `pol`; `src_bytes` 0 writes zeros.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes, uint64_t pol) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;" ::"r"(dst), "l"(src), "r"(src_bytes),
+               "l"(pol)
+               : "memory");
 }
 /// Arrives on `bar` once every cp.async this thread issued so far has landed (the arrival counts
 /// toward the barrier's expected count: no pending-count increment).
@@ -260,6 +269,11 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
     if (SwiGLU || tid == 0) {  // down: one thread drives the copy engine
       const int chunk = tid & 7, r0 = tid >> 3;  // gate_up: this thread copies 16-byte chunk `chunk` of rows r0, r0 + 16, ...
       int it = 0;                                // k-blocks issued, over all items
+      // gate_up's token rows: each is read by the tiles of all its experts, spread over the whole
+      // launch, while 0.8 GB of weights (Qwen3-shaped, 4096 tokens) stream through a 50 MB L2.
+      // Kept ahead of the weights, they are read from DRAM 35 MB less (976 against 1010 MB by
+      // Nsight Compute on an H100; 0.61 against 0.63 ms a layer at 2048 tokens).
+      const uint64_t keep = SwiGLU ? evict_last_policy() : 0;
       for (int wi = first; wi < items; wi += stride) {
         const int pair = Cl * (wi / p.col_tiles);
         const moe_tile t = p.tiles[pair + rank];
@@ -304,7 +318,7 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
             for (int i = 0; i < tile_m / 16; ++i) {
               const int r = r0 + 16 * i;
               cp_async16(as + r * 128 + ((chunk ^ (r & 7)) << 4), p.a + int64_t(row[i] < 0 ? 0 : row[i]) * p.k + col,
-                         row[i] < 0 ? 0 : 16);
+                         row[i] < 0 ? 0 : 16, keep);
             }
             cp_async_arrive(bar);  // counts once this thread's copies so far have landed
           }
