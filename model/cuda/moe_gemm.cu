@@ -520,32 +520,32 @@ bool moe_gemm_shapes(int64_t hidden, int64_t ffn) {
 }
 
 size_t moe_tile_list(int cluster, const int* experts, const int* off, const int* rows, size_t groups, moe_tile* out) {
+  // Group g's tile past its whole pairs (its last tile, for an odd count), or `past` tiles later.
+  auto after_run = [&](size_t g, int past) {
+    return moe_expert_tile(experts[g], off[g], rows[g], moe_expert_place(cluster, rows[g]).whole + past);
+  };
   int whole = 0, odd = 0;
-  moe_tile open{}, open_empty{};  // the last tile of an odd expert still without a partner, and its empty pair
+  size_t open = 0;  // the last odd expert's group, while its last tile has no partner (odd is odd)
   for (size_t g = 0; g < groups; ++g) {
     const moe_tile_place pl = moe_expert_place(cluster, rows[g]);
     const int start = moe_run_start(whole, odd);
     if (out)
       for (int i = 0; i < pl.whole; ++i) out[start + i] = moe_expert_tile(experts[g], off[g], rows[g], i);
     if (pl.odd) {
-      const moe_tile last = moe_expert_tile(experts[g], off[g], rows[g], pl.whole);
-      if (odd % 2 == 1) {
-        if (out) {
-          out[start + pl.whole] = open;
-          out[start + pl.whole + 1] = last;
-        }
-      } else {
-        open = last;
-        open_empty = moe_expert_tile(experts[g], off[g], rows[g], pl.whole + 1);
+      if (odd % 2 == 0) {
+        open = g;
+      } else if (out) {
+        out[start + pl.whole] = after_run(open, 0);
+        out[start + pl.whole + 1] = after_run(g, 0);
       }
     }
     whole += pl.whole;
     odd += pl.odd;
   }
   const int n = moe_list_length(whole, odd);
-  if (out && odd % 2 == 1) {
-    out[n - 2] = open;
-    out[n - 1] = open_empty;
+  if (out && odd % 2 == 1) {  // the last odd expert's tile ends the list, beside the empty one past it
+    out[n - 2] = after_run(open, 0);
+    out[n - 1] = after_run(open, 1);
   }
   return static_cast<size_t>(n);
 }
