@@ -181,6 +181,162 @@ __global__ void split3_kernel(const float* in, bf16* out, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride) split3(in[i], out[i], out[n + i], out[2 * n + i]);
 }
 
+// ---- the router GEMM in one pass (bf16 router weights) ----
+//
+// logits = x · rᵀ with x f32 [t, H] and r holding bf16 values [E, H], on the tensor cores: each x
+// value split into its three bf16 pieces (split3: hi + mid + lo = x exactly), the three products
+// (each exact in f32) accumulated in f32 (mma.sync m16n8k16), x read once and its hi piece (the
+// fused kernels' bf16 copy of the tokens) written on the way: the pieces never go through memory.
+//
+// Block (i, s): router_pass_tokens tokens (two m16 tiles) × every expert, one warp per 32 experts
+// (four n8 tiles), over the s-th of gridDim.y ranges of H's 64-wide chunks; its sums go to logits
+// slice s ([gridDim.y][t, E]), which the gating adds. A chunk's x rows come through a cp.async ring
+// of router_pass_stages stages; the block splits each chunk into its three pieces in shared memory
+// (double-buffered: the next chunk's split overlaps this one's products); each warp reads its
+// router rows from global memory (L2: every block reads them).
+//
+// The dot products' k order is permuted alike for A and B (a sum does not care): in k32 half j2
+// and k16 step j, thread q of a quad (lane % 4) holds k = 32·j2 + 8·q + 4·j .. + 3 as its fragment
+// k {2q, 2q + 1, 2q + 8, 2q + 9}, so each A row and B column comes in one 16-byte piece per k32.
+constexpr int router_pass_tokens = 32;
+constexpr int router_pass_chunk = 64;
+constexpr int router_pass_stages = 4;
+constexpr int router_pass_max_experts = 256;
+constexpr int router_pass_max_splits = 16;
+constexpr int router_pass_x_bytes = router_pass_tokens * router_pass_chunk * 4;      // 8 KiB a stage
+constexpr int router_pass_piece_bytes = router_pass_tokens * router_pass_chunk * 2;  // 4 KiB a piece
+constexpr int router_pass_smem = router_pass_stages * router_pass_x_bytes + 2 * 3 * router_pass_piece_bytes;
+
+__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, bool valid) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__global__ void router_pass_kernel(const float* __restrict__ x, int64_t t, int h, const bf16* __restrict__ r, int experts,
+                                   float* __restrict__ logits, bf16* __restrict__ x_hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(16) unsigned char rp_smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int64_t tok0 = int64_t(blockIdx.x) * router_pass_tokens;
+  const int chunks = h / router_pass_chunk;
+  const int cb = static_cast<int>(int64_t(chunks) * blockIdx.y / gridDim.y);
+  const int ce = static_cast<int>(int64_t(chunks) * (blockIdx.y + 1) / gridDim.y);
+  // x stages: rows of 16 units of 16 bytes, unit u of row i at u ^ (i & 1). Pieces: rows of 8
+  // units (8 bf16 each), unit u of row i at u ^ 4·(i & 1). Each quarter warp's 16-byte reads then
+  // cover all 32 banks.
+  auto xs = [&](int c) { return reinterpret_cast<float*>(rp_smem + (c % router_pass_stages) * router_pass_x_bytes); };
+  auto pieces = [&](int c, int pc) {
+    return reinterpret_cast<bf16*>(rp_smem + router_pass_stages * router_pass_x_bytes +
+                                   ((c & 1) * 3 + pc) * router_pass_piece_bytes);
+  };
+  auto load = [&](int c) {
+    if (c < ce) {
+      float* xd = xs(c);
+      for (int i = tid; i < router_pass_tokens * 16; i += blockDim.x) {
+        const int row = i >> 4, u = i & 15;
+        const bool ok = tok0 + row < t;
+        cp_async16_zfill(xd + row * router_pass_chunk + ((u ^ (row & 1)) << 2),
+                         x + (ok ? (tok0 + row) * h + c * router_pass_chunk + u * 4 : 0), ok);
+      }
+    }
+    cp_async_commit();  // one group per chunk slot, empty past the range
+  };
+  // Chunk c's x, landed, into its three pieces (and its hi piece out to x_hi).
+  auto split = [&](int c) {
+    const float* xc = xs(c);
+    for (int i = tid; i < router_pass_tokens * 8; i += blockDim.x) {
+      const int row = i >> 3, u8 = i & 7;
+      const float4 a = *reinterpret_cast<const float4*>(xc + row * router_pass_chunk + (((2 * u8) ^ (row & 1)) << 2));
+      const float4 b = *reinterpret_cast<const float4*>(xc + row * router_pass_chunk + (((2 * u8 + 1) ^ (row & 1)) << 2));
+      const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+      float hi[8], mid[8], lo[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        bf16 p0, p1, p2;
+        split3(v[j], p0, p1, p2);
+        hi[j] = __bfloat162float(p0), mid[j] = __bfloat162float(p1), lo[j] = __bfloat162float(p2);
+      }
+      const int at = row * router_pass_chunk + ((u8 ^ ((row & 1) << 2)) << 3);
+      const uint4 hv = pack8_bf16(hi);  // exact: each is a bf16 value already
+      *reinterpret_cast<uint4*>(pieces(c, 0) + at) = hv;
+      *reinterpret_cast<uint4*>(pieces(c, 1) + at) = pack8_bf16(mid);
+      *reinterpret_cast<uint4*>(pieces(c, 2) + at) = pack8_bf16(lo);
+      if (tok0 + row < t) reinterpret_cast<uint4*>(x_hi + (tok0 + row) * h + c * router_pass_chunk)[u8] = hv;
+    }
+  };
+  for (int c = cb; c < cb + router_pass_stages; ++c) load(c);
+  cp_async_wait<router_pass_stages - 1>();
+  __syncthreads();
+  if (cb < ce) split(cb);
+  float acc[2][4][4] = {};
+  for (int c = cb; c < ce; ++c) {
+    cp_async_wait<router_pass_stages - 2>();  // chunk c + 1 landed (this thread's copies)
+    // Everyone's copies of chunk c + 1 and split of chunk c are visible; chunk c's stage (split)
+    // and the other piece buffer (chunk c - 1's products) are free.
+    __syncthreads();
+    load(c + router_pass_stages);
+    // This warp's router values for chunk c: k = 32·j2 + 8q .. + 7 of expert warp·32 + nt·8 + g.
+    uint4 b[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int n = warp * 32 + nt * 8 + g;
+#pragma unroll
+      for (int j2 = 0; j2 < 2; ++j2)
+        b[j2][nt] = n < experts ? __ldg(reinterpret_cast<const uint4*>(r + int64_t(n) * h + c * router_pass_chunk + 32 * j2 + 8 * q))
+                                : make_uint4(0, 0, 0, 0);
+    }
+    if (c + 1 < ce) split(c + 1);
+#pragma unroll
+    for (int j2 = 0; j2 < 2; ++j2)
+#pragma unroll
+      for (int pc = 2; pc >= 0; --pc) {  // the smallest piece first
+        const bf16* pp = pieces(c, pc);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          const int r0 = mt * 16 + g, r1 = r0 + 8;
+          const uint4 a0 = *reinterpret_cast<const uint4*>(pp + r0 * router_pass_chunk + (((4 * j2 + q) ^ ((r0 & 1) << 2)) << 3));
+          const uint4 a1 = *reinterpret_cast<const uint4*>(pp + r1 * router_pass_chunk + (((4 * j2 + q) ^ ((r1 & 1) << 2)) << 3));
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const unsigned f0 = j ? a0.z : a0.x, f1 = j ? a1.z : a1.x, f2 = j ? a0.w : a0.y, f3 = j ? a1.w : a1.y;
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+              const unsigned b0 = j ? b[j2][nt].z : b[j2][nt].x, b1 = j ? b[j2][nt].w : b[j2][nt].y;
+              asm volatile(
+                  "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                  "{%0, %1, %2, %3};"
+                  : "+f"(acc[mt][nt][0]), "+f"(acc[mt][nt][1]), "+f"(acc[mt][nt][2]), "+f"(acc[mt][nt][3])
+                  : "r"(f0), "r"(f1), "r"(f2), "r"(f3), "r"(b0), "r"(b1));
+            }
+          }
+        }
+      }
+  }
+  cp_async_wait<0>();
+  // acc[mt][nt]: rows mt·16 + g (+ 8 for the last two), experts warp·32 + nt·8 + 2q (+ 1).
+  float* out = logits + int64_t(blockIdx.y) * t * experts;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = tok0 + mt * 16 + g + 8 * half;
+      if (row >= t) continue;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int n = warp * 32 + nt * 8 + 2 * q;
+        if (n < experts) out[row * experts + n] = acc[mt][nt][2 * half];
+        if (n + 1 < experts) out[row * experts + n + 1] = acc[mt][nt][2 * half + 1];
+      }
+    }
+#endif
+}
+
 __global__ void bf16_to_f32_kernel(const bf16* in, float* out, int64_t n) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   if (n % 8 == 0 && aligned16(in) && aligned16(out)) {
@@ -1504,6 +1660,8 @@ struct gpu_moe_layer::impl {
   bool device_plan = true;      // steps that can run `fused` without the counts plan it on the device
   dbuf router_bf;               // the router in bf16 pieces, [3][E, H]: hi, mid, lo (hi only when exact)
   bool router_exact = false;    // its weights are bf16 values (mid and lo zero)
+  bool router_pass = false;     // and router_pass_kernel takes its shape on this device
+  int router_pass_blocks = 0;   // router_pass_kernel's blocks that fit on the device at once
   gpu_moe_layer::router_gemm router_mode = gpu_moe_layer::router_gemm::automatic;
   int last_parts = 0;           // the last forward's router GEMM (last_router_parts)
   bool last_planned = false;    // the last forward did
@@ -1571,6 +1729,24 @@ caf::expected<std::unique_ptr<gpu_moe_layer>> gpu_moe_layer::make(int device, co
     if (auto err = p->router_bf.reserve(bytes)) return err;
     if (const cudaError_t ce = cudaMemcpy(p->router_bf.p, pieces.data(), bytes, cudaMemcpyHostToDevice); ce != cudaSuccess)
       return cuda_fail("cudaMemcpy (router pieces)", ce);
+    // A bf16 router's products in one pass over x (router_pass_kernel): mma.sync wants compute
+    // capability 8.0 on, the kernel whole 64-wide chunks of H and a warp per 32 experts.
+    int major = 0, sms = 0, per_sm = 0;
+    const int experts_n = gating.num_experts;
+    cudaFuncAttributes fa{};
+    if (p->router_exact && experts_n <= router_pass_max_experts && hidden % router_pass_chunk == 0 &&
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 8 &&
+        cudaFuncGetAttributes(&fa, router_pass_kernel) == cudaSuccess && fa.ptxVersion >= 80 &&  // built with its body
+        cudaFuncSetAttribute(router_pass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, router_pass_smem) ==
+            cudaSuccess &&
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, router_pass_kernel, (experts_n + 31) / 32 * 32,
+                                                      router_pass_smem) == cudaSuccess &&
+        per_sm > 0) {
+      p->router_pass = true;
+      p->router_pass_blocks = sms * per_sm;
+    }
+    (void)cudaGetLastError();
   }
   {
     cudaError_t ce = cudaMemcpy(p->router.p, r.data(), r.size() * 4, cudaMemcpyHostToDevice);
@@ -1694,6 +1870,7 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
   const bool split = s.router_mode == router_gemm::bf16_pieces ||
                      (s.router_mode == router_gemm::automatic && s.router_exact && planned && t >= router_pieces_from);
   const int parts = split ? (s.router_exact ? 3 : 6) : 1;
+  int slices = parts;  // the logits' slices the gating sums (the one-pass kernel sums its products itself)
   s.last_parts = parts;
   // The fused kernels' bf16 copy of x (one copy, read through row_tok): the split's hi piece, or made here.
   auto bf16_copy_of_x = [&]() -> caf::error {
@@ -1707,10 +1884,23 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
     // skips its own conversion below. Slices of the logits: x hi, mid, lo times router hi; then
     // x hi, mid times router mid; x hi times router lo (the products f32 resolves).
     SY_TRY(s.xs.reserve(static_cast<size_t>(std::max(n, 3 * t) * h) * 2));
+    const bf16* rb = s.router_bf.as<bf16>();
+    if (s.router_pass && aligned16(x) && aligned16(s.xs.p)) {
+      // A bf16 router: the three products in one pass, x's hi piece into xs. H in as many ranges
+      // (each its own slice of the logits) as fill the device in one wave of blocks.
+      const int64_t blocks = (t + router_pass_tokens - 1) / router_pass_tokens, chunks = h / router_pass_chunk;
+      const int ranges = static_cast<int>(
+          std::clamp<int64_t>(s.router_pass_blocks / blocks, 1, std::min<int64_t>(router_pass_max_splits, chunks)));
+      SY_TRY(s.logits.reserve(static_cast<size_t>(std::max(parts, ranges) * t * e) * 4));
+      router_pass_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(ranges)),
+                           static_cast<unsigned>((e + 31) / 32 * 32), router_pass_smem, eng.stream>>>(
+          x, t, static_cast<int>(h), rb, static_cast<int>(e), s.logits.as<float>(), s.xs.as<bf16>());
+      SY_CU(cudaGetLastError());
+      slices = ranges;
+    } else {
     SY_TRY(s.logits.reserve(static_cast<size_t>(parts * t * e) * 4));
     split3_kernel<<<blocks_for(convert_threads(t * h)), 256, 0, eng.stream>>>(x, s.xs.as<bf16>(), t * h);
     SY_CU(cudaGetLastError());
-    const bf16* rb = s.router_bf.as<bf16>();
     auto products = [&](int piece, int x_pieces, int slice) {
       return cublasGemmStridedBatchedEx(eng.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(e), static_cast<int>(t),
                                         static_cast<int>(h), &one, rb + piece * e * h, CUDA_R_16BF, static_cast<int>(h), 0,
@@ -1723,13 +1913,14 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
       SY_CUBLAS(products(1, 2, 3));
       SY_CUBLAS(products(2, 1, 5));
     }
+    }
   } else {
     SY_CUBLAS(cublasSgemm(eng.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(e), static_cast<int>(t), static_cast<int>(h),
                           &one, s.router.as<float>(), static_cast<int>(h), x, static_cast<int>(h), &zero,
                           s.logits.as<float>(), static_cast<int>(e)));
   }
   gate_kernel<<<blocks_for(t, gate_block_warps), 32 * gate_block_warps, 0, eng.stream>>>(
-      s.logits.as<float>(), parts, s.bias.p ? s.bias.as<float>() : nullptr, gp, t, s.idx.as<int>(), s.w.as<float>());
+      s.logits.as<float>(), slices, s.bias.p ? s.bias.as<float>() : nullptr, gp, t, s.idx.as<int>(), s.w.as<float>());
   SY_CU(cudaGetLastError());
   SY_CU(cudaMemsetAsync(s.counts.p, 0, static_cast<size_t>(e) * 4, eng.stream));
   count_kernel<<<blocks_for(n), 256, 0, eng.stream>>>(s.idx.as<int>(), n, s.slot.as<int>(), s.counts.as<int>());

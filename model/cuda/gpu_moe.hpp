@@ -148,8 +148,9 @@ class gpu_moe_layer {
     /// bf16 pieces where the router's weights are bf16 values (as bf16 checkpoints store them: three
     /// products) and the step runs our fused kernels with the tile list made on the device, from
     /// `router_pieces_from` tokens; f32 otherwise. Measured on an H100 (docs/benchmarks.md,
-    /// 2026-12-07, third session), Qwen3-shaped with a bf16 router, pieces against f32: 512 tokens
-    /// 0.50 vs 0.51 ms, 2048 0.63 vs 0.65, 4096 0.88 vs 0.91, 8192 1.50 vs 1.54, 64 even; with an
+    /// 2026-12-07, third session), Qwen3-shaped with a bf16 router, pieces (through cuBLAS) against
+    /// f32: 512 tokens 0.50 vs 0.51 ms, 2048 0.63 vs 0.65, 4096 0.88 vs 0.91, 8192 1.50 vs 1.54,
+    /// 64 even (the one-pass kernel since: 0.48, 0.60, 0.86, 1.45; fifth session); with an
     /// f32 router (six products) pieces lose from 8192 tokens and below 2048; for Mixtral's few
     /// large experts (cuBLAS's kernels, its own conversion of the tokens) they gain nothing.
     automatic,
@@ -157,8 +158,11 @@ class gpu_moe_layer {
     f32,
     /// On the tensor cores in bf16 pieces: each f32 input split exactly into three bf16 values (hi,
     /// mid, lo), each router weight too (one piece for bf16 weights), the products f32 resolves (6
-    /// of the 9; 3 for bf16 weights) summed in f32 by the gating kernel: the logits of an f32 GEMM
-    /// up to rounding. x's hi piece is the bf16 copy of the tokens the fused kernels read.
+    /// of the 9; 3 for bf16 weights) summed in f32: the logits of an f32 GEMM up to rounding. x's
+    /// hi piece is the bf16 copy of the tokens the fused kernels read. For bf16 weights (hidden a
+    /// multiple of 64, at most 256 experts, compute capability 8.0 on) one kernel of ours reads x
+    /// once, splits it on chip and accumulates the three products (mma.sync); otherwise the pieces
+    /// go through memory to cuBLAS's batched GEMMs and the gating kernel sums their slices.
     bf16_pieces,
   };
   static constexpr int64_t router_pieces_from = 512;
