@@ -1395,20 +1395,23 @@ struct expert_engine {
     return {};
   }
 
-  /// Whether a layer step of `t` tokens routed to `k` experts each runs `fused` with its tile
-  /// list made on the device (`plan_kernel`), decided before any count is known: when `fused` is
-  /// asked for, or (`automatic`) for many small experts at any size and for few large ones when
-  /// no expert can get more than `padded_free_rows` rows (t at most that). Measured on an H100
+  /// Whether a layer step of `t` tokens routed to `k` of `experts` experts each runs `fused` with
+  /// its tile list made on the device (`plan_kernel`), decided before any count is known: when
+  /// `fused` is asked for, or (`automatic`) for many small experts at any size and for few large
+  /// ones up to a tile (moe_tile_rows) an expert on average. Measured on an H100
   /// (docs/benchmarks.md, 2026-12-07), Qwen3-shaped: with the list made on the device (no trip to
   /// the host) the fused kernels beat cuBLAS's padded batch at every size, 0.98 vs 1.02 ms at
   /// 4096 tokens and 1.61 vs 1.66 at 8192; planned on the host they lose there (1.04 at 4096).
-  /// Other steps bring their counts to the host and decide by them.
-  bool fused_without_counts(int64_t t, int64_t k, int local) const {
+  /// Mixtral-shaped (fifth session), device-planned fused against automatic's earlier choice:
+  /// 128 tokens 1.00 vs 1.02 (fused planned on the host), 256 1.03 vs 1.13 and 512 1.12 vs 1.23
+  /// (padded); at 1024 (256 rows an expert) cuBLAS's padded batch is faster on the device (1.30-1.38
+  /// vs 1.51-1.54 ms). Other steps bring their counts to the host and decide by them.
+  bool fused_without_counts(int64_t t, int64_t k, int local, int64_t experts) const {
     if (!fused_ok || t <= 0) return false;
     if (mode == gemm_mode::fused) return true;
     if (!defers_to_automatic()) return false;
     const int64_t n = t * k;
-    return !few_large(static_cast<size_t>(std::min<int64_t>(local, n))) || t <= padded_free_rows;
+    return !few_large(static_cast<size_t>(std::min<int64_t>(local, n))) || n <= int64_t{moe_tile_rows} * experts;
   }
 
   /// Experts ids[g] on rows [g·mpad, g·mpad + mpad) of xs (bf16, padded to mpad rows per expert)
@@ -1866,7 +1869,7 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
   // tensor cores, or cublasSgemm in true f32 (the default math mode, no TF32); set_router_gemm.
   const float one = 1.0f, zero = 0.0f;
   // Decided before any count: whether this step runs fused with its tile list made on the device.
-  const bool planned = s.device_plan && eng.fused_without_counts(t, k, s.local);
+  const bool planned = s.device_plan && eng.fused_without_counts(t, k, s.local, e);
   const bool split = s.router_mode == router_gemm::bf16_pieces ||
                      (s.router_mode == router_gemm::automatic && s.router_exact && planned && t >= router_pieces_from);
   const int parts = split ? (s.router_exact ? 3 : 6) : 1;

@@ -45,11 +45,11 @@ namespace sy::model::cuda {
 ///   batch falls back to `automatic`;
 /// - `automatic`: `gemv` up to 8 rows per expert (few large experts: above 2 rows per expert on
 ///   average not), then, where it can run, `fused`: in a whole layer (`gpu_moe_layer`, tile list
-///   made on the device) for many small experts at any size and for few large ones of at most
-///   `padded_free_rows` tokens; with counts on the host (`gpu_experts`, or the layer with
-///   `set_device_plan(false)`) for many small experts averaging at most 192 rows (more where
-///   padding is not cheap) and few large ones of at most `padded_free_rows` rows
-///   (`expert_engine::use_fused`); then `padded` while padding is cheap
+///   made on the device) for many small experts at any size and for few large ones up to a tile
+///   (128 rows) an expert on average (Mixtral: 512 tokens); with counts on the host
+///   (`gpu_experts`, or the layer with `set_device_plan(false)`) for many small experts averaging
+///   at most 192 rows (more where padding is not cheap) and few large ones of at most
+///   `padded_free_rows` rows (`expert_engine::use_fused`); then `padded` while padding is cheap
 ///   (every expert at most `padded_free_rows` rows, or padding adds at most half the rows, a
 ///   quarter for few large experts), else `grouped` for many small experts and `per_expert` for
 ///   few large ones (`expert_engine::use_padded`).
@@ -137,8 +137,8 @@ class gpu_moe_layer {
   void set_gemm_mode(gemm_mode m);
   void set_gemv_tuning(gemv_tuning t);
   /// On (the default), a step that takes `fused` whatever its counts (`fused` asked for, or
-  /// `automatic` for many small experts at any size and for few large ones at up to
-  /// `padded_free_rows` tokens) makes its tile list on the device and never waits for the host;
+  /// `automatic` for many small experts at any size and for few large ones up to a tile an expert
+  /// on average) makes its tile list on the device and never waits for the host;
   /// off, every GEMM step brings its counts to the host first and `automatic` decides by them
   /// (tests and benchmarks compare the two).
   void set_device_plan(bool on);

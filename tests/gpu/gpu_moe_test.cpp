@@ -511,6 +511,35 @@ TEST_CASE("gpu: whole MoE layers equal the CPU layer within bf16 tolerance", "[g
   }
 }
 
+TEST_CASE("gpu: automatic plans few large experts on the device up to a tile an expert on average", "[gpu]") {
+  // Few large experts (8 of 1024×8192: 16M weights a gate_up, as automatic counts "large"), top-2:
+  // up to 512 tokens (1024 rows, 128 an expert on average) the fused kernels with the tile list
+  // made on the device, above that the counts go to the host and cuBLAS's kinds take the step.
+  const int64_t h = 1024, f = 8192;
+  gating_config g;
+  g.num_experts = 8, g.top_k = 2, g.norm_topk_prob = true;
+  auto router = matrix::from_f32(dtype::bf16, randv(size_t(8 * h), 3, 1.0f / std::sqrt(float(h))), 8, h);
+  std::vector<layer_experts> L(1);
+  L[0].experts.resize(8);
+  std::vector<const expert_weights*> ptrs;
+  for (int e = 0; e < 8; ++e) {
+    L[0].experts[size_t(e)] = std::make_unique<expert_weights>(random_expert(h, f, 40 + uint32_t(e), dtype::bf16));
+    L[0].experts[size_t(e)]->pack();
+    ptrs.push_back(L[0].experts[size_t(e)].get());
+  }
+  auto layer = gpu::gpu_moe_layer::make(0, g, router, nullptr, ptrs);
+  REQUIRE(layer);
+  for (int64_t t : {int64_t{512}, int64_t{520}}) {
+    INFO(t << " tokens");
+    auto x = randv(size_t(t * h), 17 + uint32_t(t), 1.0f);
+    std::vector<float> y(size_t(t * h), std::nanf(""));
+    REQUIRE_FALSE((*layer)->forward(x.data(), t, y.data()));
+    CHECK((*layer)->last_device_planned() == (t * g.top_k <= int64_t{128} * g.num_experts));
+    CHECK(((*layer)->last_gemm_mode() == gpu::gemm_mode::fused) == (t == 512));
+    CHECK(norm_err(y, to_double(cpu_layer(g, router, nullptr, L, x, t, h))) < 1e-2);
+  }
+}
+
 TEST_CASE("gpu: every GEMV tuning (rows per warp, per-expert unrolling, dependent launch) gives the CPU layer", "[gpu]") {
   // 264 × 392: output columns that do not fill the last block of either kernel at any tuning.
   struct shape {
