@@ -227,9 +227,10 @@ __global__ void router_pass_kernel(const float* __restrict__ x, int64_t t, int h
   const int chunks = h / router_pass_chunk;
   const int cb = static_cast<int>(int64_t(chunks) * blockIdx.y / gridDim.y);
   const int ce = static_cast<int>(int64_t(chunks) * (blockIdx.y + 1) / gridDim.y);
-  // x stages: rows of 16 units of 16 bytes, unit u of row i at u ^ (i & 1). Pieces: rows of 8
-  // units (8 bf16 each), unit u of row i at u ^ 4·(i & 1). Each quarter warp's 16-byte reads then
-  // cover all 32 banks.
+  // x stages: rows of 16 units of 16 bytes, unit u at u ^ (u / 8 & 1) (the split's quarter warps
+  // read units 0, 2, .. 14 or 1, 3, .. 15 of a row). Pieces: rows of 8 units (8 bf16 each), unit u
+  // of row i at u ^ 4·(i & 1) (the products' quarter warps read one unit of two rows). Each
+  // quarter warp's 16-byte accesses then cover all 32 banks.
   auto xs = [&](int c) { return reinterpret_cast<float*>(rp_smem + (c % router_pass_stages) * router_pass_x_bytes); };
   auto pieces = [&](int c, int pc) {
     return reinterpret_cast<bf16*>(rp_smem + router_pass_stages * router_pass_x_bytes +
@@ -241,7 +242,7 @@ __global__ void router_pass_kernel(const float* __restrict__ x, int64_t t, int h
       for (int i = tid; i < router_pass_tokens * 16; i += blockDim.x) {
         const int row = i >> 4, u = i & 15;
         const bool ok = tok0 + row < t;
-        cp_async16_zfill(xd + row * router_pass_chunk + ((u ^ (row & 1)) << 2),
+        cp_async16_zfill(xd + row * router_pass_chunk + ((u ^ (u >> 3 & 1)) << 2),
                          x + (ok ? (tok0 + row) * h + c * router_pass_chunk + u * 4 : 0), ok);
       }
     }
@@ -252,8 +253,9 @@ __global__ void router_pass_kernel(const float* __restrict__ x, int64_t t, int h
     const float* xc = xs(c);
     for (int i = tid; i < router_pass_tokens * 8; i += blockDim.x) {
       const int row = i >> 3, u8 = i & 7;
-      const float4 a = *reinterpret_cast<const float4*>(xc + row * router_pass_chunk + (((2 * u8) ^ (row & 1)) << 2));
-      const float4 b = *reinterpret_cast<const float4*>(xc + row * router_pass_chunk + (((2 * u8 + 1) ^ (row & 1)) << 2));
+      const int ua = 2 * u8, ub = 2 * u8 + 1;
+      const float4 a = *reinterpret_cast<const float4*>(xc + row * router_pass_chunk + ((ua ^ (ua >> 3 & 1)) << 2));
+      const float4 b = *reinterpret_cast<const float4*>(xc + row * router_pass_chunk + ((ub ^ (ub >> 3 & 1)) << 2));
       const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
       float hi[8], mid[8], lo[8];
 #pragma unroll
@@ -1737,7 +1739,7 @@ caf::expected<std::unique_ptr<gpu_moe_layer>> gpu_moe_layer::make(int device, co
     int major = 0, sms = 0, per_sm = 0;
     const int experts_n = gating.num_experts;
     cudaFuncAttributes fa{};
-    if (p->router_exact && experts_n <= router_pass_max_experts && hidden % router_pass_chunk == 0 &&
+    if (p->router_exact && experts_n <= router_pass_max_experts && hidden > 0 && hidden % router_pass_chunk == 0 &&
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 8 &&
         cudaFuncGetAttributes(&fa, router_pass_kernel) == cudaSuccess && fa.ptxVersion >= 80 &&  // built with its body
         cudaFuncSetAttribute(router_pass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, router_pass_smem) ==
@@ -1883,12 +1885,11 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
     return {};
   };
   if (split) {
-    // x's pieces in xs (3 blocks of t·h): hi is the bf16 copy of x the fused path reads, so it
-    // skips its own conversion below. Slices of the logits: x hi, mid, lo times router hi; then
-    // x hi, mid times router mid; x hi times router lo (the products f32 resolves).
+    // x's hi piece in xs is the bf16 copy of x the fused path reads, so it skips its own
+    // conversion below.
     SY_TRY(s.xs.reserve(static_cast<size_t>(std::max(n, 3 * t) * h) * 2));
     const bf16* rb = s.router_bf.as<bf16>();
-    if (s.router_pass && aligned16(x) && aligned16(s.xs.p)) {
+    if (s.router_pass && t > 0 && aligned16(x) && aligned16(s.xs.p)) {
       // A bf16 router: the three products in one pass, x's hi piece into xs. H in as many ranges
       // (each its own slice of the logits) as fill the device in one wave of blocks.
       const int64_t blocks = (t + router_pass_tokens - 1) / router_pass_tokens, chunks = h / router_pass_chunk;
@@ -1901,6 +1902,8 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
       SY_CU(cudaGetLastError());
       slices = ranges;
     } else {
+    // x's three pieces in xs (3 blocks of t·h); slices of the logits: x hi, mid, lo times router
+    // hi; then x hi, mid times router mid; x hi times router lo (the products f32 resolves).
     SY_TRY(s.logits.reserve(static_cast<size_t>(parts * t * e) * 4));
     split3_kernel<<<blocks_for(convert_threads(t * h)), 256, 0, eng.stream>>>(x, s.xs.as<bf16>(), t * h);
     SY_CU(cudaGetLastError());

@@ -151,8 +151,9 @@ class gpu_moe_layer {
     /// 2026-12-07, third session), Qwen3-shaped with a bf16 router, pieces (through cuBLAS) against
     /// f32: 512 tokens 0.50 vs 0.51 ms, 2048 0.63 vs 0.65, 4096 0.88 vs 0.91, 8192 1.50 vs 1.54,
     /// 64 even (the one-pass kernel since: 0.48, 0.60, 0.86, 1.45; fifth session); with an
-    /// f32 router (six products) pieces lose from 8192 tokens and below 2048; for Mixtral's few
-    /// large experts (cuBLAS's kernels, its own conversion of the tokens) they gain nothing.
+    /// f32 router (six products) pieces lose from 8192 tokens and below 2048. For Mixtral's few
+    /// large experts on cuBLAS's kernels (its own conversion of the tokens) they gained nothing
+    /// then; Mixtral steps that take the fused kernels (up to 512 tokens) use them.
     automatic,
     /// `cublasSgemm` on the f32 values (the default math mode, no TF32).
     f32,
@@ -160,9 +161,12 @@ class gpu_moe_layer {
     /// mid, lo), each router weight too (one piece for bf16 weights), the products f32 resolves (6
     /// of the 9; 3 for bf16 weights) summed in f32: the logits of an f32 GEMM up to rounding. x's
     /// hi piece is the bf16 copy of the tokens the fused kernels read. For bf16 weights (hidden a
-    /// multiple of 64, at most 256 experts, compute capability 8.0 on) one kernel of ours reads x
-    /// once, splits it on chip and accumulates the three products (mma.sync); otherwise the pieces
-    /// go through memory to cuBLAS's batched GEMMs and the gating kernel sums their slices.
+    /// multiple of 64, at most 256 experts, compute capability 8.0 on, x 16-byte aligned) one
+    /// kernel of ours reads x once, splits it on chip and accumulates the three products
+    /// (mma.sync), H split into ranges by the batch's size; otherwise the pieces go through memory
+    /// to cuBLAS's batched GEMMs. Either way the gating kernel sums the slices. The logits' last
+    /// bits (and so a near-tie choice) may differ with the batch's size and the GPU, as with
+    /// cuBLAS's own choice of kernels.
     bf16_pieces,
   };
   static constexpr int64_t router_pieces_from = 512;

@@ -175,6 +175,48 @@ TEST_CASE("gpu: the gating kernel makes the CPU's choices, for every family's ru
   }
 }
 
+TEST_CASE("gpu: the one-pass router kernel routes as the CPU does over long ranges of H", "[gpu]") {
+  // Qwen3-shaped routing (128 experts, top-8, hidden 2048) with a bf16 router: at 2000 and 4096
+  // tokens each block of router_pass_kernel runs several 64-wide chunks of H (its shared-memory
+  // ring wraps, the split of one chunk overlaps the products of the last), where the gating
+  // test's short steps give each block one chunk.
+  gating_config g;
+  g.num_experts = 128, g.top_k = 8, g.norm_topk_prob = true;
+  const int64_t h = 2048;
+  auto router = matrix::from_f32(dtype::bf16, randv(size_t(g.num_experts * h), 21, 1.0f / std::sqrt(float(h))),
+                                 g.num_experts, h);
+  std::vector<expert_weights> store;  // tiny experts: this case is about the routing
+  for (int e = 0; e < g.num_experts; ++e) store.push_back(random_expert(h, 16, 500 + uint32_t(e), dtype::bf16));
+  std::vector<const expert_weights*> ptrs;
+  for (auto& e : store) ptrs.push_back(&e);
+  auto layer = gpu::gpu_moe_layer::make(0, g, router, nullptr, ptrs);
+  REQUIRE(layer);
+  (*layer)->set_router_gemm(gpu::gpu_moe_layer::router_gemm::bf16_pieces);
+  for (int64_t t : {int64_t{2000}, int64_t{4096}}) {
+    INFO(t << " tokens");
+    auto x = randv(size_t(t * h), 23 + uint32_t(t), 1.0f);
+    std::vector<float> y(size_t(t * h));
+    REQUIRE_FALSE((*layer)->forward(x.data(), t, y.data()));
+    CHECK((*layer)->last_router_parts() == 3);
+    auto got = (*layer)->last_routing();
+    REQUIRE(got);
+    auto want = gate(g, router, nullptr, x.data(), t);
+    // As in the gating test: a choice may differ only where the CPU's scores nearly tie.
+    int differing = 0;
+    for (int64_t r = 0; r < t; ++r) {
+      bool same = true;
+      for (int j = 0; j < g.top_k; ++j) same &= got->experts[size_t(r * g.top_k + j)] == want.experts[size_t(r * g.top_k + j)];
+      if (!same) {
+        ++differing;
+        continue;
+      }
+      for (int j = 0; j < g.top_k; ++j)
+        CHECK(got->weights[size_t(r * g.top_k + j)] == Approx(want.weights[size_t(r * g.top_k + j)]).epsilon(1e-5));
+    }
+    CHECK(differing <= 2);
+  }
+}
+
 TEST_CASE("gpu: expert FFNs in bf16 stay within 1e-2 of float64, the CPU fp32 path within 1e-4", "[gpu]") {
   for (auto [h, f, n] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{256, 512, 37}, {2048, 768, 64}, {4096, 14336, 8}, {100, 60, 13}}) {
     INFO("hidden " << h << ", ffn " << f << ", rows " << n);
