@@ -99,6 +99,39 @@ std::vector<float> cpu_layer(const gating_config& g, const matrix& router, const
   return y;
 }
 
+/// One layer (L[0]) of n random experts in bf16, packed as the CPU layer runs them (expert e from
+/// seed + e), and their pointers for gpu_moe_layer::make.
+std::vector<const expert_weights*> random_layer(std::vector<layer_experts>& L, int n, int64_t h, int64_t f, uint32_t seed) {
+  L.clear();
+  L.resize(1);
+  L[0].experts.resize(size_t(n));
+  std::vector<const expert_weights*> ptrs;
+  for (int e = 0; e < n; ++e) {
+    L[0].experts[size_t(e)] = std::make_unique<expert_weights>(random_expert(h, f, seed + uint32_t(e), dtype::bf16));
+    L[0].experts[size_t(e)]->pack();
+    ptrs.push_back(L[0].experts[size_t(e)].get());
+  }
+  return ptrs;
+}
+
+/// Tokens whose expert choices differ between the device's routing and the CPU's. Logits come
+/// from two different fp32 GEMMs, so a choice may differ where the CPU's scores nearly tie; the
+/// weights of every other token must match to float rounding (checked here).
+int differing_rows(const routing& got, const routing& want, int64_t t, int k) {
+  int differing = 0;
+  for (int64_t r = 0; r < t; ++r) {
+    bool same = true;
+    for (int j = 0; j < k; ++j) same &= got.experts[size_t(r * k + j)] == want.experts[size_t(r * k + j)];
+    if (!same) {
+      ++differing;
+      continue;
+    }
+    for (int j = 0; j < k; ++j)
+      CHECK(got.weights[size_t(r * k + j)] == Approx(want.weights[size_t(r * k + j)]).epsilon(1e-5));
+  }
+  return differing;
+}
+
 }  // namespace
 
 TEST_CASE("gpu: the gating kernel makes the CPU's choices, for every family's rule", "[gpu]") {
@@ -156,21 +189,7 @@ TEST_CASE("gpu: the gating kernel makes the CPU's choices, for every family's ru
     auto got = (*layer)->last_routing();
     REQUIRE(got);
     auto want = gate(v.g, router, v.bias ? bias.data() : nullptr, x.data(), t);
-    // Logits come from two different fp32 GEMMs: a choice may differ only where the CPU's scores
-    // nearly tie; every other row must match exactly, weights to float rounding.
-    int differing = 0, near_ties = 0;
-    for (int64_t r = 0; r < t; ++r) {
-      bool same = true;
-      for (int j = 0; j < v.g.top_k; ++j) same &= got->experts[size_t(r * v.g.top_k + j)] == want.experts[size_t(r * v.g.top_k + j)];
-      if (!same) {
-        ++differing;
-        continue;
-      }
-      for (int j = 0; j < v.g.top_k; ++j)
-        CHECK(got->weights[size_t(r * v.g.top_k + j)] == Approx(want.weights[size_t(r * v.g.top_k + j)]).epsilon(1e-5));
-    }
-    (void)near_ties;
-    CHECK(differing <= 1);
+    CHECK(differing_rows(*got, want, t, v.g.top_k) <= 1);
     }
   }
 }
@@ -200,20 +219,7 @@ TEST_CASE("gpu: the one-pass router kernel routes as the CPU does over long rang
     CHECK((*layer)->last_router_parts() == 3);
     auto got = (*layer)->last_routing();
     REQUIRE(got);
-    auto want = gate(g, router, nullptr, x.data(), t);
-    // As in the gating test: a choice may differ only where the CPU's scores nearly tie.
-    int differing = 0;
-    for (int64_t r = 0; r < t; ++r) {
-      bool same = true;
-      for (int j = 0; j < g.top_k; ++j) same &= got->experts[size_t(r * g.top_k + j)] == want.experts[size_t(r * g.top_k + j)];
-      if (!same) {
-        ++differing;
-        continue;
-      }
-      for (int j = 0; j < g.top_k; ++j)
-        CHECK(got->weights[size_t(r * g.top_k + j)] == Approx(want.weights[size_t(r * g.top_k + j)]).epsilon(1e-5));
-    }
-    CHECK(differing <= 2);
+    CHECK(differing_rows(*got, gate(g, router, nullptr, x.data(), t), t, g.top_k) <= 2);
   }
 }
 
@@ -366,14 +372,8 @@ TEST_CASE("gpu: our grouped GEMM kernels get every row right at the tiles' edges
   gating_config gc;
   gc.num_experts = 16, gc.top_k = 4, gc.norm_topk_prob = true;
   auto router = matrix::from_f32(dtype::f32, randv(size_t(16 * h), 7, 1.0f / std::sqrt(float(h))), 16, h);
-  std::vector<layer_experts> L(1);
-  L[0].experts.resize(16);
-  std::vector<const expert_weights*> ptrs;
-  for (int e = 0; e < 16; ++e) {
-    L[0].experts[size_t(e)] = std::make_unique<expert_weights>(random_expert(h, f, 700 + uint32_t(e), dtype::bf16));
-    L[0].experts[size_t(e)]->pack();
-    ptrs.push_back(L[0].experts[size_t(e)].get());
-  }
+  std::vector<layer_experts> L;
+  const auto ptrs = random_layer(L, 16, h, f, 700);
   auto layer = gpu::gpu_moe_layer::make(0, gc, router, nullptr, ptrs);
   REQUIRE(layer);
   const int64_t t = 500;
@@ -561,14 +561,8 @@ TEST_CASE("gpu: automatic plans few large experts on the device up to a tile an 
   gating_config g;
   g.num_experts = 8, g.top_k = 2, g.norm_topk_prob = true;
   auto router = matrix::from_f32(dtype::bf16, randv(size_t(8 * h), 3, 1.0f / std::sqrt(float(h))), 8, h);
-  std::vector<layer_experts> L(1);
-  L[0].experts.resize(8);
-  std::vector<const expert_weights*> ptrs;
-  for (int e = 0; e < 8; ++e) {
-    L[0].experts[size_t(e)] = std::make_unique<expert_weights>(random_expert(h, f, 40 + uint32_t(e), dtype::bf16));
-    L[0].experts[size_t(e)]->pack();
-    ptrs.push_back(L[0].experts[size_t(e)].get());
-  }
+  std::vector<layer_experts> L;
+  const auto ptrs = random_layer(L, 8, h, f, 40);
   auto layer = gpu::gpu_moe_layer::make(0, g, router, nullptr, ptrs);
   REQUIRE(layer);
   for (int64_t t : {int64_t{512}, int64_t{520}}) {
