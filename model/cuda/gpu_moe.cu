@@ -160,21 +160,28 @@ __host__ __device__ __forceinline__ void split3(float x, bf16& hi, bf16& mid, bf
   mid = __float2bfloat16_rn(r);
   lo = __float2bfloat16_rn(r - __bfloat162float(mid));
 }
+/// Eight values' split3 pieces, eight bf16 of each in a 16-byte word: p[0] hi, p[1] mid, p[2] lo.
+__device__ __forceinline__ void split3x8(const float (&v)[8], uint4 (&p)[3]) {
+  float piece[3][8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    bf16 a, b, c;
+    split3(v[j], a, b, c);
+    piece[0][j] = __bfloat162float(a), piece[1][j] = __bfloat162float(b), piece[2][j] = __bfloat162float(c);
+  }
+#pragma unroll
+  for (int k = 0; k < 3; ++k) p[k] = pack8_bf16(piece[k]);  // exact: each is a bf16 value already
+}
 __global__ void split3_kernel(const float* in, bf16* out, int64_t n) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   if (n % 8 == 0 && aligned16(in) && aligned16(out)) {
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n / 8; i += stride) {
-      float v[8], hi[8], mid[8], lo[8];
+      float v[8];
       load8(in + i * 8, v);
+      uint4 p[3];
+      split3x8(v, p);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        bf16 a, b, c;
-        split3(v[j], a, b, c);
-        hi[j] = __bfloat162float(a), mid[j] = __bfloat162float(b), lo[j] = __bfloat162float(c);
-      }
-      reinterpret_cast<uint4*>(out)[i] = pack8_bf16(hi);  // exact: each is a bf16 value already
-      reinterpret_cast<uint4*>(out + n)[i] = pack8_bf16(mid);
-      reinterpret_cast<uint4*>(out + 2 * n)[i] = pack8_bf16(lo);
+      for (int k = 0; k < 3; ++k) reinterpret_cast<uint4*>(out + k * n)[i] = p[k];
     }
     return;
   }
@@ -257,19 +264,12 @@ __global__ void router_pass_kernel(const float* __restrict__ x, int64_t t, int h
       const float4 a = *reinterpret_cast<const float4*>(xc + row * router_pass_chunk + ((ua ^ (ua >> 3 & 1)) << 2));
       const float4 b = *reinterpret_cast<const float4*>(xc + row * router_pass_chunk + ((ub ^ (ub >> 3 & 1)) << 2));
       const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-      float hi[8], mid[8], lo[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        bf16 p0, p1, p2;
-        split3(v[j], p0, p1, p2);
-        hi[j] = __bfloat162float(p0), mid[j] = __bfloat162float(p1), lo[j] = __bfloat162float(p2);
-      }
+      uint4 p[3];
+      split3x8(v, p);
       const int at = row * router_pass_chunk + ((u8 ^ ((row & 1) << 2)) << 3);
-      const uint4 hv = pack8_bf16(hi);  // exact: each is a bf16 value already
-      *reinterpret_cast<uint4*>(pieces(c, 0) + at) = hv;
-      *reinterpret_cast<uint4*>(pieces(c, 1) + at) = pack8_bf16(mid);
-      *reinterpret_cast<uint4*>(pieces(c, 2) + at) = pack8_bf16(lo);
-      if (tok0 + row < t) reinterpret_cast<uint4*>(x_hi + (tok0 + row) * h + c * router_pass_chunk)[u8] = hv;
+#pragma unroll
+      for (int k = 0; k < 3; ++k) *reinterpret_cast<uint4*>(pieces(c, k) + at) = p[k];
+      if (tok0 + row < t) reinterpret_cast<uint4*>(x_hi + (tok0 + row) * h + c * router_pass_chunk)[u8] = p[0];
     }
   };
   for (int c = cb; c < cb + router_pass_stages; ++c) load(c);
@@ -1902,23 +1902,23 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
       SY_CU(cudaGetLastError());
       slices = ranges;
     } else {
-    // x's three pieces in xs (3 blocks of t·h); slices of the logits: x hi, mid, lo times router
-    // hi; then x hi, mid times router mid; x hi times router lo (the products f32 resolves).
-    SY_TRY(s.logits.reserve(static_cast<size_t>(parts * t * e) * 4));
-    split3_kernel<<<blocks_for(convert_threads(t * h)), 256, 0, eng.stream>>>(x, s.xs.as<bf16>(), t * h);
-    SY_CU(cudaGetLastError());
-    auto products = [&](int piece, int x_pieces, int slice) {
-      return cublasGemmStridedBatchedEx(eng.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(e), static_cast<int>(t),
-                                        static_cast<int>(h), &one, rb + piece * e * h, CUDA_R_16BF, static_cast<int>(h), 0,
-                                        s.xs.as<bf16>(), CUDA_R_16BF, static_cast<int>(h), t * h, &zero,
-                                        s.logits.as<float>() + slice * t * e, CUDA_R_32F, static_cast<int>(e), t * e,
-                                        x_pieces, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-    };
-    SY_CUBLAS(products(0, 3, 0));
-    if (!s.router_exact) {
-      SY_CUBLAS(products(1, 2, 3));
-      SY_CUBLAS(products(2, 1, 5));
-    }
+      // x's three pieces in xs (3 blocks of t·h); slices of the logits: x hi, mid, lo times router
+      // hi; then x hi, mid times router mid; x hi times router lo (the products f32 resolves).
+      SY_TRY(s.logits.reserve(static_cast<size_t>(parts * t * e) * 4));
+      split3_kernel<<<blocks_for(convert_threads(t * h)), 256, 0, eng.stream>>>(x, s.xs.as<bf16>(), t * h);
+      SY_CU(cudaGetLastError());
+      auto products = [&](int piece, int x_pieces, int slice) {
+        return cublasGemmStridedBatchedEx(eng.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(e), static_cast<int>(t),
+                                          static_cast<int>(h), &one, rb + piece * e * h, CUDA_R_16BF, static_cast<int>(h), 0,
+                                          s.xs.as<bf16>(), CUDA_R_16BF, static_cast<int>(h), t * h, &zero,
+                                          s.logits.as<float>() + slice * t * e, CUDA_R_32F, static_cast<int>(e), t * e,
+                                          x_pieces, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      };
+      SY_CUBLAS(products(0, 3, 0));
+      if (!s.router_exact) {
+        SY_CUBLAS(products(1, 2, 3));
+        SY_CUBLAS(products(2, 1, 5));
+      }
     }
   } else {
     SY_CUBLAS(cublasSgemm(eng.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(e), static_cast<int>(t), static_cast<int>(h),
