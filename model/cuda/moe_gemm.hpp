@@ -96,7 +96,7 @@ struct moe_gemm_setup {
                                       int hidden, int ffn, void* h, cudaStream_t stream);
 /// For every tile and row r < rows: y[dst_row + r] = h[src_row + r] · wᵀ, h bf16 [h_rows, ffn]
 /// (read by the copy engine: 16-byte aligned), expert weights bf16 [hidden, ffn] (`w_maps`), y
-/// bf16 [*, hidden]; fp32 accumulation.
+/// bf16 [h_rows, hidden] (written by the copy engine: 16-byte aligned); fp32 accumulation.
 [[nodiscard]] cudaError_t moe_down(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles,
                                    const int* tile_count, const void* h, int64_t h_rows, const void* w_maps, int hidden,
                                    int ffn, void* y, cudaStream_t stream);
