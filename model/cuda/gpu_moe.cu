@@ -831,6 +831,14 @@ __global__ void __launch_bounds__(gemv_warps * 32, gemv_min_blocks(R)) gemv_down
   by_rows<R>(split, cnt, [&]<int Q>() { down_body<NW, Q>(hmid, h, f, W, r0, cnt, c0, y); });
 }
 
+/// An unsigned key that orders as the float does (-0 as +0, a NaN below everything), for
+/// reductions over unsigned values.
+__device__ __forceinline__ unsigned choice_key(float v) {
+  if (v != v) return 0u;
+  const unsigned b = __float_as_uint(v == 0.0f ? 0.0f : v);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
 /// One token's scores, optional bias and group limit, top-k (ties to the lower id, in rank order)
 /// and weights — the same rule as the CPU's `route_from_logits` — by one warp (one thread per token
 /// would leave the layer waiting on a long serial chain), the experts strided over the lanes;
@@ -893,39 +901,39 @@ __device__ void gate_token_warp(const float* logits, int parts, int64_t part_str
       if (!keep[i / per]) choice[i] = 0.0f;
     __syncwarp();
   }
+  // Top-k: k rounds, each the largest choice left, the lowest expert id among equals. A lane holds
+  // experts lane, lane + 32, ...: its best key (choice_key, so unsigned order is float order) and
+  // the first id with it; one reduction finds the largest key, a second the lowest id with it.
   int* idx = out_idx + int64_t(row) * p.k;
   float* w = out_w + int64_t(row) * p.k;
   double sum = 0;
   for (int j = 0; j < p.k; ++j) {
-    float bv = -INFINITY;
-    int bi = -1;
-    for (int i = lane; i < E; i += 32)
-      if (bi < 0 || choice[i] > bv) {
-        bv = choice[i];
-        bi = i;
-      }
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
-        bv = ov;
-        bi = oi;
+    unsigned best = 0;
+    unsigned bi = 0xffffffffu;
+    for (int i = lane; i < E; i += 32) {
+      const unsigned key = choice_key(choice[i]);
+      if (bi == 0xffffffffu || key > best) {
+        best = key;
+        bi = static_cast<unsigned>(i);
       }
     }
+    const unsigned top = __reduce_max_sync(0xffffffffu, best);
+    const int arg = static_cast<int>(__reduce_min_sync(0xffffffffu, best == top ? bi : 0xffffffffu));
+    sum += score[arg];
     if (lane == 0) {
-      idx[j] = bi;
-      w[j] = score[bi];
-      sum += score[bi];
-      choice[bi] = -INFINITY;
+      idx[j] = arg;
+      w[j] = score[arg];
     }
-    __syncwarp();
+    if (lane == (arg & 31)) choice[arg] = -INFINITY;  // only this lane reads it
   }
-  if (lane == 0) {
-    const bool normalise = p.norm && !(p.scale_only_unnormalised && p.k == 1);
-    if (normalise)
-      for (int j = 0; j < p.k; ++j) w[j] = static_cast<float>(w[j] / (sum + p.norm_eps));
-    if (p.scale != 1.0f && !(normalise && p.scale_only_unnormalised))
-      for (int j = 0; j < p.k; ++j) w[j] = static_cast<float>(static_cast<double>(w[j]) * p.scale);
+  __syncwarp();  // lane 0's weights, seen by the lanes that finish them
+  const bool normalise = p.norm && !(p.scale_only_unnormalised && p.k == 1);
+  const bool scale = p.scale != 1.0f && !(normalise && p.scale_only_unnormalised);
+  for (int j = lane; j < p.k; j += 32) {
+    float v = w[j];
+    if (normalise) v = static_cast<float>(v / (sum + p.norm_eps));
+    if (scale) v = static_cast<float>(static_cast<double>(v) * p.scale);
+    w[j] = v;
   }
 }
 
