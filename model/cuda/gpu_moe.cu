@@ -839,20 +839,16 @@ __device__ __forceinline__ unsigned choice_key(float v) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-/// The largest / smallest of the warp's 32 values (`redux.sync` from sm_80, shuffles before).
-__device__ __forceinline__ unsigned warp_max(unsigned v) {
+/// The largest (Max) or smallest of the warp's 32 values: `redux.sync` from sm_80, shuffles before.
+template <bool Max>
+__device__ __forceinline__ unsigned warp_extreme(unsigned v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return __reduce_max_sync(0xffffffffu, v);
+  return Max ? __reduce_max_sync(0xffffffffu, v) : __reduce_min_sync(0xffffffffu, v);
 #else
-  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-#endif
-}
-__device__ __forceinline__ unsigned warp_min(unsigned v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return __reduce_min_sync(0xffffffffu, v);
-#else
-  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) {
+    const unsigned w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = Max ? max(v, w) : min(v, w);
+  }
   return v;
 #endif
 }
@@ -935,8 +931,8 @@ __device__ void gate_token_warp(const float* logits, int parts, int64_t part_str
         bi = static_cast<unsigned>(i);
       }
     }
-    const unsigned top = warp_max(best);
-    const int arg = static_cast<int>(warp_min(best == top ? bi : 0xffffffffu));
+    const unsigned top = warp_extreme<true>(best);
+    const int arg = static_cast<int>(warp_extreme<false>(best == top ? bi : 0xffffffffu));
     sum += score[arg];
     if (lane == 0) {
       idx[j] = arg;
