@@ -194,6 +194,68 @@ TEST_CASE("gpu: the gating kernel makes the CPU's choices, for every family's ru
   }
 }
 
+TEST_CASE("gpu: the gating kernels break exact ties as the CPU does (lower expert id first)", "[gpu]") {
+  // A zero router: every logit is exactly 0 whatever the GEMM's order of sums, so every expert's
+  // score ties; with a bias that lifts every fourth expert, those tie above the rest (and, for the
+  // group-limited rule, every group ties). The choices must be the lowest ids, in id order, on both
+  // gating kernels (300 tokens: a warp per token in a grid; 5: the one-block routing).
+  struct variant {
+    const char* name;
+    gating_config g;
+    bool bias;
+    std::vector<int> want;  // the experts every token must choose, in rank order
+  };
+  std::vector<variant> vs;
+  gating_config g;
+  g.num_experts = 8, g.top_k = 2, g.norm_topk_prob = true;
+  vs.push_back({"softmax top-2 of 8", g, false, {0, 1}});
+  g.num_experts = 128, g.top_k = 8, g.norm_topk_prob = true;
+  vs.push_back({"softmax top-8 of 128", g, false, {0, 1, 2, 3, 4, 5, 6, 7}});
+  g = {};
+  g.num_experts = 256, g.top_k = 8, g.scoring = scoring_func::sigmoid, g.method = topk_method::noaux_tc;
+  g.norm_topk_prob = true, g.routed_scaling_factor = 2.5, g.n_group = 8, g.topk_group = 4, g.has_score_bias = true;
+  g.norm_eps = 1e-20;
+  vs.push_back({"sigmoid + bias, 8 groups / 4", g, true, {0, 4, 8, 12, 16, 20, 24, 28}});
+  g = {};
+  g.num_experts = 64, g.top_k = 6, g.scoring = scoring_func::sigmoid, g.has_score_bias = true;
+  g.norm_topk_prob = true, g.norm_eps = 1e-20;
+  vs.push_back({"sigmoid + bias, no groups", g, true, {0, 4, 8, 12, 16, 20}});
+  const int64_t h = 128;
+  for (auto& v : vs) {
+    INFO(v.name);
+    const auto E = v.g.num_experts;
+    auto router = matrix::from_f32(dtype::bf16, std::vector<float>(size_t(E * h), 0.0f), E, h);
+    std::vector<float> bias(static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; ++e) bias[size_t(e)] = e % 4 == 0 ? 0.25f : 0.0f;
+    std::vector<expert_weights> store;
+    for (int64_t e = 0; e < E; ++e) store.push_back(random_expert(h, 16, 40 + uint32_t(e), dtype::f32));
+    std::vector<const expert_weights*> ptrs;
+    for (auto& e : store) ptrs.push_back(&e);
+    auto layer = gpu::gpu_moe_layer::make(0, v.g, router, v.bias ? bias.data() : nullptr, ptrs);
+    REQUIRE(layer);
+    for (const int64_t t : {int64_t{300}, int64_t{5}}) {
+      INFO(t << " tokens");
+      auto x = randv(size_t(t * h), 50 + uint32_t(t), 1.0f);
+      std::vector<float> y(size_t(t * h));
+      REQUIRE_FALSE((*layer)->forward(x.data(), t, y.data()));
+      auto got = (*layer)->last_routing();
+      REQUIRE(got);
+      auto want = gate(v.g, router, v.bias ? bias.data() : nullptr, x.data(), t);
+      const int k = v.g.top_k;
+      int wrong = 0, cpu_wrong = 0;
+      for (int64_t r = 0; r < t; ++r)
+        for (int j = 0; j < k; ++j) {
+          const size_t i = size_t(r * k + j);
+          wrong += got->experts[i] != v.want[size_t(j)];
+          cpu_wrong += want.experts[i] != v.want[size_t(j)];
+          CHECK(got->weights[i] == Approx(want.weights[i]).epsilon(1e-6));
+        }
+      CHECK(wrong == 0);
+      CHECK(cpu_wrong == 0);
+    }
+  }
+}
+
 TEST_CASE("gpu: the one-pass router kernel routes as the CPU does over long ranges of H", "[gpu]") {
   // Qwen3-shaped routing (128 experts, top-8, hidden 2048) with a bf16 router: at 2000 and 4096
   // tokens each block of router_pass_kernel runs several 64-wide chunks of H (its shared-memory
