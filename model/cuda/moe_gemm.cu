@@ -51,6 +51,13 @@ constexpr int out_box = out_rows * tile_k * 2;     // 2 KiB: 16 rows × 64 bf16 
 constexpr int out_warp = 2 * out_box;              // each consumer warp's two output boxes (down)
 constexpr int smem_bytes = 1024 /* alignment */ + stages * (a_stage + b_stage) + 8 * out_warp + 2 * stages * 8;
 constexpr int threads = 384;
+// The stages and then the output boxes from a 1024-byte aligned base: each box stays 1024-byte
+// aligned (the 128-byte swizzle's period); all of it within the 227 KiB a CTA may take.
+static_assert((stages * (a_stage + b_stage)) % 1024 == 0 && out_box % 1024 == 0);
+static_assert(smem_bytes <= 227 * 1024);
+// Down's epilogue alternates its two boxes: an even number of boxes an item keeps "the last bulk
+// group used the other box" true across items.
+static_assert((tile_n / tile_k) % 2 == 0);
 
 static_assert(sizeof(CUtensorMap) == moe_map_bytes);
 

@@ -196,42 +196,50 @@ TEST_CASE("gpu: the gating kernel makes the CPU's choices, for every family's ru
 
 TEST_CASE("gpu: the gating kernels break exact ties as the CPU does (lower expert id first)", "[gpu]") {
   // A zero router: every logit is exactly 0 whatever the GEMM's order of sums, so every expert's
-  // score ties; with a bias that lifts every fourth expert, those tie above the rest (and, for the
-  // group-limited rule, every group ties). The choices must be the lowest ids, in id order, on both
-  // gating kernels (300 tokens: a warp per token in a grid; 5: the one-block routing).
+  // score ties; with a bias that lifts every `lift`-th expert, those tie above the rest. The choices
+  // must be the lowest ids, in id order, on both gating kernels (300 tokens: a warp per token in a
+  // grid; 5: the one-block routing).
   struct variant {
     const char* name;
     gating_config g;
-    bool bias;
+    int lift;               // the bias lifts experts e % lift == 0; 0: no bias
     std::vector<int> want;  // the experts every token must choose, in rank order
   };
   std::vector<variant> vs;
   gating_config g;
   g.num_experts = 8, g.top_k = 2, g.norm_topk_prob = true;
-  vs.push_back({"softmax top-2 of 8", g, false, {0, 1}});
+  vs.push_back({"softmax top-2 of 8", g, 0, {0, 1}});
   g.num_experts = 128, g.top_k = 8, g.norm_topk_prob = true;
-  vs.push_back({"softmax top-8 of 128", g, false, {0, 1, 2, 3, 4, 5, 6, 7}});
+  vs.push_back({"softmax top-8 of 128", g, 0, {0, 1, 2, 3, 4, 5, 6, 7}});
+  g.num_experts = 64, g.top_k = 32, g.norm_topk_prob = true;  // the most top_k allowed: every lane normalises a weight
+  std::vector<int> first32(32);
+  for (int j = 0; j < 32; ++j) first32[size_t(j)] = j;
+  vs.push_back({"softmax top-32 of 64", g, 0, first32});
   g = {};
   g.num_experts = 256, g.top_k = 8, g.scoring = scoring_func::sigmoid, g.method = topk_method::noaux_tc;
   g.norm_topk_prob = true, g.routed_scaling_factor = 2.5, g.n_group = 8, g.topk_group = 4, g.has_score_bias = true;
   g.norm_eps = 1e-20;
-  vs.push_back({"sigmoid + bias, 8 groups / 4", g, true, {0, 4, 8, 12, 16, 20, 24, 28}});
+  // One lifted expert a group (32 experts each): every group scores 0.75 + 0.5 and ties, groups 0-3
+  // stay; then the four lifted ones, then the lowest ids of the kept groups. Without the group
+  // limit the choice would be 0, 32, ..., 224; keeping other groups would show ids from 128.
+  vs.push_back({"sigmoid + bias, 8 groups / 4", g, 32, {0, 32, 64, 96, 1, 2, 3, 4}});
   g = {};
   g.num_experts = 64, g.top_k = 6, g.scoring = scoring_func::sigmoid, g.has_score_bias = true;
   g.norm_topk_prob = true, g.norm_eps = 1e-20;
-  vs.push_back({"sigmoid + bias, no groups", g, true, {0, 4, 8, 12, 16, 20}});
+  vs.push_back({"sigmoid + bias, no groups", g, 4, {0, 4, 8, 12, 16, 20}});
   const int64_t h = 128;
   for (auto& v : vs) {
     INFO(v.name);
     const auto E = v.g.num_experts;
     auto router = matrix::from_f32(dtype::bf16, std::vector<float>(size_t(E * h), 0.0f), E, h);
     std::vector<float> bias(static_cast<size_t>(E));
-    for (int64_t e = 0; e < E; ++e) bias[size_t(e)] = e % 4 == 0 ? 0.25f : 0.0f;
+    for (int64_t e = 0; e < E; ++e) bias[size_t(e)] = v.lift > 0 && e % v.lift == 0 ? 0.25f : 0.0f;
     std::vector<expert_weights> store;
     for (int64_t e = 0; e < E; ++e) store.push_back(random_expert(h, 16, 40 + uint32_t(e), dtype::f32));
     std::vector<const expert_weights*> ptrs;
     for (auto& e : store) ptrs.push_back(&e);
-    auto layer = gpu::gpu_moe_layer::make(0, v.g, router, v.bias ? bias.data() : nullptr, ptrs);
+    const float* b = v.lift > 0 ? bias.data() : nullptr;
+    auto layer = gpu::gpu_moe_layer::make(0, v.g, router, b, ptrs);
     REQUIRE(layer);
     for (const int64_t t : {int64_t{300}, int64_t{5}}) {
       INFO(t << " tokens");
@@ -240,7 +248,7 @@ TEST_CASE("gpu: the gating kernels break exact ties as the CPU does (lower exper
       REQUIRE_FALSE((*layer)->forward(x.data(), t, y.data()));
       auto got = (*layer)->last_routing();
       REQUIRE(got);
-      auto want = gate(v.g, router, v.bias ? bias.data() : nullptr, x.data(), t);
+      auto want = gate(v.g, router, b, x.data(), t);
       const int k = v.g.top_k;
       int wrong = 0, cpu_wrong = 0;
       for (int64_t r = 0; r < t; ++r)
