@@ -188,6 +188,21 @@ __global__ void split3_kernel(const float* in, bf16* out, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride) split3(in[i], out[i], out[n + i], out[2 * n + i]);
 }
 
+// Programmatic dependent launch (sm_90): a kernel launched with the attribute may start while the
+// previous kernel on the stream drains; `pdl_wait` blocks until that kernel has finished and its
+// writes are visible, `pdl_trigger` lets the next kernel launch once every block of this one ran it.
+// Both are no-ops for a kernel launched without the attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
 // ---- the router GEMM in one pass (bf16 router weights) ----
 //
 // logits = x · rᵀ with x f32 [t, H] and r holding bf16 values [E, H], on the tensor cores: each x
@@ -227,6 +242,7 @@ __device__ __forceinline__ void cp_async_wait() {
 __global__ void router_pass_kernel(const float* __restrict__ x, int64_t t, int h, const bf16* __restrict__ r, int experts,
                                    float* __restrict__ logits, bf16* __restrict__ x_hi) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  pdl_trigger();  // the gating may launch (and wait) once every block of this one runs
   extern __shared__ __align__(16) unsigned char rp_smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, q = lane & 3;
@@ -401,6 +417,8 @@ struct gate_params {
 };
 
 __global__ void count_kernel(const int* idx, int64_t n, const int* slot, int* counts) {
+  pdl_trigger();
+  pdl_wait();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     if (slot[idx[i]] >= 0) atomicAdd(&counts[idx[i]], 1);
 }
@@ -424,6 +442,8 @@ __global__ void __launch_bounds__(max_experts) plan_kernel(const int* counts, in
   using scan = cub::BlockScan<plan_sums, max_experts>;
   __shared__ typename scan::TempStorage tmp;
   __shared__ moe_tile last[max_experts];  // the last tile of the j-th expert with an odd tile count
+  pdl_trigger();
+  pdl_wait();
   const int i = static_cast<int>(threadIdx.x);
   const int c = i < experts ? counts[i] : 0;
   const moe_tile_place pl = moe_expert_place(cluster, c);
@@ -459,6 +479,8 @@ __global__ void __launch_bounds__(max_experts) plan_kernel(const int* counts, in
 /// `row_tok`, that row's token (i / k) is noted there.
 __global__ void scatter_kernel(const int* idx, int64_t n, const int* slot, const int* offsets, int* fill, int* pos,
                                int* row_tok, int k) {
+  pdl_trigger();
+  pdl_wait();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int e = idx[i];
     const int p = slot[e] >= 0 ? offsets[e] + atomicAdd(&fill[e], 1) : -1;
@@ -513,21 +535,6 @@ __global__ void swiglu_kernel(const bf16* gu, int64_t rows, int64_t f, bf16* out
 /// Threads swiglu_kernel wants for rows × f.
 int64_t swiglu_threads(int64_t rows, int64_t f) { return f % 8 == 0 ? rows * f / 8 : rows * f; }
 
-// Programmatic dependent launch (sm_90): a kernel launched with the attribute may start while the
-// previous kernel on the stream drains; `pdl_wait` blocks until that kernel has finished and its
-// writes are visible, `pdl_trigger` lets the next kernel launch once every block of this one ran it.
-// Both are no-ops for a kernel launched without the attribute.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-
 /// Launches `kernel` on `stream`, with programmatic dependent launch when `pdl` is set.
 template <class... P, class... A>
 cudaError_t launch_k(bool pdl, void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream, A&&... args) {
@@ -578,6 +585,8 @@ __global__ void combine8_kernel(const bf16* yo, const int* pos, const float* w, 
   constexpr int max_k = 32;
   __shared__ int sp[max_k];
   __shared__ float sw[max_k];
+  pdl_trigger();
+  pdl_wait();
   const int64_t t = blockIdx.x;
   if (threadIdx.x < k && threadIdx.x < max_k) {
     sp[threadIdx.x] = pos[t * k + threadIdx.x];
@@ -956,9 +965,15 @@ constexpr int gate_warp_floats = 2 * max_experts + 2 * max_groups;
 
 /// Gating of a large step: one warp per token (gate_token_warp), gate_block_warps tokens per block.
 constexpr int gate_block_warps = 4;
+/// Block 0 also zeroes counts[0 .. experts) for the count_kernel after it.
 __global__ void __launch_bounds__(32 * gate_block_warps) gate_kernel(const float* logits, int parts, const float* bias,
-                                                                     gate_params p, int64_t t, int* out_idx, float* out_w) {
+                                                                     gate_params p, int64_t t, int* out_idx, float* out_w,
+                                                                     int* counts) {
   __shared__ float scratch[gate_block_warps][gate_warp_floats];
+  pdl_trigger();
+  pdl_wait();
+  if (blockIdx.x == 0)
+    for (int i = static_cast<int>(threadIdx.x); i < p.experts; i += static_cast<int>(blockDim.x)) counts[i] = 0;
   const int warp = static_cast<int>(threadIdx.x >> 5);
   const int64_t row = blockIdx.x * int64_t(gate_block_warps) + warp;
   if (row >= t) return;  // the whole warp: gate_token_warp's shuffles need all 32 lanes
@@ -1098,6 +1113,7 @@ struct expert_engine {
   cublasHandle_t blas = nullptr;
   bool grouped_ok = true;  ///< cleared when the library refuses the grouped call (then one GEMM per expert)
   bool fused_ok = false;   ///< our grouped GEMM kernels run here (sm_90 device, widths they take)
+  bool pdl_ok = false;     ///< programmatic dependent launch exists here (compute capability 9.0 on)
   gemm_mode mode = gemm_mode::automatic;
   gemv_tuning tuning;
   fused_tuning fused;
@@ -1133,6 +1149,8 @@ struct expert_engine {
     SY_CUBLAS(cublasCreate(&blas));
     SY_CUBLAS(cublasSetStream(blas, stream));
     fused_ok = moe_gemm_available(device) && moe_gemm_shapes(hidden, ffn);
+    int major = 0;
+    pdl_ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
     if (fused_ok) SY_CU(moe_gemm_prepare(device, &fused_setup));
     return {};
   }
@@ -1408,12 +1426,15 @@ struct expert_engine {
     return launch_fused(cluster, tl, most, tile_count, x, row_idx, std::max<int64_t>(rows_most, 1), yo);
   }
 
+  /// A large step's kernels launched to overlap the one before them (fused_tuning::pdl).
+  bool overlap() const { return fused.pdl && pdl_ok; }
+
   caf::error launch_fused(int cluster, const moe_tile* tl, int count, const int* tile_count, const bf16* x,
                           const int* row_idx, int64_t h_rows, bf16* yo) {
     SY_CU(moe_gate_up(fused_setup, cluster, tl, count, tile_count, x, row_idx, gu_maps.p, static_cast<int>(hidden),
-                      static_cast<int>(ffn), h.p, stream));
+                      static_cast<int>(ffn), h.p, overlap(), stream));
     SY_CU(moe_down(fused_setup, cluster, tl, count, tile_count, h.p, h_rows, dn_maps.p, static_cast<int>(hidden),
-                   static_cast<int>(ffn), yo, stream));
+                   static_cast<int>(ffn), yo, overlap(), stream));
     last = gemm_mode::fused;
     last_cluster = cluster;
     return {};
@@ -1947,12 +1968,14 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
                           &one, s.router.as<float>(), static_cast<int>(h), x, static_cast<int>(h), &zero,
                           s.logits.as<float>(), static_cast<int>(e)));
   }
-  gate_kernel<<<blocks_for(t, gate_block_warps), 32 * gate_block_warps, 0, eng.stream>>>(
-      s.logits.as<float>(), slices, s.bias.p ? s.bias.as<float>() : nullptr, gp, t, s.idx.as<int>(), s.w.as<float>());
-  SY_CU(cudaGetLastError());
-  SY_CU(cudaMemsetAsync(s.counts.p, 0, static_cast<size_t>(e) * 4, eng.stream));
-  count_kernel<<<blocks_for(n), 256, 0, eng.stream>>>(s.idx.as<int>(), n, s.slot.as<int>(), s.counts.as<int>());
-  SY_CU(cudaGetLastError());
+  // Gating to the GEMMs, kernel after kernel: each may launch while the one before drains
+  // (programmatic dependent launch), waiting for it before it reads what that one wrote.
+  const bool pdl = eng.overlap();
+  SY_CU((launch_k(pdl, gate_kernel, dim3(blocks_for(t, gate_block_warps)), dim3(32 * gate_block_warps), eng.stream,
+                  s.logits.as<float>(), slices, s.bias.p ? s.bias.as<float>() : nullptr, gp, t, s.idx.as<int>(),
+                  s.w.as<float>(), s.counts.as<int>())));
+  SY_CU((launch_k(pdl, count_kernel, dim3(blocks_for(n)), dim3(256), eng.stream, s.idx.as<int>(), n, s.slot.as<int>(),
+                  s.counts.as<int>())));
   if (s.timing) SY_CU(cudaEventRecord(s.ev[4], eng.stream));
   if (planned) {
     // Our kernels read their tile list's length from the device: plan, scatter, convert, run and
@@ -1965,14 +1988,12 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
     SY_TRY(s.n_act.reserve(sizeof(int)));
     SY_TRY(s.act.reserve(static_cast<size_t>(e) * 4));
     SY_TRY(s.row_tok.reserve(static_cast<size_t>(n) * 4));
-    plan_kernel<<<1, max_experts, 0, eng.stream>>>(s.counts.as<int>(), static_cast<int>(e), cluster, s.offsets.as<int>(),
-                                                   s.fill.as<int>(), s.plan_tiles.as<moe_tile>(), s.tile_count.as<int>(),
-                                                   s.n_act.as<int>(), s.act.as<int>());
-    SY_CU(cudaGetLastError());
-    scatter_kernel<<<blocks_for(n), 256, 0, eng.stream>>>(s.idx.as<int>(), n, s.slot.as<int>(), s.offsets.as<int>(),
-                                                          s.fill.as<int>(), s.pos.as<int>(), s.row_tok.as<int>(),
-                                                          static_cast<int>(k));
-    SY_CU(cudaGetLastError());
+    SY_CU((launch_k(pdl, plan_kernel, dim3(1), dim3(max_experts), eng.stream, s.counts.as<int>(), static_cast<int>(e),
+                    cluster, s.offsets.as<int>(), s.fill.as<int>(), s.plan_tiles.as<moe_tile>(), s.tile_count.as<int>(),
+                    s.n_act.as<int>(), s.act.as<int>())));
+    SY_CU((launch_k(pdl, scatter_kernel, dim3(blocks_for(n)), dim3(256), eng.stream, s.idx.as<int>(), n,
+                    s.slot.as<int>(), s.offsets.as<int>(), s.fill.as<int>(), s.pos.as<int>(), s.row_tok.as<int>(),
+                    static_cast<int>(k))));
     SY_TRY(bf16_copy_of_x());
     if (s.timing) SY_CU(cudaEventRecord(s.ev[2], eng.stream));
     SY_TRY(eng.compute_fused_planned(cluster, s.plan_tiles.as<const moe_tile>(), s.tile_count.as<const int>(), tiles_most,
@@ -2046,9 +2067,12 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
 caf::error gpu_moe_layer::combine(impl& s, int64_t t, float* y) {
   const int64_t h = s.engine.hidden, k = s.gating.top_k;
   if (t <= 0) return {};
+  // After our fused kernels it may start as the down kernel drains (programmatic dependent launch).
+  const bool pdl = s.engine.last == gemm_mode::fused && s.engine.overlap();
   if (h % 8 == 0 && aligned16(y) && aligned16(s.yo.p))
-    combine8_kernel<<<dim3(static_cast<unsigned>(t), static_cast<unsigned>((h / 8 + 255) / 256)), 256, 0, s.engine.stream>>>(
-        s.yo.as<bf16>(), s.pos.as<int>(), s.w.as<float>(), static_cast<int>(k), h, y);
+    SY_CU((launch_k(pdl, combine8_kernel, dim3(static_cast<unsigned>(t), static_cast<unsigned>((h / 8 + 255) / 256)),
+                    dim3(256), s.engine.stream, s.yo.as<bf16>(), s.pos.as<int>(), s.w.as<float>(), static_cast<int>(k), h,
+                    y)));
   else
     combine_kernel<bf16><<<dim3(static_cast<unsigned>(t), static_cast<unsigned>((h + 255) / 256)), 256, 0, s.engine.stream>>>(
         s.yo.as<bf16>(), s.pos.as<int>(), s.w.as<float>(), static_cast<int>(k), h, y);

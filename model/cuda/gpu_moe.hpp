@@ -82,6 +82,11 @@ struct gemv_tuning {
 /// tiles would be empty; planned on the device: under balanced routing), else 1.
 struct fused_tuning {
   int cluster = 0;
+  /// A large step's kernels, from the gating to the combine, launched to start while the kernel
+  /// before them drains (programmatic dependent launch, compute capability 9.0 on): each waits
+  /// for that one before reading what it wrote; down loads its first weight stages during gate_up's
+  /// last items.
+  bool pdl = true;
 };
 
 class gpu_experts {

@@ -199,6 +199,13 @@ __device__ __forceinline__ void st_shared_bf162(uint32_t addr, float a, float b)
   asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(*reinterpret_cast<const uint32_t*>(&v)) : "memory");
 }
 
+/// Programmatic dependent launch: lets the next kernel on the stream, launched with the attribute,
+/// start on the SMs this grid frees (a no-op without one).
+__device__ __forceinline__ void griddep_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+/// Waits until the previous kernel on the stream has completed and its writes are visible (a no-op
+/// for a launch without the attribute).
+__device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 template <int R>
 __device__ __forceinline__ void regs_down() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R));
@@ -295,6 +302,12 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
   if (tid == 0) fence_mbar_init();  // the copy engine (and with Cl = 2, the peer) sees them initialised
   if constexpr (Cl > 1) cluster_sync();  // the peer's barriers are initialised before anything arrives on them
   else __syncthreads();
+  // Gate_up launched to overlap the kernel before it (programmatic dependent launch): nothing it
+  // reads (tile list, row index) is read before that one completed. Only then may the next kernel
+  // (down) launch on the SMs this grid frees, reading the tile list early; down lets the combine
+  // launch at once (it waits for down to complete before reading anything).
+  if constexpr (SwiGLU) griddep_wait();
+  griddep_launch_dependents();
   const int kbs = p.k / tile_k;
   constexpr int cols = SwiGLU ? tile_n / 2 : tile_n;  // output columns of a work item
   // Work item w: column tile w % col_tiles of row tile (Cl = 2: tile pair) w / col_tiles. The
@@ -313,22 +326,62 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
       // Kept ahead of the weights, they are read from DRAM 35 MB less (976 against 1010 MB by
       // Nsight Compute on an H100; 0.61 against 0.63 ms a layer at 2048 tokens).
       const uint64_t keep = SwiGLU ? evict_last_policy() : 0;
-      for (int wi = first; wi < items; wi += stride) {
+      // What a work item loads.
+      struct item_loads {
+        moe_tile t;
+        bool shared;  // Cl = 2: a pair of one expert's tiles shares its weight boxes; a mixed pair does not
+        bool load_a, load_b;
+        int n0, second;
+        const CUtensorMap* w;
+      };
+      auto describe = [&](int wi) {
+        item_loads m;
         const int pair = Cl * (wi / p.col_tiles);
-        const moe_tile t = p.tiles[pair + rank];
-        // Cl = 2: a pair of one expert's tiles shares its weight boxes; a mixed pair does not.
-        bool shared = false;
-        if constexpr (Cl > 1) shared = p.tiles[pair].expert == p.tiles[pair + 1].expert;
-        const bool load_b = shared || t.rows > 0;  // an empty tile outside a shared pair reads nothing
-        const int n0 = (wi % p.col_tiles) * cols;
-        const CUtensorMap* w = p.w + t.expert;
-        // The maps were written by a host copy (and rewritten in place when experts change): the
-        // copy engine's view of them is acquired before use.
-        if (tid == 0) fence_tensormap(w);
+        m.t = p.tiles[pair + rank];
+        m.shared = false;
+        if constexpr (Cl > 1) m.shared = p.tiles[pair].expert == p.tiles[pair + 1].expert;
+        m.load_b = m.shared || m.t.rows > 0;  // an empty tile outside a shared pair reads nothing
+        m.load_a = SwiGLU || m.t.rows > 0;    // down: an empty tile reads no A
+        m.n0 = (wi % p.col_tiles) * cols;
         // gate_up: the first box is gate rows n0.., the second the matching up rows; down: 256
         // rows. Cl = 2: each CTA loads one box for both.
-        const int second = SwiGLU ? p.n + n0 : n0 + box_rows;
-        const bool load_a = SwiGLU || t.rows > 0;  // down: an empty tile reads no A
+        m.second = SwiGLU ? p.n + m.n0 : m.n0 + box_rows;
+        m.w = p.w + m.t.expert;
+        return m;
+      };
+      auto expect = [&](const item_loads& m, uint32_t bar) {
+        mbar_arrive_expect(bar, (SwiGLU || !m.load_a ? 0 : a_stage) + (m.load_b ? b_stage : 0));
+      };
+      auto load_weights = [&](const item_loads& m, int kb, uint32_t bs, uint32_t bar) {
+        if (m.shared) {
+          tma_load_multicast(bs + rank * box_rows * 128, m.w, bar, kb * tile_k, rank == 0 ? m.n0 : m.second, 0x3);
+        } else if (m.load_b) {
+          tma_load(bs, m.w, bar, kb * tile_k, m.n0);
+          tma_load(bs + box_rows * 128, m.w, bar, kb * tile_k, m.second);
+        }
+      };
+      // Down, launched to overlap gate_up's last items (programmatic dependent launch): the first
+      // item's weight stages go out at once, its A rows (h, gate_up's output) only once gate_up has
+      // completed. The tile list is older than gate_up: readable before the wait.
+      int pre = 0;  // k-blocks of the first item whose weights were loaded before the wait
+      if constexpr (!SwiGLU) {
+        if (first < items) {
+          const item_loads m = describe(first);
+          fence_tensormap(m.w);
+          pre = kbs < stages ? kbs : stages;
+          for (int kb = 0; kb < pre; ++kb) {
+            expect(m, full + kb * 8);
+            load_weights(m, kb, sb + kb * b_stage, full + kb * 8);
+          }
+        }
+        griddep_wait();
+      }
+      for (int wi = first; wi < items; wi += stride) {
+        const item_loads m = describe(wi);
+        const moe_tile& t = m.t;
+        // The maps were written by a host copy (and rewritten in place when experts change): the
+        // copy engine's view of them is acquired before use.
+        if (tid == 0) fence_tensormap(m.w);
         int row[tile_m / 16];
         if constexpr (SwiGLU) {
 #pragma unroll
@@ -342,14 +395,9 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
           if (it >= stages) mbar_wait(empty + s * 8, (it / stages - 1) & 1);
           const uint32_t as = sa + s * a_stage, bs = sb + s * b_stage, bar = full + s * 8;
           if (tid == 0) {
-            mbar_arrive_expect(bar, (SwiGLU || !load_a ? 0 : a_stage) + (load_b ? b_stage : 0));
-            if (!SwiGLU && load_a) tma_load(as, &p.a_map, bar, kb * tile_k, t.src_row);
-            if (shared) {
-              tma_load_multicast(bs + rank * box_rows * 128, w, bar, kb * tile_k, rank == 0 ? n0 : second, 0x3);
-            } else if (load_b) {
-              tma_load(bs, w, bar, kb * tile_k, n0);
-              tma_load(bs + box_rows * 128, w, bar, kb * tile_k, second);
-            }
+            if (it >= pre) expect(m, bar);
+            if (!SwiGLU && m.load_a) tma_load(as, &p.a_map, bar, kb * tile_k, t.src_row);
+            if (it >= pre) load_weights(m, kb, bs, bar);
           }
           if constexpr (SwiGLU) {
             const int col = kb * tile_k + chunk * 8;
@@ -505,36 +553,40 @@ cudaError_t encode(CUtensorMap* map, const void* m, int64_t rows, int64_t cols, 
 }
 
 /// The kernels' launch configuration: `grid` CTAs of `threads`, all of the shared memory they
-/// take, clusters of `cl` CTAs. Not copyable: the configuration points at its own attribute.
+/// take, clusters of `cl` CTAs; with `overlap`, a programmatic dependent launch (the grid may start
+/// while the previous kernel on the stream drains). Not copyable: the configuration points at its
+/// own attributes.
 struct cluster_launch {
-  cudaLaunchAttribute attr{};
+  cudaLaunchAttribute attr[2]{};
   cudaLaunchConfig_t cfg{};
-  cluster_launch(int grid, int cl, cudaStream_t stream) {
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = static_cast<unsigned>(cl);
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
+  cluster_launch(int grid, int cl, cudaStream_t stream, bool overlap = false) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cl);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
     cfg.gridDim = dim3(static_cast<unsigned>(grid));
     cfg.blockDim = dim3(threads);
     cfg.dynamicSmemBytes = smem_bytes;
     cfg.stream = stream;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = overlap ? 2 : 1;
   }
   cluster_launch(const cluster_launch&) = delete;
   cluster_launch& operator=(const cluster_launch&) = delete;
 };
 
 template <bool SwiGLU, int Cl>
-cudaError_t launch_cl(const gemm_args& args, int grid, cudaStream_t stream) {
-  const cluster_launch l(grid, Cl, stream);
+cudaError_t launch_cl(const gemm_args& args, int grid, cudaStream_t stream, bool overlap) {
+  const cluster_launch l(grid, Cl, stream, overlap);
   return cudaLaunchKernelEx(&l.cfg, moe_gemm_kernel<SwiGLU, Cl>, args);
 }
 
 template <bool SwiGLU>
 cudaError_t launch(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles, const int* tile_count,
                    const void* a, const int* row_idx, int64_t a_rows, const void* w_maps, int k, int n, void* out,
-                   cudaStream_t stream) {
+                   bool overlap, cudaStream_t stream) {
   if (n_tiles <= 0) return cudaSuccess;
   if (cluster != 1 && cluster != 2) return cudaErrorInvalidValue;
   if (!tile_count && n_tiles % cluster != 0) return cudaErrorInvalidValue;  // a pair list has whole pairs
@@ -559,7 +611,8 @@ cudaError_t launch(const moe_gemm_setup& setup, int cluster, const moe_tile* til
   const int64_t items = int64_t(n_tiles / cluster) * args.col_tiles;
   const int64_t most = cluster == 1 ? setup.sms : setup.clusters2;
   const int grid = static_cast<int>(std::min(items, most)) * cluster;
-  const cudaError_t e = cluster == 1 ? launch_cl<SwiGLU, 1>(args, grid, stream) : launch_cl<SwiGLU, 2>(args, grid, stream);
+  const cudaError_t e =
+      cluster == 1 ? launch_cl<SwiGLU, 1>(args, grid, stream, overlap) : launch_cl<SwiGLU, 2>(args, grid, stream, overlap);
   return e != cudaSuccess ? e : cudaGetLastError();
 }
 
@@ -642,14 +695,15 @@ cudaError_t moe_weight_maps(const void* const* w, int n, int64_t rows, int64_t c
 
 cudaError_t moe_gate_up(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles,
                         const int* tile_count, const void* x, const int* row_idx, const void* w_maps, int hidden,
-                        int ffn, void* h, cudaStream_t stream) {
-  return launch<true>(setup, cluster, tiles, n_tiles, tile_count, x, row_idx, 0, w_maps, hidden, ffn, h, stream);
+                        int ffn, void* h, bool overlap, cudaStream_t stream) {
+  return launch<true>(setup, cluster, tiles, n_tiles, tile_count, x, row_idx, 0, w_maps, hidden, ffn, h, overlap, stream);
 }
 
 cudaError_t moe_down(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles,
                      const int* tile_count, const void* h, int64_t h_rows, const void* w_maps, int hidden, int ffn,
-                     void* y, cudaStream_t stream) {
-  return launch<false>(setup, cluster, tiles, n_tiles, tile_count, h, nullptr, h_rows, w_maps, ffn, hidden, y, stream);
+                     void* y, bool overlap, cudaStream_t stream) {
+  return launch<false>(setup, cluster, tiles, n_tiles, tile_count, h, nullptr, h_rows, w_maps, ffn, hidden, y, overlap,
+                       stream);
 }
 
 }  // namespace sy::model::cuda

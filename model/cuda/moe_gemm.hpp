@@ -91,14 +91,19 @@ struct moe_gemm_setup {
 ///   h[dst_row + r, j] = silu(x[i] · gate_j) · (x[i] · up_j),  i = row_idx ? row_idx[src_row + r] : src_row + r,
 /// x bf16 [*, hidden], expert weights bf16 [2·ffn, hidden] (gate rows, then up rows; `w_maps` their
 /// tensor maps), h bf16 [*, ffn]; fp32 accumulation, SwiGLU on the fp32 sums. Asynchronous on `stream`.
+/// `overlap`: launched to start while the previous kernel on the stream drains (it waits for that
+/// kernel before reading anything).
 [[nodiscard]] cudaError_t moe_gate_up(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles,
                                       const int* tile_count, const void* x, const int* row_idx, const void* w_maps,
-                                      int hidden, int ffn, void* h, cudaStream_t stream);
+                                      int hidden, int ffn, void* h, bool overlap, cudaStream_t stream);
 /// For every tile and row r < rows: y[dst_row + r] = h[src_row + r] · wᵀ, h bf16 [h_rows, ffn]
 /// (read by the copy engine: 16-byte aligned), expert weights bf16 [hidden, ffn] (`w_maps`), y
 /// bf16 [h_rows, hidden] (written by the copy engine: 16-byte aligned); fp32 accumulation.
+/// `overlap`: launched to start while the previous kernel on the stream (the step's moe_gate_up,
+/// which writes h) drains, on the SMs it frees: loads its first weight stages, then waits for that
+/// kernel before reading h. The tile list and y must not be written by that kernel.
 [[nodiscard]] cudaError_t moe_down(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles,
                                    const int* tile_count, const void* h, int64_t h_rows, const void* w_maps, int hidden,
-                                   int ffn, void* y, cudaStream_t stream);
+                                   int ffn, void* y, bool overlap, cudaStream_t stream);
 
 }  // namespace sy::model::cuda

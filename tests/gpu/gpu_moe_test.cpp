@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <random>
 #include <span>
@@ -452,21 +453,29 @@ TEST_CASE("gpu: our grouped GEMM kernels get every row right at the tiles' edges
   std::vector<float> padded(size_t(t * h), std::nanf(""));
   (*layer)->set_gemm_mode(gpu::gemm_mode::padded);
   REQUIRE_FALSE((*layer)->forward(xl.data(), t, padded.data()));
-  // Tile lists made on the host from the counts and on the device, single CTAs and pairs.
+  // Tile lists made on the host from the counts and on the device, single CTAs and pairs; the
+  // kernels from the gating on launched to overlap the one before them, and not.
   (*layer)->set_gemm_mode(gpu::gemm_mode::fused);
   for (bool plan : {true, false})
     for (int cluster : {1, 2}) {
-      INFO((plan ? "planned on the device" : "planned on the host") << ", cluster " << cluster);
-      std::vector<float> fused(size_t(t * h), std::nanf(""));
-      (*layer)->set_device_plan(plan);
-      (*layer)->set_fused_tuning({cluster});
-      REQUIRE_FALSE((*layer)->forward(xl.data(), t, fused.data()));
-      REQUIRE((*layer)->last_gemm_mode() == gpu::gemm_mode::fused);
-      CHECK((*layer)->last_device_planned() == plan);
-      CHECK((*layer)->last_fused_cluster() == cluster);
-      CHECK(norm_err(fused, want) < 1e-2);
-      // Same routing on the device: every token's row agrees with the padded cuBLAS path.
-      CHECK(worst_row_err(fused, to_double(padded), h) < 2e-2);
+      std::vector<float> overlapped;
+      for (bool pdl : {true, false}) {
+        INFO((plan ? "planned on the device" : "planned on the host") << ", cluster " << cluster
+                                                                       << (pdl ? ", overlapped launches" : ", serial launches"));
+        std::vector<float> fused(size_t(t * h), std::nanf(""));
+        (*layer)->set_device_plan(plan);
+        (*layer)->set_fused_tuning({cluster, pdl});
+        REQUIRE_FALSE((*layer)->forward(xl.data(), t, fused.data()));
+        REQUIRE((*layer)->last_gemm_mode() == gpu::gemm_mode::fused);
+        CHECK((*layer)->last_device_planned() == plan);
+        CHECK((*layer)->last_fused_cluster() == cluster);
+        CHECK(norm_err(fused, want) < 1e-2);
+        // Same routing on the device: every token's row agrees with the padded cuBLAS path.
+        CHECK(worst_row_err(fused, to_double(padded), h) < 2e-2);
+        // The same kernels in the same order of sums: overlapping launches change no bit.
+        if (pdl) overlapped = fused;
+        else CHECK(std::memcmp(fused.data(), overlapped.data(), fused.size() * sizeof(float)) == 0);
+      }
     }
 }
 
