@@ -147,7 +147,8 @@ int main(int argc, char** argv) {
     variants.push_back({gpu::gemm_mode::fused, {}, "fused/c2", true, {2}});
     variants.push_back({gpu::gemm_mode::fused, {}, "fused/host", false});
     variants.push_back({gpu::gemm_mode::automatic, {}, "auto/host", false});
-    // Our fused kernels' down and combine launched only once the kernel before them completed.
+    // A large step's kernels, from the gating to the combine, each launched only once the one
+    // before it completed (no programmatic dependent launch).
     variants.push_back({gpu::gemm_mode::automatic, {}, "auto/nopdl", true, {0, false}});
     // The router GEMM of large steps forced to f32 (cublasSgemm) or to bf16 pieces.
     variants.push_back({gpu::gemm_mode::automatic, {}, "auto/sgemm", true, {}, gpu::gpu_moe_layer::router_gemm::f32});

@@ -199,7 +199,7 @@ __device__ __forceinline__ void pdl_wait() {
 }
 __device__ __forceinline__ void pdl_trigger() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
 
@@ -1149,8 +1149,12 @@ struct expert_engine {
     SY_CUBLAS(cublasCreate(&blas));
     SY_CUBLAS(cublasSetStream(blas, stream));
     fused_ok = moe_gemm_available(device) && moe_gemm_shapes(hidden, ffn);
+    // The kernels' waits exist only in code built for compute capability 9.0 on (a build for an
+    // older one, run through the JIT on a newer device, has none: no overlapped launches then).
     int major = 0;
-    pdl_ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+    cudaFuncAttributes fa{};
+    pdl_ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9 &&
+             cudaFuncGetAttributes(&fa, gate_kernel) == cudaSuccess && fa.ptxVersion >= 90;
     if (fused_ok) SY_CU(moe_gemm_prepare(device, &fused_setup));
     return {};
   }

@@ -206,6 +206,14 @@ __device__ __forceinline__ void griddep_launch_dependents() { asm volatile("grid
 /// for a launch without the attribute).
 __device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
+/// The tile list and its length are read through L2 only (`ld.global.cg`): down reads them before
+/// its griddepcontrol.wait, written by a kernel two launches back, and no L1 line may hold them.
+__device__ __forceinline__ moe_tile load_tile(const moe_tile* t) {
+  static_assert(sizeof(moe_tile) == sizeof(int4));
+  const int4 v = __ldcg(reinterpret_cast<const int4*>(t));
+  return moe_tile{v.x, v.y, v.z, v.w};
+}
+
 template <int R>
 __device__ __forceinline__ void regs_down() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R));
@@ -314,7 +322,7 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
   // clusters stride over the items, so the ones running at once share A rows (same row tile) and
   // weights (same expert). A pair is two tiles of one expert; CTA `rank` of a cluster takes tile
   // Cl · (w / col_tiles) + rank.
-  const int items = (p.tile_count ? *p.tile_count : p.n_tiles) / Cl * p.col_tiles;
+  const int items = (p.tile_count ? __ldcg(p.tile_count) : p.n_tiles) / Cl * p.col_tiles;
   const int first = blockIdx.x / Cl, stride = gridDim.x / Cl;
   if (tid < 128) {
     regs_down<120>();
@@ -337,9 +345,9 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
       auto describe = [&](int wi) {
         item_loads m;
         const int pair = Cl * (wi / p.col_tiles);
-        m.t = p.tiles[pair + rank];
+        m.t = load_tile(p.tiles + pair + rank);
         m.shared = false;
-        if constexpr (Cl > 1) m.shared = p.tiles[pair].expert == p.tiles[pair + 1].expert;
+        if constexpr (Cl > 1) m.shared = load_tile(p.tiles + pair).expert == load_tile(p.tiles + pair + 1).expert;
         m.load_b = m.shared || m.t.rows > 0;  // an empty tile outside a shared pair reads nothing
         m.load_a = SwiGLU || m.t.rows > 0;    // down: an empty tile reads no A
         m.n0 = (wi % p.col_tiles) * cols;
@@ -435,7 +443,7 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
   float d[128];
   int it = 0;
   for (int wi = first; wi < items; wi += stride) {
-    const moe_tile t = p.tiles[Cl * (wi / p.col_tiles) + rank];
+    const moe_tile t = load_tile(p.tiles + Cl * (wi / p.col_tiles) + rank);
     const int n0 = (wi % p.col_tiles) * cols;
     // A warpgroup past the tile's rows only passes the stages on. Its own loop: wgmma inside a
     // branch the compiler cannot prove warp-uniform is serialized (ptxas C7518), one wgmma waiting

@@ -101,7 +101,10 @@ struct moe_gemm_setup {
 /// bf16 [h_rows, hidden] (written by the copy engine: 16-byte aligned); fp32 accumulation.
 /// `overlap`: launched to start while the previous kernel on the stream (the step's moe_gate_up,
 /// which writes h) drains, on the SMs it frees: loads its first weight stages, then waits for that
-/// kernel before reading h. The tile list and y must not be written by that kernel.
+/// kernel before reading h. It reads the tile list before that wait, so the list must be complete
+/// when that kernel lets it launch: written by an earlier operation that kernel waited for (as
+/// moe_gate_up does before it lets the next kernel launch) and not by that kernel; nor may that
+/// kernel touch y.
 [[nodiscard]] cudaError_t moe_down(const moe_gemm_setup& setup, int cluster, const moe_tile* tiles, int n_tiles,
                                    const int* tile_count, const void* h, int64_t h_rows, const void* w_maps, int hidden,
                                    int ffn, void* y, bool overlap, cudaStream_t stream);

@@ -479,6 +479,42 @@ TEST_CASE("gpu: our grouped GEMM kernels get every row right at the tiles' edges
     }
 }
 
+TEST_CASE("gpu: a large step's overlapped launches (programmatic dependent launch) change no bit", "[gpu]") {
+  // More work items than SMs in both GEMM kernels (64 experts of ~256 rows: 256 down items on a
+  // single CTA each), so down's CTAs start while gate_up's last items run and each takes several;
+  // a bf16 router, so the one-pass router kernel starts the chain.
+  const int64_t h = 512, f = 384, t = 4096;
+  gating_config gc;
+  gc.num_experts = 64, gc.top_k = 4, gc.norm_topk_prob = true;
+  auto router = matrix::from_f32(dtype::bf16, randv(size_t(64 * h), 5, 1.0f / std::sqrt(float(h))), 64, h);
+  std::vector<layer_experts> L;
+  const auto ptrs = random_layer(L, 64, h, f, 900);
+  auto layer = gpu::gpu_moe_layer::make(0, gc, router, nullptr, ptrs);
+  REQUIRE(layer);
+  auto x = randv(size_t(t * h), 13, 1.0f);
+  const auto want = to_double(cpu_layer(gc, router, nullptr, L, x, t, h));
+  (*layer)->set_gemm_mode(gpu::gemm_mode::fused);
+  for (int cluster : {1, 2}) {
+    INFO("cluster " << cluster);
+    std::vector<float> serial(size_t(t * h), std::nanf(""));
+    (*layer)->set_fused_tuning({cluster, false});
+    REQUIRE_FALSE((*layer)->forward(x.data(), t, serial.data()));
+    REQUIRE((*layer)->last_device_planned());
+    CHECK((*layer)->last_fused_cluster() == cluster);
+    CHECK((*layer)->last_router_parts() == 3);
+    CHECK(norm_err(serial, want) < 1e-2);
+    // Overlapped, ten times: a read that raced its producer would show as a changed bit.
+    (*layer)->set_fused_tuning({cluster, true});
+    int differing = 0;
+    for (int rep = 0; rep < 10; ++rep) {
+      std::vector<float> y(size_t(t * h), std::nanf(""));
+      REQUIRE_FALSE((*layer)->forward(x.data(), t, y.data()));
+      differing += std::memcmp(y.data(), serial.data(), y.size() * sizeof(float)) != 0;
+    }
+    CHECK(differing == 0);
+  }
+}
+
 TEST_CASE("gpu: automatic mode pads row counts only while padding is cheap, and every layout stays within 1e-2 of float64", "[gpu]") {
   // A hidden size our grouped GEMM kernels do not take (not a multiple of 256), so automatic
   // chooses among cuBLAS's layouts.
