@@ -74,6 +74,7 @@ struct gemm_args {
   int k;
   int n;                 // output width (gate_up: ffn, also the first up row; down: hidden)
   bf16* out;
+  int overlap;           // down launched to overlap gate_up: its first weight stages go out before the wait
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -373,7 +374,7 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
       // completed. The tile list is older than gate_up: readable before the wait.
       int pre = 0;  // k-blocks of the first item whose weights were loaded before the wait
       if constexpr (!SwiGLU) {
-        if (first < items) {
+        if (p.overlap && first < items) {
           const item_loads m = describe(first);
           fence_tensormap(m.w);
           pre = kbs < stages ? kbs : stages;
@@ -614,6 +615,7 @@ cudaError_t launch(const moe_gemm_setup& setup, int cluster, const moe_tile* til
   args.k = k;
   args.n = n;
   args.out = static_cast<bf16*>(out);
+  args.overlap = overlap ? 1 : 0;
   // Persistent: one CTA per SM (each takes all of an SM's shared memory), as many clusters as fit
   // at once, striding over the items.
   const int64_t items = int64_t(n_tiles / cluster) * args.col_tiles;
