@@ -115,6 +115,26 @@ std::vector<const expert_weights*> random_layer(std::vector<layer_experts>& L, i
   return ptrs;
 }
 
+/// A layer of `experts` random bf16 experts (expert e from expert_seed + e), top-k with normalised
+/// weights, a random router of `router_type` values: as the CPU runs it (g, router, L) and on device 0.
+struct random_moe {
+  gating_config g;
+  matrix router;
+  std::vector<layer_experts> L;
+  std::unique_ptr<gpu::gpu_moe_layer> layer;
+};
+random_moe make_random_moe(int experts, int top_k, int64_t h, int64_t f, dtype router_type, uint32_t router_seed,
+                           uint32_t expert_seed) {
+  random_moe m;
+  m.g.num_experts = experts, m.g.top_k = top_k, m.g.norm_topk_prob = true;
+  m.router = matrix::from_f32(router_type, randv(size_t(experts * h), router_seed, 1.0f / std::sqrt(float(h))), experts, h);
+  const auto ptrs = random_layer(m.L, experts, h, f, expert_seed);
+  auto layer = gpu::gpu_moe_layer::make(0, m.g, m.router, nullptr, ptrs);
+  REQUIRE(layer);
+  m.layer = std::move(*layer);
+  return m;
+}
+
 /// Tokens whose expert choices differ between the device's routing and the CPU's. Logits come
 /// from two different fp32 GEMMs, so a choice may differ where the CPU's scores nearly tie; the
 /// weights of every other token must match to float rounding (checked here).
@@ -440,22 +460,17 @@ TEST_CASE("gpu: our grouped GEMM kernels get every row right at the tiles' edges
 
   // A whole layer: the gate_up kernel reads the token rows through the routing's row index.
   // 16 experts, top-4, 500 tokens: ~125 rows an expert, most crossing a tile edge.
-  gating_config gc;
-  gc.num_experts = 16, gc.top_k = 4, gc.norm_topk_prob = true;
-  auto router = matrix::from_f32(dtype::f32, randv(size_t(16 * h), 7, 1.0f / std::sqrt(float(h))), 16, h);
-  std::vector<layer_experts> L;
-  const auto ptrs = random_layer(L, 16, h, f, 700);
-  auto layer = gpu::gpu_moe_layer::make(0, gc, router, nullptr, ptrs);
-  REQUIRE(layer);
+  auto m = make_random_moe(16, 4, h, f, dtype::f32, 7, 700);
+  auto& layer = *m.layer;
   const int64_t t = 500;
   auto xl = randv(size_t(t * h), 11, 1.0f);
-  const auto want = to_double(cpu_layer(gc, router, nullptr, L, xl, t, h));
+  const auto want = to_double(cpu_layer(m.g, m.router, nullptr, m.L, xl, t, h));
   std::vector<float> padded(size_t(t * h), std::nanf(""));
-  (*layer)->set_gemm_mode(gpu::gemm_mode::padded);
-  REQUIRE_FALSE((*layer)->forward(xl.data(), t, padded.data()));
+  layer.set_gemm_mode(gpu::gemm_mode::padded);
+  REQUIRE_FALSE(layer.forward(xl.data(), t, padded.data()));
   // Tile lists made on the host from the counts and on the device, single CTAs and pairs; the
   // kernels from the gating on launched to overlap the one before them, and not.
-  (*layer)->set_gemm_mode(gpu::gemm_mode::fused);
+  layer.set_gemm_mode(gpu::gemm_mode::fused);
   for (bool plan : {true, false})
     for (int cluster : {1, 2}) {
       std::vector<float> overlapped;
@@ -463,12 +478,12 @@ TEST_CASE("gpu: our grouped GEMM kernels get every row right at the tiles' edges
         INFO((plan ? "planned on the device" : "planned on the host") << ", cluster " << cluster
                                                                        << (pdl ? ", overlapped launches" : ", serial launches"));
         std::vector<float> fused(size_t(t * h), std::nanf(""));
-        (*layer)->set_device_plan(plan);
-        (*layer)->set_fused_tuning({cluster, pdl});
-        REQUIRE_FALSE((*layer)->forward(xl.data(), t, fused.data()));
-        REQUIRE((*layer)->last_gemm_mode() == gpu::gemm_mode::fused);
-        CHECK((*layer)->last_device_planned() == plan);
-        CHECK((*layer)->last_fused_cluster() == cluster);
+        layer.set_device_plan(plan);
+        layer.set_fused_tuning({cluster, pdl});
+        REQUIRE_FALSE(layer.forward(xl.data(), t, fused.data()));
+        REQUIRE(layer.last_gemm_mode() == gpu::gemm_mode::fused);
+        CHECK(layer.last_device_planned() == plan);
+        CHECK(layer.last_fused_cluster() == cluster);
         CHECK(norm_err(fused, want) < 1e-2);
         // Same routing on the device: every token's row agrees with the padded cuBLAS path.
         CHECK(worst_row_err(fused, to_double(padded), h) < 2e-2);
@@ -484,31 +499,26 @@ TEST_CASE("gpu: a large step's overlapped launches (programmatic dependent launc
   // single CTA each), so down's CTAs start while gate_up's last items run and each takes several;
   // a bf16 router, so the one-pass router kernel starts the chain.
   const int64_t h = 512, f = 384, t = 4096;
-  gating_config gc;
-  gc.num_experts = 64, gc.top_k = 4, gc.norm_topk_prob = true;
-  auto router = matrix::from_f32(dtype::bf16, randv(size_t(64 * h), 5, 1.0f / std::sqrt(float(h))), 64, h);
-  std::vector<layer_experts> L;
-  const auto ptrs = random_layer(L, 64, h, f, 900);
-  auto layer = gpu::gpu_moe_layer::make(0, gc, router, nullptr, ptrs);
-  REQUIRE(layer);
+  auto m = make_random_moe(64, 4, h, f, dtype::bf16, 5, 900);
+  auto& layer = *m.layer;
   auto x = randv(size_t(t * h), 13, 1.0f);
-  const auto want = to_double(cpu_layer(gc, router, nullptr, L, x, t, h));
-  (*layer)->set_gemm_mode(gpu::gemm_mode::fused);
+  const auto want = to_double(cpu_layer(m.g, m.router, nullptr, m.L, x, t, h));
+  layer.set_gemm_mode(gpu::gemm_mode::fused);
   for (int cluster : {1, 2}) {
     INFO("cluster " << cluster);
     std::vector<float> serial(size_t(t * h), std::nanf(""));
-    (*layer)->set_fused_tuning({cluster, false});
-    REQUIRE_FALSE((*layer)->forward(x.data(), t, serial.data()));
-    REQUIRE((*layer)->last_device_planned());
-    CHECK((*layer)->last_fused_cluster() == cluster);
-    CHECK((*layer)->last_router_parts() == 3);
+    layer.set_fused_tuning({cluster, false});
+    REQUIRE_FALSE(layer.forward(x.data(), t, serial.data()));
+    REQUIRE(layer.last_device_planned());
+    CHECK(layer.last_fused_cluster() == cluster);
+    CHECK(layer.last_router_parts() == 3);
     CHECK(norm_err(serial, want) < 1e-2);
     // Overlapped, ten times: a read that raced its producer would show as a changed bit.
-    (*layer)->set_fused_tuning({cluster, true});
+    layer.set_fused_tuning({cluster, true});
     int differing = 0;
     for (int rep = 0; rep < 10; ++rep) {
       std::vector<float> y(size_t(t * h), std::nanf(""));
-      REQUIRE_FALSE((*layer)->forward(x.data(), t, y.data()));
+      REQUIRE_FALSE(layer.forward(x.data(), t, y.data()));
       differing += std::memcmp(y.data(), serial.data(), y.size() * sizeof(float)) != 0;
     }
     CHECK(differing == 0);
@@ -673,21 +683,17 @@ TEST_CASE("gpu: automatic plans few large experts on the device up to a tile an 
   // up to 512 tokens (1024 rows, 128 an expert on average) the fused kernels with the tile list
   // made on the device, above that the counts go to the host and cuBLAS's kinds take the step.
   const int64_t h = 1024, f = 8192;
-  gating_config g;
-  g.num_experts = 8, g.top_k = 2, g.norm_topk_prob = true;
-  auto router = matrix::from_f32(dtype::bf16, randv(size_t(8 * h), 3, 1.0f / std::sqrt(float(h))), 8, h);
-  std::vector<layer_experts> L;
-  const auto ptrs = random_layer(L, 8, h, f, 40);
-  auto layer = gpu::gpu_moe_layer::make(0, g, router, nullptr, ptrs);
-  REQUIRE(layer);
+  auto m = make_random_moe(8, 2, h, f, dtype::bf16, 3, 40);
+  auto& layer = *m.layer;
+  const auto& g = m.g;
   for (int64_t t : {int64_t{512}, int64_t{520}}) {
     INFO(t << " tokens");
     auto x = randv(size_t(t * h), 17 + uint32_t(t), 1.0f);
     std::vector<float> y(size_t(t * h), std::nanf(""));
-    REQUIRE_FALSE((*layer)->forward(x.data(), t, y.data()));
-    CHECK((*layer)->last_device_planned() == (t * g.top_k <= int64_t{128} * g.num_experts));
-    CHECK(((*layer)->last_gemm_mode() == gpu::gemm_mode::fused) == (t == 512));
-    CHECK(norm_err(y, to_double(cpu_layer(g, router, nullptr, L, x, t, h))) < 1e-2);
+    REQUIRE_FALSE(layer.forward(x.data(), t, y.data()));
+    CHECK(layer.last_device_planned() == (t * g.top_k <= int64_t{128} * g.num_experts));
+    CHECK((layer.last_gemm_mode() == gpu::gemm_mode::fused) == (t == 512));
+    CHECK(norm_err(y, to_double(cpu_layer(g, m.router, nullptr, m.L, x, t, h))) < 1e-2);
   }
 }
 
