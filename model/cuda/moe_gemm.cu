@@ -25,6 +25,9 @@
 // are stored from the registers).
 // A rows past the tile's end are zeros (gate_up) or another tile's rows (down, read whole by TMA);
 // either way their output rows are never stored.
+// Launched to overlap (programmatic dependent launch), gate_up waits for the kernel before it and
+// only then lets down launch; down's CTAs start on the SMs gate_up's last items free, load their
+// first item's weight stages and read h once gate_up has completed.
 #include "model/cuda/moe_gemm.hpp"
 
 #include <cuda.h>  // CUtensorMap and its encoder's types; the encoder comes through the runtime
