@@ -1,6 +1,7 @@
 #include "model/cuda/gpu_moe.hpp"
 
 #include "model/cuda/moe_gemm.hpp"
+#include "model/cuda/pdl.cuh"
 
 #include "model/error.hpp"
 
@@ -186,21 +187,6 @@ __global__ void split3_kernel(const float* in, bf16* out, int64_t n) {
     return;
   }
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride) split3(in[i], out[i], out[n + i], out[2 * n + i]);
-}
-
-// Programmatic dependent launch (sm_90): a kernel launched with the attribute may start while the
-// previous kernel on the stream drains; `pdl_wait` blocks until that kernel has finished and its
-// writes are visible, `pdl_trigger` lets the next kernel launch once every block of this one ran it.
-// Both are no-ops for a kernel launched without the attribute.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
 }
 
 // ---- the router GEMM in one pass (bf16 router weights) ----

@@ -29,6 +29,7 @@
 // only then lets down launch; down's CTAs start on the SMs gate_up's last items free, load their
 // first item's weight stages and read h once gate_up has completed.
 #include "model/cuda/moe_gemm.hpp"
+#include "model/cuda/pdl.cuh"
 
 #include <cuda.h>  // CUtensorMap and its encoder's types; the encoder comes through the runtime
 #include <cuda_bf16.h>
@@ -203,13 +204,6 @@ __device__ __forceinline__ void st_shared_bf162(uint32_t addr, float a, float b)
   asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(*reinterpret_cast<const uint32_t*>(&v)) : "memory");
 }
 
-/// Programmatic dependent launch: lets the next kernel on the stream, launched with the attribute,
-/// start on the SMs this grid frees (a no-op without one).
-__device__ __forceinline__ void griddep_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
-/// Waits until the previous kernel on the stream has completed and its writes are visible (a no-op
-/// for a launch without the attribute).
-__device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-
 /// The tile list and its length are read through L2 only (`ld.global.cg`): down reads them before
 /// its griddepcontrol.wait, written by a kernel two launches back, and no L1 line may hold them.
 __device__ __forceinline__ moe_tile load_tile(const moe_tile* t) {
@@ -318,8 +312,8 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
   // reads (tile list, row index) is read before that one completed. Only then may the next kernel
   // (down) launch on the SMs this grid frees, reading the tile list early; down lets the combine
   // launch at once (it waits for down to complete before reading anything).
-  if constexpr (SwiGLU) griddep_wait();
-  griddep_launch_dependents();
+  if constexpr (SwiGLU) pdl_wait();
+  pdl_trigger();
   const int kbs = p.k / tile_k;
   constexpr int cols = SwiGLU ? tile_n / 2 : tile_n;  // output columns of a work item
   // Work item w: column tile w % col_tiles of row tile (Cl = 2: tile pair) w / col_tiles. The
@@ -386,7 +380,7 @@ __global__ void __launch_bounds__(threads, 1) moe_gemm_kernel(const __grid_const
             load_weights(m, kb, sb + kb * b_stage, full + kb * 8);
           }
         }
-        griddep_wait();
+        pdl_wait();
       }
       for (int wi = first; wi < items; wi += stride) {
         const item_loads m = describe(wi);
