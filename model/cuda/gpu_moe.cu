@@ -969,58 +969,65 @@ __global__ void __launch_bounds__(32 * gate_block_warps) gate_kernel(const float
                   reinterpret_cast<int*>(sc + 2 * max_experts + max_groups));
 }
 
-/// The whole routing of a small step in one block: gating per token, then the GEMV work list
-/// (local experts in ascending id order, each expert's rows in token order) and every pair's row
-/// (`pos`, -1 for experts not held here). Deterministic: no atomics.
+/// The whole routing of a small step in one block of 32 · gemv_max_rows threads: gating per token
+/// (a warp each), then the GEMV work list (local experts in ascending id order, each expert's rows
+/// in token order) and every pair's row (`pos`, -1 for experts not held here). Deterministic: no
+/// atomics. It runs alone on one SM on the step's critical path, so the choices stay in shared
+/// memory (no trip through L2 between the phases) and the work list is one block-wide scan.
+constexpr int route_small_threads = 32 * gemv_max_rows;
+constexpr int route_small_per_thread = max_experts / route_small_threads;  // experts a thread counts
+static_assert(max_experts % route_small_threads == 0 && gemv_max_pairs < (1 << 15));
 __device__ void route_small(const float* logits, const float* bias, const gate_params& gp, int t, const int* slot,
                             int* idx, float* wts, int* pos, int* n_act, int* act, int* start, int* cnt, int* row_tok) {
+  using scan = cub::BlockScan<int, route_small_threads>;
+  __shared__ typename scan::TempStorage tmp;
   __shared__ int s_idx[gemv_max_pairs];
-  __shared__ int s_cnt[max_experts], s_start[max_experts];
+  __shared__ float s_w[gemv_max_pairs];
+  __shared__ int s_start[max_experts];  // an expert's first row, -1 where it is not held here
   __shared__ float s_gate[gemv_max_rows][gate_warp_floats];
-  const int n = t * gp.k, tid = threadIdx.x, bd = blockDim.x, warp = tid >> 5;
-  if (warp < t) {  // one warp per token (blockDim.x = 32 · gemv_max_rows)
+  const int n = t * gp.k, tid = threadIdx.x, warp = tid >> 5;
+  if (warp < t) {  // one warp per token
     float* sc = s_gate[warp];
-    gate_token_warp(logits, 1, 0, bias, gp, warp, idx, wts, sc, sc + max_experts, sc + 2 * max_experts,
+    gate_token_warp(logits, 1, 0, bias, gp, warp, s_idx, s_w, sc, sc + max_experts, sc + 2 * max_experts,
                     reinterpret_cast<int*>(sc + 2 * max_experts + max_groups));
   }
   __syncthreads();
-  for (int i = tid; i < n; i += bd) s_idx[i] = idx[i];
-  __syncthreads();
-  for (int e = tid; e < gp.experts; e += bd) {
-    int c = 0;
-    if (slot[e] >= 0)
-      for (int i = 0; i < n; ++i) c += s_idx[i] == e;
-    s_cnt[e] = c;
+  for (int i = tid; i < n; i += route_small_threads) {
+    idx[i] = s_idx[i];
+    wts[i] = s_w[i];
   }
-  __syncthreads();
-  if (warp == 0) {  // the work list: a warp-wide scan over 32 experts at a time, in ascending id order
-    const int lane = tid & 31;
-    int rows = 0, na = 0;
-    for (int base = 0; base < gp.experts; base += 32) {
-      const int e = base + lane;
-      const int c = e < gp.experts ? s_cnt[e] : 0;
-      int incl = c;  // inclusive prefix sum of the rows over the lanes
-      for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += v;
-      }
-      const unsigned live = __ballot_sync(0xffffffffu, c > 0);
-      if (c > 0) {
-        const int a = na + __popc(live & ((1u << lane) - 1u)), r = rows + incl - c;
-        act[a] = e;
-        start[a] = r;
-        cnt[a] = c;
-        s_start[e] = r;
-      }
-      rows += __shfl_sync(0xffffffffu, incl, 31);
-      na += __popc(live);
+  // Thread tid counts experts tid · per_thread + j (a blocked arrangement: ascending ids along the
+  // scan). Rows and live experts scanned together, packed as rows · 2^16 + live (rows ≤ n < 2^15).
+  int c[route_small_per_thread], packed[route_small_per_thread];
+  bool held[route_small_per_thread];
+#pragma unroll
+  for (int j = 0; j < route_small_per_thread; ++j) {
+    const int e = tid * route_small_per_thread + j;
+    held[j] = e < gp.experts && slot[e] >= 0;
+    c[j] = 0;
+    if (held[j])
+      for (int i = 0; i < n; ++i) c[j] += s_idx[i] == e;
+    packed[j] = (c[j] << 16) | (c[j] > 0 ? 1 : 0);
+  }
+  int total = 0;
+  scan(tmp).ExclusiveSum(packed, packed, total);
+#pragma unroll
+  for (int j = 0; j < route_small_per_thread; ++j) {
+    const int e = tid * route_small_per_thread + j;
+    if (e >= gp.experts) continue;
+    const int r = packed[j] >> 16, a = packed[j] & 0xffff;
+    s_start[e] = held[j] ? r : -1;
+    if (c[j] > 0) {
+      act[a] = e;
+      start[a] = r;
+      cnt[a] = c[j];
     }
-    if (lane == 0) *n_act = na;
   }
+  if (tid == 0) *n_act = total & 0xffff;
   __syncthreads();
-  for (int i = tid; i < n; i += bd) {
+  for (int i = tid; i < n; i += route_small_threads) {
     const int e = s_idx[i];
-    if (slot[e] < 0) {
+    if (s_start[e] < 0) {
       pos[i] = -1;
       continue;
     }
@@ -1079,14 +1086,18 @@ __global__ void __launch_bounds__(32 * gemv_max_rows) router_route_small_kernel(
     for (int q = 0; q < router_split; ++q) v += s_part[warp + q][lane];
     logits[int64_t(lane) * gp.experts + e] = v;
   }
-  // The last block to finish sees every block's logits.
+  // The last block to finish sees every block's logits. One thread a block fences and counts (the
+  // barrier before it orders the block's writes; the one after, the last block's reads), as a grid
+  // barrier does: a fence in every thread cost each block a wait of its own.
   __shared__ bool last;
-  __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(done, 1u) == gridDim.x - 1;
+    if (last) __threadfence();
+  }
   __syncthreads();
   if (!last) return;
-  __threadfence();
   route_small(logits, bias, gp, t, slot, idx, wts, pos, n_act, act, start, cnt, row_tok);
   if (threadIdx.x == 0) *done = 0;
 }
