@@ -1088,7 +1088,7 @@ __global__ void __launch_bounds__(32 * gemv_max_rows) router_route_small_kernel(
   }
   // The last block to finish sees every block's logits. One thread a block fences and counts (the
   // barrier before it orders the block's writes; the one after, the last block's reads), as a grid
-  // barrier does: a fence in every thread cost each block a wait of its own.
+  // barrier does, instead of a fence in every thread.
   __shared__ bool last;
   __syncthreads();
   if (threadIdx.x == 0) {
