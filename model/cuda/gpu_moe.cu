@@ -848,6 +848,57 @@ __device__ __forceinline__ unsigned warp_extreme(unsigned v) {
 #endif
 }
 
+/// The top k of one token's `choice` over E ≤ 32 · PL experts by one warp, in rank order (the
+/// largest first, the lower id among equals), into idx[0 .. k) with w[j] = score[idx[j]]; returns
+/// the sum of those scores, added in rank order. Lane l holds experts l, l + 32, ... in registers,
+/// sorted once by (key, id); each round one reduction finds the largest head over the lanes, a
+/// second the lowest id among the heads that hold it, and that lane drops its head: no lane looks
+/// over its experts again.
+template <int PL>
+__device__ __forceinline__ double top_k_lanes(const float* choice, const float* score, int E, int k, int lane, int* idx,
+                                              float* w) {
+  unsigned key[PL], id[PL];  // past E: key 0 and id ~0, after every expert (a NaN choice is key 0 too)
+#pragma unroll
+  for (int q = 0; q < PL; ++q) {
+    const int i = lane + 32 * q;
+    key[q] = i < E ? choice_key(choice[i]) : 0u;
+    id[q] = i < E ? static_cast<unsigned>(i) : 0xffffffffu;
+  }
+  // Insertion sort, largest key first. The ids arrive ascending and only a strictly larger key
+  // moves up, so equal keys keep the lower id first.
+#pragma unroll
+  for (int a = 1; a < PL; ++a)
+#pragma unroll
+    for (int b = a; b > 0; --b)
+      if (key[b] > key[b - 1]) {
+        const unsigned kk = key[b], ii = id[b];
+        key[b] = key[b - 1];
+        id[b] = id[b - 1];
+        key[b - 1] = kk;
+        id[b - 1] = ii;
+      }
+  double sum = 0;
+  for (int j = 0; j < k; ++j) {
+    const unsigned top = warp_extreme<true>(key[0]);
+    const int arg = static_cast<int>(warp_extreme<false>(key[0] == top ? id[0] : 0xffffffffu));
+    sum += score[arg];
+    if (lane == 0) {
+      idx[j] = arg;
+      w[j] = score[arg];
+    }
+    if (lane == (arg & 31)) {  // the winner's lane drops it
+#pragma unroll
+      for (int q = 0; q + 1 < PL; ++q) {
+        key[q] = key[q + 1];
+        id[q] = id[q + 1];
+      }
+      key[PL - 1] = 0u;
+      id[PL - 1] = 0xffffffffu;
+    }
+  }
+  return sum;
+}
+
 /// One token's scores, optional bias and group limit, top-k (ties to the lower id, in rank order)
 /// and weights — the same rule as the CPU's `route_from_logits` — by one warp (one thread per token
 /// would leave the layer waiting on a long serial chain), the experts strided over the lanes;
@@ -910,31 +961,15 @@ __device__ void gate_token_warp(const float* logits, int parts, int64_t part_str
       if (!keep[i / per]) choice[i] = 0.0f;
     __syncwarp();
   }
-  // Top-k: k rounds, each the largest choice left, the lowest expert id among equals. A lane holds
-  // experts lane, lane + 32, ...: its best key (choice_key, so unsigned order is float order) and
-  // the first id with it; one reduction finds the largest key, a second the lowest id with it.
+  // Top-k: k rounds, each the largest choice left, the lowest expert id among equals.
   int* idx = out_idx + int64_t(row) * p.k;
   float* w = out_w + int64_t(row) * p.k;
   double sum = 0;
-  for (int j = 0; j < p.k; ++j) {
-    unsigned best = 0;
-    unsigned bi = 0xffffffffu;
-    for (int i = lane; i < E; i += 32) {
-      const unsigned key = choice_key(choice[i]);
-      if (bi == 0xffffffffu || key > best) {
-        best = key;
-        bi = static_cast<unsigned>(i);
-      }
-    }
-    const unsigned top = warp_extreme<true>(best);
-    const int arg = static_cast<int>(warp_extreme<false>(best == top ? bi : 0xffffffffu));
-    sum += score[arg];
-    if (lane == 0) {
-      idx[j] = arg;
-      w[j] = score[arg];
-    }
-    if (lane == (arg & 31)) choice[arg] = -INFINITY;  // only this lane reads it
-  }
+  if (E <= 32) sum = top_k_lanes<1>(choice, score, E, p.k, lane, idx, w);
+  else if (E <= 64) sum = top_k_lanes<2>(choice, score, E, p.k, lane, idx, w);
+  else if (E <= 128) sum = top_k_lanes<4>(choice, score, E, p.k, lane, idx, w);
+  else if (E <= 256) sum = top_k_lanes<8>(choice, score, E, p.k, lane, idx, w);
+  else sum = top_k_lanes<max_experts / 32>(choice, score, E, p.k, lane, idx, w);
   __syncwarp();  // lane 0's weights, seen by the lanes that finish them
   const bool normalise = p.norm && !(p.scale_only_unnormalised && p.k == 1);
   const bool scale = p.scale != 1.0f && !(normalise && p.scale_only_unnormalised);

@@ -176,6 +176,13 @@ TEST_CASE("gpu: the gating kernel makes the CPU's choices, for every family's ru
   g.num_experts = 160, g.top_k = 6, g.method = topk_method::group_limited_greedy, g.n_group = 8, g.topk_group = 3;
   g.routed_scaling_factor = 16.0, g.scale_only_unnormalised = true, g.norm_eps = 1e-20;
   vs.push_back({"deepseek-v2 softmax group-limited greedy", g, false});
+  // Four and up to sixteen experts a lane in the warp's top-k (the lanes' sorted registers), the
+  // last with lanes whose slots run past the experts.
+  g = {};
+  g.num_experts = 128, g.top_k = 8, g.norm_topk_prob = true;
+  vs.push_back({"qwen3 softmax top-8 of 128", g, false});
+  g.num_experts = 400, g.top_k = 10;
+  vs.push_back({"softmax top-10 of 400", g, false});
   // Hidden 128: a bf16 router's pieces run in the one-pass kernel (whole 64-wide chunks); 96: as
   // cuBLAS's products.
   for (const int64_t h : {int64_t{128}, int64_t{96}})
