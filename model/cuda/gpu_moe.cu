@@ -1785,6 +1785,10 @@ caf::expected<std::unique_ptr<gpu_moe_layer>> gpu_moe_layer::make(int device, co
   if (gating.num_experts > max_experts || gating.n_group > max_groups || gating.top_k > 32)
     return make_error(model_errc::unsupported, "gpu layer: at most " + std::to_string(max_experts) + " experts, " +
                                                    std::to_string(max_groups) + " groups and top-32");
+  if (gating.top_k < 1 || gating.top_k > gating.num_experts)  // the gating kernels take k distinct experts
+    return make_error(model_errc::invalid_argument, "gpu layer: top-k must be 1 to the expert count (" +
+                                                        std::to_string(gating.num_experts) + "), got " +
+                                                        std::to_string(gating.top_k));
   if (static_cast<int>(experts.size()) != gating.num_experts || router.rows() != gating.num_experts)
     return make_error(model_errc::invalid_argument, "gpu layer: router and expert list disagree on the expert count");
   const expert_weights* any = nullptr;

@@ -222,6 +222,24 @@ TEST_CASE("gpu: the gating kernel makes the CPU's choices, for every family's ru
   }
 }
 
+TEST_CASE("gpu: a layer refuses a top-k of none or of more than its experts, naming it", "[gpu]") {
+  // The gating kernels take k distinct experts: a k past the expert count would index past them.
+  std::vector<layer_experts> L;
+  const auto ptrs = random_layer(L, 8, 64, 32, 1);
+  const auto router = matrix::from_f32(dtype::f32, randv(size_t(8 * 64), 1, 0.1f), 8, 64);
+  gating_config g;
+  g.num_experts = 8;
+  for (int k : {0, 9}) {
+    INFO("top-" << k);
+    g.top_k = k;
+    auto layer = gpu::gpu_moe_layer::make(0, g, router, nullptr, ptrs);
+    REQUIRE_FALSE(layer);
+    CHECK_THAT(describe(layer.error()), Catch::Contains("top-k"));
+  }
+  g.top_k = 8;
+  CHECK(gpu::gpu_moe_layer::make(0, g, router, nullptr, ptrs));
+}
+
 TEST_CASE("gpu: the gating kernels break exact ties as the CPU does (lower expert id first)", "[gpu]") {
   // A zero router: every logit is exactly 0 whatever the GEMM's order of sums, so every expert's
   // score ties; with a bias that lifts every `lift`-th expert, those tie above the rest. The choices
