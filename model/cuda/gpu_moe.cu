@@ -1305,7 +1305,7 @@ struct expert_engine {
   caf::error gemv_gate_up(const float* x, const gemv_work& wk, int max_act) {
     const dim3 ga(static_cast<unsigned>((ffn + gemv_warps * (NW / 2) - 1) / (gemv_warps * (NW / 2))),
                   static_cast<unsigned>(max_act));
-    SY_CU((launch_k(may_overlap(tuning.pdl), gemv_gate_up_kernel<NW, R>, ga, dim3(gemv_warps * 32), stream, x, static_cast<int>(hidden),
+    SY_CU((launch_k(gemv_overlap(), gemv_gate_up_kernel<NW, R>, ga, dim3(gemv_warps * 32), stream, x, static_cast<int>(hidden),
                    static_cast<int>(ffn), gu_tab.as<const bf16*>(), wk, hmid.as<float>(), tuning.split)));
     return {};
   }
@@ -1313,7 +1313,7 @@ struct expert_engine {
   template <int NW, int R>
   caf::error gemv_down(const gemv_work& wk, int max_act, float* y) {
     const dim3 gb(static_cast<unsigned>((hidden + gemv_warps * NW - 1) / (gemv_warps * NW)), static_cast<unsigned>(max_act));
-    SY_CU((launch_k(may_overlap(tuning.pdl), gemv_down_kernel<NW, R>, gb, dim3(gemv_warps * 32), stream, hmid.as<float>(),
+    SY_CU((launch_k(gemv_overlap(), gemv_down_kernel<NW, R>, gb, dim3(gemv_warps * 32), stream, hmid.as<float>(),
                    static_cast<int>(hidden), static_cast<int>(ffn), dn_tab.as<const bf16*>(), wk, y, tuning.split)));
     return {};
   }
@@ -1467,6 +1467,8 @@ struct expert_engine {
   bool may_overlap(bool asked) const { return asked && pdl_ok; }
   /// A large step's kernels launched to overlap the one before them (fused_tuning::pdl).
   bool overlap() const { return may_overlap(fused.pdl); }
+  /// A small step's four kernels (routing, the two GEMVs, combine) likewise (gemv_tuning::pdl).
+  bool gemv_overlap() const { return may_overlap(tuning.pdl); }
 
   caf::error launch_fused(int cluster, const moe_tile* tl, int count, const int* tile_count, const bf16* x,
                           const int* row_idx, int64_t h_rows, bf16* yo) {
@@ -1933,7 +1935,7 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
     constexpr int per_block = gemv_max_rows / router_split;  // experts per block of the router logits
     const unsigned blocks = static_cast<unsigned>((e + per_block - 1) / per_block);
     auto launch = [&](auto kernel) {
-      return launch_k(eng.may_overlap(eng.tuning.pdl), kernel, dim3(blocks), dim3(32 * gemv_max_rows), eng.stream, x, static_cast<int>(h),
+      return launch_k(eng.gemv_overlap(), kernel, dim3(blocks), dim3(32 * gemv_max_rows), eng.stream, x, static_cast<int>(h),
                       s.router.as<float>(), s.bias.p ? s.bias.as<float>() : nullptr, gp, static_cast<int>(t),
                       s.slot.as<int>(), s.logits.as<float>(), s.done.as<unsigned>(), s.idx.as<int>(), s.w.as<float>(),
                       s.pos.as<int>(), s.n_act.as<int>(), s.act.as<int>(), s.act_start.as<int>(), s.act_cnt.as<int>(),
@@ -1945,7 +1947,7 @@ caf::error gpu_moe_layer::forward_launch(const float* x, int64_t t, float* y) {
     else SY_CU((launch(router_route_small_kernel<gemv_max_rows>)));
     const gemv_work wk{s.n_act.as<int>(), s.act.as<int>(), s.act_start.as<int>(), s.act_cnt.as<int>(), s.row_tok.as<int>()};
     SY_TRY(eng.gemv(x, wk, static_cast<int>(std::min<int64_t>(s.local, n)), static_cast<int>(t), n, s.yo32.as<float>()));
-    SY_CU((launch_k(eng.may_overlap(eng.tuning.pdl), combine_kernel<float>, dim3(static_cast<unsigned>(t), static_cast<unsigned>((h + 255) / 256)),
+    SY_CU((launch_k(eng.gemv_overlap(), combine_kernel<float>, dim3(static_cast<unsigned>(t), static_cast<unsigned>((h + 255) / 256)),
                    dim3(256), eng.stream, s.yo32.as<const float>(), s.pos.as<const int>(), s.w.as<const float>(),
                    static_cast<int>(k), h, y)));
     s.stats_on_device = true;
